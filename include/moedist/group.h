@@ -1,0 +1,33 @@
+// Named communicators. As on Ascend, the ops take group names (group_ep, group_tp); a program creates
+// communicators over a transport and registers them under a name. The ops resolve (name, rank id).
+#pragma once
+
+#include <chrono>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "moedist/transport.h"
+
+namespace moedist {
+
+struct GroupOptions {
+  // Deadline for every wait inside one collective. 0: take MOEDIST_TIMEOUT_MS or 60 s.
+  std::chrono::milliseconds timeout{0};
+  // Ranks per server for comm_alg "hierarchy"; 0: the transport's default (all ranks on one server).
+  int ranks_per_server = 0;
+};
+
+// Registers the endpoints of a communicator under `name`. For in-process ranks (threads) all
+// endpoints are registered at once; a process of a multi-process job registers its own endpoint.
+// Throws InvalidArgument if the name is empty, 128 characters or longer, or already registered.
+void register_group(const std::string& name, std::vector<std::shared_ptr<Transport>> endpoints);
+void unregister_group(const std::string& name);
+// The endpoint of `name` for `rank`; InvalidArgument naming what is registered if there is none.
+std::shared_ptr<Transport> resolve_group(const std::string& name, int64_t rank, const char* op = "");
+bool group_registered(const std::string& name);
+
+// In-process communicator: `world_size` ranks that are threads of this process.
+std::vector<std::shared_ptr<Transport>> make_thread_group(int world_size, const GroupOptions& options = {});
+
+}  // namespace moedist

@@ -1,0 +1,10 @@
+// moedist: portable MoE expert-parallel token exchange (dispatch_v2 / combine_v2).
+#pragma once
+
+#include "moedist/error.h"
+#include "moedist/group.h"
+#include "moedist/ops.h"
+#include "moedist/reference.h"
+#include "moedist/tensor.h"
+#include "moedist/transport.h"
+#include "moedist/version.h"

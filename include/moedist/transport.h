@@ -1,0 +1,65 @@
+// The transport interface: how ranks of one communicator exchange data. The ops (dispatch_v2,
+// combine_v2) are written once against it; backends (thread, shm, later mpi/cuda) implement it.
+//
+// The one collective is `exchange`, a counts-before-data step in two waves:
+//   1. every member publishes a small blob (counts, status) and where its receive regions are;
+//   2. once a member holds every peer's blob it writes its payload straight into the peers' receive
+//      regions (through PutWriter), then signals completion; the call returns when every peer has
+//      finished writing into this rank.
+// Each wait has a deadline; a peer that does not arrive raises Timeout naming it and the operation.
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <span>
+#include <string>
+
+namespace moedist {
+
+struct RecvRegion {
+  void* data = nullptr;  // where peers' payload for this region lands
+  size_t bytes = 0;
+};
+
+class PutWriter {
+ public:
+  virtual ~PutWriter() = default;
+  // A writable pointer to `bytes` bytes at `offset` of receive region `region` of member `peer`
+  // (a physical rank). The caller fills it before produce() returns.
+  virtual void* dest(int peer, int region, size_t offset, size_t bytes) = 0;
+};
+
+struct ExchangeSpec {
+  const char* op = "";           // operation name, for error messages ("dispatch_v2")
+  std::span<const int> members;  // physical ranks taking part, ascending, including this rank
+  const void* blob = nullptr;    // this rank's blob, blob_bytes long (same length on every member)
+  size_t blob_bytes = 0;
+  void* blobs_out = nullptr;     // members.size() * blob_bytes: every member's blob, in members order
+  std::span<const RecvRegion> recv;  // this rank's receive regions
+  // Called once every member's blob is in blobs_out; writes this rank's payload to its peers.
+  // An exception thrown here is re-raised after the exchange completed on every member.
+  std::function<void(PutWriter&)> produce;
+};
+
+class Transport {
+ public:
+  virtual ~Transport() = default;
+  virtual int rank() const = 0;
+  virtual int world_size() const = 0;
+  virtual std::string name() const = 0;  // "thread", "shm", "mpi"
+  // Ranks per server for comm_alg "hierarchy" (consecutive ranks form a server).
+  virtual int ranks_per_server() const = 0;
+  virtual void exchange(const ExchangeSpec& spec) = 0;
+  // True if receive regions may be any memory of this rank (peers share its address space).
+  // Otherwise they must lie in scratch() memory, and the ops copy results out of it.
+  virtual bool recv_anywhere() const = 0;
+  // Transport-owned memory usable as a receive region; `slot` tells apart buffers needed at once.
+  // Valid until the next scratch() call with the same slot.
+  virtual void* scratch(int slot, size_t bytes) = 0;
+  virtual std::chrono::milliseconds timeout() const = 0;
+};
+
+}  // namespace moedist

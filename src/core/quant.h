@@ -1,0 +1,24 @@
+// The two int8 quantizations of the spec, shared by the reference and the ops (both must produce
+// the same bits, and these functions are the spec's formulas written once).
+#pragma once
+
+#include <cstdint>
+
+#include "moedist/tensor.h"
+
+namespace moedist::core {
+
+// dispatch quant_mode 2, one row (spec section 5): xf = float(x) [* smooth]; amax = max|xf|;
+// m = 127/amax; q = rint_even(xf*m); scale = 1/m. amax == 0 gives q = 0 and scale = 0.
+// `x` is H contiguous bf16/fp16 values; `smooth` is H floats or null.
+void dynamic_quant_row(DType dt, const uint16_t* x, const float* smooth, int64_t H, int8_t* q, float* scale);
+
+// combine comm_quant_mode 2 (spec section 13): groups of 8 elements, scale = max|f| * (1/127) stored
+// rounded to dt, q = int8(rint(fp16_rne(f / unrounded_scale))). Packed row layout: H int8 values then
+// ceil(H/8) scales as dt (2 bytes each).
+int64_t comm_quant_row_bytes(int64_t H);
+void comm_quant_row(DType dt, const uint16_t* y, int64_t H, void* packed);
+// deq[h] = round_to_dt(float(q) * float(stored_scale)), returned as floats.
+void comm_dequant_row(DType dt, const void* packed, int64_t H, float* out);
+
+}  // namespace moedist::core

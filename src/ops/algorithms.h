@@ -1,0 +1,77 @@
+// The EP data movement of dispatch_v2 / combine_v2, one file per algorithm (fullmesh, hierarchy).
+// dispatch.cc / combine.cc do validation, the TP step, output allocation and copy-out around them.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/config.h"
+#include "moedist/ops.h"
+#include "moedist/transport.h"
+
+namespace moedist::ops {
+
+// Where this rank's EP rows land (output tensors, or transport scratch to be copied out).
+struct RowSinks {
+  unsigned char* expand_x = nullptr;
+  float* dynamic_scales = nullptr;
+  int32_t* assist = nullptr;  // 3 per row
+  float* expand_scales = nullptr;
+  int64_t capacity = 0;  // rows
+};
+
+struct DispatchCtx {
+  const DispatchArgs& args;
+  const core::EpConfig& cfg;
+  std::shared_ptr<Transport> ep;
+  std::string label;  // "[rank r/W] "
+  bool quant = false;
+  size_t row_bytes = 0;  // expand_x bytes per row
+  const uint16_t* x = nullptr;       // (BS, H) contiguous
+  const float* smooth = nullptr;     // (S+E, H) contiguous or null
+  const float* weights = nullptr;    // (BS, K) contiguous or null
+  // Writes the expand_x bytes of token t for smooth-scale row `scale_row` and returns its scale.
+  void make_row(int64_t t, int64_t scale_row, unsigned char* dst, float* scale) const;
+};
+
+// Result of the EP step: blocks (e, r) counted for this rank.
+struct DispatchCounts {
+  std::vector<int64_t> cnt;  // [local expert][source rank]
+  int64_t rows = 0;
+};
+
+// Counts of each (destination rank, local expert) for this rank's tokens, in effective ranks.
+std::vector<int32_t> send_counts(const DispatchCtx& d);
+
+DispatchCounts fullmesh_dispatch(const DispatchCtx& d, const RowSinks& sinks);
+DispatchCounts hierarchy_dispatch(const DispatchCtx& d, const RowSinks& sinks);
+
+struct CombineCtx {
+  const CombineArgs& args;
+  const core::EpConfig& cfg;
+  std::shared_ptr<Transport> ep;
+  std::string label;
+  bool quant = false;
+  size_t slot_bytes = 0;  // bytes of one received expert output (H halves, or packed int8)
+  int64_t own_rows = 0;
+  const uint16_t* expand_x = nullptr;  // own rows, contiguous (H halves each)
+  const uint16_t* tp_partial = nullptr;  // TP peer's partial sums of own rows, or null
+  // y of own row i (TP-added) into `out` as H halves.
+  void own_row(int64_t i, uint16_t* out) const;
+  // Writes the wire form of own row i (halves or packed int8) into dst.
+  void wire_row(int64_t i, unsigned char* dst, std::vector<uint16_t>& tmp) const;
+  int64_t triple(int64_t i, int part) const;
+};
+
+// Each writes the (BS, H) result into out (already zero-filled).
+void fullmesh_combine(const CombineCtx& c, uint16_t* out);
+void hierarchy_combine(const CombineCtx& c, uint16_t* out);
+
+// acc += the copy or const expert term of (t, k) (spec 9), weight w.
+void add_special_term(const CombineCtx& c, int64_t t, int64_t id, float w, float* acc);
+// acc += shared_expert_x[t] when given.
+void add_shared_x(const CombineCtx& c, int64_t t, float* acc);
+
+}  // namespace moedist::ops

@@ -1,0 +1,97 @@
+// combine_v2: validation, the TP reduce-scatter (peer partial sums of own rows), the EP step of the
+// chosen algorithm with the weighted reduction fused into the read, zeros for inactive tokens.
+#include <cstring>
+#include <exception>
+
+#include "core/quant.h"
+#include "moedist/ops.h"
+#include "ops/algorithms.h"
+#include "ops/collective.h"
+
+namespace moedist::ops {
+
+namespace {
+void fail_step(const std::shared_ptr<Transport>& t, std::vector<int> members, const char* op, const std::string& label,
+               const std::string& msg) {
+  Step step;
+  step.transport = t;
+  step.members = std::move(members);
+  try {
+    step.run(op, label, &msg, nullptr);
+  } catch (...) {
+  }
+}
+}  // namespace
+
+Tensor combine_v2(const CombineArgs& a) {
+  const char* op = "combine_v2";
+  auto ep = lookup(a.group_ep, a.ep_rank_id, a.ep_world_size, op, "ep_world_size");
+  const std::string label = detail::str_cat("[rank ", a.ep_rank_id, "/", a.ep_world_size, "] ");
+  std::shared_ptr<Transport> tpt;
+  if (a.tp_world_size == 2) tpt = lookup(a.group_tp, a.tp_rank_id, 2, op, "tp_world_size");
+
+  core::EpConfig c;
+  core::CombineCounts counts;
+  try {
+    c = core::resolve_combine(a);
+    counts = core::combine_counts(c, a);
+  } catch (const Error& e) {
+    const std::exception_ptr original = std::current_exception();
+    if (tpt) fail_step(tpt, {0, 1}, op, label, e.what());
+    fail_step(ep, fallback_members(a.elastic_info, a.ep_world_size), op, label, e.what());
+    std::rethrow_exception(original);
+  }
+
+  std::vector<uint16_t> xs;
+  const uint16_t* x = core::contiguous_rows(a.expand_x, xs);
+  CombineCtx cc{a, c, ep, label};
+  cc.quant = a.comm_quant_mode == 2;
+  cc.slot_bytes = cc.quant ? static_cast<size_t>(core::comm_quant_row_bytes(c.H)) : static_cast<size_t>(c.H) * 2;
+  cc.own_rows = counts.own_rows;
+  cc.expand_x = x;
+
+  const size_t row = static_cast<size_t>(c.H) * 2;
+  std::vector<uint16_t> partial;
+  if (tpt) {
+    // Reduce-scatter within the TP pair: rows [own, own + peer) are partial sums for the peer's rows.
+    Step t;
+    t.transport = tpt;
+    t.members = {0, 1};
+    t.extra_uniform = {{"ep_rank_id (TP peers share it)", a.ep_rank_id}};
+    put_pod<int64_t>(t.payload, counts.own_rows);
+    put_pod<int64_t>(t.payload, counts.peer_rows);
+    auto* recv = static_cast<uint16_t*>(tpt->scratch(5, static_cast<size_t>(counts.own_rows) * row));
+    t.recv = {RecvRegion{recv, static_cast<size_t>(counts.own_rows) * row}};
+    const int peer = static_cast<int>(1 - c.tp_rank);
+    try {
+      t.run(op, label, nullptr, [&](PutWriter& w) {
+        int64_t p[2];
+        std::memcpy(p, t.payload_of(t.index_of(peer)), sizeof(p));
+        if (p[0] != counts.peer_rows || p[1] != counts.own_rows)
+          throw InvalidArgument(detail::str_cat(label, op, ": tp_send_counts disagree with the TP peer's (this rank: own ", counts.own_rows,
+                                                ", peer ", counts.peer_rows, "; peer: own ", p[0], ", peer ", p[1], ")"));
+        if (counts.peer_rows)
+          std::memcpy(w.dest(peer, 0, 0, static_cast<size_t>(counts.peer_rows) * row), x + counts.own_rows * c.H,
+                      static_cast<size_t>(counts.peer_rows) * row);
+      });
+    } catch (const std::exception& e) {
+      fail_step(ep, c.members(), op, label, detail::str_cat("its TP step failed: ", e.what()));
+      throw;
+    }
+    partial.assign(recv, recv + counts.own_rows * c.H);
+    cc.tp_partial = partial.data();
+  }
+
+  Tensor out(c.dtype, {c.BS, c.H});
+  if (c.alg == core::Alg::kHierarchy)
+    hierarchy_combine(cc, out.data_as<uint16_t>());
+  else
+    fullmesh_combine(cc, out.data_as<uint16_t>());
+  return out;
+}
+
+}  // namespace moedist::ops
+
+namespace moedist {
+Tensor combine_v2(const CombineArgs& args) { return ops::combine_v2(args); }
+}  // namespace moedist

@@ -1,0 +1,235 @@
+// fullmesh: every rank sends straight to every expert rank.
+//  dispatch: one exchange. Blobs carry each rank's (destination, local expert) counts, so every rank
+//    knows every receiver's layout and writes each row once, straight into its final place
+//    (block (e, src) of the receiver's expand_x, token order inside the block).
+//  combine: one exchange. Each expert rank writes output row (src, t, k) into slot [t][k] of the
+//    source's receive buffer; the source then reduces each token in the spec's order, reading every
+//    slot once.
+#include <algorithm>
+#include <cstring>
+
+#include "core/half.h"
+#include "core/quant.h"
+#include "ops/algorithms.h"
+#include "ops/collective.h"
+
+namespace moedist::ops {
+
+DispatchCounts fullmesh_dispatch(const DispatchCtx& d, const RowSinks& sinks) {
+  const core::EpConfig& c = d.cfg;
+  const int64_t W = c.W, L = c.L, K = c.K;
+  Step step;
+  step.transport = d.ep;
+  step.members = c.members();
+  step.cfg = &c;
+  step.extra_uniform = {{"quant_mode", d.quant ? 2 : 0}};
+  const std::vector<int32_t> mine = send_counts(d);
+  step.payload.resize(mine.size() * 4);
+  std::memcpy(step.payload.data(), mine.data(), step.payload.size());
+  const size_t A = static_cast<size_t>(sinks.capacity);
+  step.recv = {RecvRegion{sinks.expand_x, A * d.row_bytes}, RecvRegion{sinks.dynamic_scales, A * 4},
+               RecvRegion{sinks.assist, A * 12}, RecvRegion{sinks.expand_scales, A * 4}};
+
+  // counts_from(r)[dest * L + e]: what effective rank r sends to (dest, e)
+  auto counts_from = [&](int64_t r) {
+    return reinterpret_cast<const int32_t*>(step.payload_of(step.index_of(c.phys(r))));
+  };
+  step.run("dispatch_v2", d.label, nullptr, [&](PutWriter& w) {
+    // Start of block (e, me) on each destination: rows of earlier experts from every source, then
+    // rows of expert e from lower-ranked sources.
+    std::vector<int64_t> next(static_cast<size_t>(W * L), 0);
+    for (int64_t dst = 0; dst < W; ++dst) {
+      const int64_t nblk = dst < c.Sr ? 1 : L;
+      int64_t off = 0;
+      for (int64_t e = 0; e < nblk; ++e)
+        for (int64_t r = 0; r < W; ++r) {
+          if (r == c.rank) next[static_cast<size_t>(dst * L + e)] = off;
+          off += counts_from(r)[dst * L + e];
+        }
+      // off <= the destination's A: validation bounds every BS by global_bs / W.
+    }
+    auto emit = [&](int64_t dst, int64_t e, int64_t t, int64_t kk, int64_t scale_row, float wgt) {
+      const int peer = c.phys(dst);
+      const size_t pos = static_cast<size_t>(next[static_cast<size_t>(dst * L + e)]++);
+      float scale;
+      d.make_row(t, scale_row, static_cast<unsigned char*>(w.dest(peer, 0, pos * d.row_bytes, d.row_bytes)), &scale);
+      std::memcpy(w.dest(peer, 1, pos * 4, 4), &scale, 4);
+      const int32_t tri[3] = {static_cast<int32_t>(c.rank), static_cast<int32_t>(t), static_cast<int32_t>(kk)};
+      std::memcpy(w.dest(peer, 2, pos * 12, 12), tri, 12);
+      std::memcpy(w.dest(peer, 3, pos * 4, 4), &wgt, 4);
+    };
+    for (int64_t t = 0; t < c.BS; ++t) {
+      for (int64_t k = 0; k < K; ++k) {
+        if (!c.sel(t, k)) continue;
+        const int64_t g = c.ids[static_cast<size_t>(t * K + k)];
+        emit(c.moe_rank_of(g), g % L, t, k, c.S + g, d.weights ? d.weights[t * K + k] : 0.f);
+      }
+      if (c.token_on[static_cast<size_t>(t)])
+        for (int64_t s = 0; s < c.S; ++s) emit(c.shared_dest(c.rank, s), 0, t, K + s, s, d.weights ? 1.f : 0.f);
+    }
+  });
+
+  DispatchCounts out;
+  const int64_t nblk = c.local_experts();
+  out.cnt.assign(static_cast<size_t>(nblk * W), 0);
+  for (int64_t e = 0; e < nblk; ++e)
+    for (int64_t r = 0; r < W; ++r) {
+      const int64_t n = counts_from(r)[c.rank * L + e];
+      out.cnt[static_cast<size_t>(e * W + r)] = n;
+      out.rows += n;
+    }
+  return out;
+}
+
+void CombineCtx::own_row(int64_t i, uint16_t* out) const {
+  const int64_t H = cfg.H;
+  const uint16_t* x = expand_x + i * H;
+  if (!tp_partial) {
+    std::memcpy(out, x, static_cast<size_t>(H) * 2);
+    return;
+  }
+  const uint16_t* p = tp_partial + i * H;
+  for (int64_t h = 0; h < H; ++h) {
+    const float s = core::half_to_float(cfg.dtype, x[h]) + core::half_to_float(cfg.dtype, p[h]);
+    out[h] = core::float_to_half(cfg.dtype, s);
+  }
+}
+
+void CombineCtx::wire_row(int64_t i, unsigned char* dst, std::vector<uint16_t>& tmp) const {
+  if (!quant && !tp_partial) {
+    std::memcpy(dst, expand_x + i * cfg.H, static_cast<size_t>(cfg.H) * 2);
+    return;
+  }
+  if (!quant) {
+    own_row(i, reinterpret_cast<uint16_t*>(dst));
+    return;
+  }
+  tmp.resize(static_cast<size_t>(cfg.H));
+  own_row(i, tmp.data());
+  core::comm_quant_row(cfg.dtype, tmp.data(), cfg.H, dst);
+}
+
+int64_t CombineCtx::triple(int64_t i, int part) const { return core::at1<int32_t>(args.assist_info_for_combine, 3 * i + part); }
+
+void add_special_term(const CombineCtx& cc, int64_t t, int64_t id, float w, float* acc) {
+  const core::EpConfig& c = cc.cfg;
+  const DType dt = c.dtype;
+  const int64_t H = c.H;
+  const TensorView& ox = cc.args.ori_x;
+  if (c.classify(id) == core::ExpertKind::kCopy) {
+    for (int64_t h = 0; h < H; ++h) {
+      const float prod = core::half_to_float(dt, core::at2<uint16_t>(ox, t, h)) * w;
+      acc[h] = acc[h] + prod;
+    }
+    return;
+  }
+  const int64_t q = id - (c.E_orig + c.Z + c.C);
+  const float a1 = core::half_to_float(dt, core::at1<uint16_t>(cc.args.const_expert_alpha_1, q));
+  const float a2 = core::half_to_float(dt, core::at1<uint16_t>(cc.args.const_expert_alpha_2, q));
+  for (int64_t h = 0; h < H; ++h) {
+    const float x = core::half_to_float(dt, core::at2<uint16_t>(ox, t, h));
+    const float v = core::half_to_float(dt, core::at2<uint16_t>(cc.args.const_expert_v, q, h));
+    const float t1 = a1 * x;
+    const float t2 = a2 * v;
+    const float sum = t1 + t2;
+    const float prod = sum * w;
+    acc[h] = acc[h] + prod;
+  }
+}
+
+void add_shared_x(const CombineCtx& cc, int64_t t, float* acc) {
+  const TensorView& sx = cc.args.shared_expert_x;
+  if (!sx.defined()) return;
+  const DType dt = cc.cfg.dtype;
+  const int64_t H = cc.cfg.H;
+  const uint16_t* row = nullptr;
+  if (sx.dim() == 2) {
+    if (sx.stride(1) == 1) row = static_cast<const uint16_t*>(sx.at({t, 0}));
+  } else if (sx.stride(2) == 1) {
+    row = static_cast<const uint16_t*>(sx.at({t / sx.size(1), t % sx.size(1), 0}));
+  }
+  for (int64_t h = 0; h < H; ++h) {
+    const uint16_t v = row ? row[h]
+                           : (sx.dim() == 2 ? core::at2<uint16_t>(sx, t, h)
+                                            : *static_cast<const uint16_t*>(sx.at({t / sx.size(1), t % sx.size(1), h})));
+    acc[h] = acc[h] + core::half_to_float(dt, v);
+  }
+}
+
+void fullmesh_combine(const CombineCtx& cc, uint16_t* out) {
+  const core::EpConfig& c = cc.cfg;
+  const int64_t K = c.K, H = c.H, SL = c.slots();
+  const DType dt = c.dtype;
+  Step step;
+  step.transport = cc.ep;
+  step.members = c.members();
+  step.cfg = &c;
+  step.extra_uniform = {{"comm_quant_mode", cc.quant ? 2 : 0}};
+  put_pod<int64_t>(step.payload, c.BS);
+  const size_t region = static_cast<size_t>(c.BS * SL) * cc.slot_bytes;
+  auto* buf = static_cast<unsigned char*>(cc.ep->scratch(4, region));
+  step.recv = {RecvRegion{buf, region}};
+  step.run("combine_v2", cc.label, nullptr, [&](PutWriter& w) {
+    std::vector<uint16_t> tmp;
+    for (int64_t i = 0; i < cc.own_rows; ++i) {
+      const int64_t src = cc.triple(i, 0), tok = cc.triple(i, 1), kk = cc.triple(i, 2);
+      int64_t src_bs;
+      std::memcpy(&src_bs, step.payload_of(step.index_of(c.phys(src))), sizeof(src_bs));
+      if (tok >= src_bs)
+        throw InvalidArgument(detail::str_cat(cc.label, "combine_v2: assist_info_for_combine row ", i, " names token ", tok, " of rank ", src,
+                                              " which has BS=", src_bs, " (pass dispatch_v2's outputs unchanged)"));
+      auto* dst = static_cast<unsigned char*>(w.dest(c.phys(src), 0, static_cast<size_t>(tok * SL + kk) * cc.slot_bytes, cc.slot_bytes));
+      cc.wire_row(i, dst, tmp);
+    }
+  });
+
+  // Reduce in the spec's order: k ascending (MoE, copy, const), shared slots, shared_expert_x.
+  std::vector<float> acc(static_cast<size_t>(H)), deq(cc.quant ? static_cast<size_t>(H) : 0);
+  for (int64_t t = 0; t < c.BS; ++t) {
+    if (!c.token_on[static_cast<size_t>(t)]) continue;
+    std::fill(acc.begin(), acc.end(), 0.f);
+    float* a = acc.data();
+    auto slot_values = [&](int64_t kk) -> const unsigned char* { return buf + static_cast<size_t>(t * SL + kk) * cc.slot_bytes; };
+    auto add_slot = [&](int64_t kk, float w, bool weighted) {
+      const unsigned char* p = slot_values(kk);
+      if (cc.quant) {
+        core::comm_dequant_row(dt, p, H, deq.data());
+        for (int64_t h = 0; h < H; ++h) {
+          const float term = weighted ? deq[static_cast<size_t>(h)] * w : deq[static_cast<size_t>(h)];
+          a[h] = a[h] + term;
+        }
+        return;
+      }
+      const uint16_t* y = reinterpret_cast<const uint16_t*>(p);
+      if (dt == DType::kBFloat16) {
+        for (int64_t h = 0; h < H; ++h) {
+          const float v = core::bf16_to_float(y[h]);
+          const float term = weighted ? v * w : v;
+          a[h] = a[h] + term;
+        }
+      } else {
+        for (int64_t h = 0; h < H; ++h) {
+          const float v = core::fp16_to_float(y[h]);
+          const float term = weighted ? v * w : v;
+          a[h] = a[h] + term;
+        }
+      }
+    };
+    for (int64_t k = 0; k < K; ++k) {
+      if (!c.entry_on[static_cast<size_t>(t * K + k)]) continue;
+      const int64_t id = c.ids[static_cast<size_t>(t * K + k)];
+      const float w = core::at2<float>(cc.args.expert_scales, t, k);
+      const core::ExpertKind kind = c.classify(id);
+      if (kind == core::ExpertKind::kMoe)
+        add_slot(k, w, true);
+      else if (kind == core::ExpertKind::kCopy || kind == core::ExpertKind::kConst)
+        add_special_term(cc, t, id, w, a);
+    }
+    for (int64_t s = 0; s < c.S; ++s) add_slot(K + s, 0.f, false);
+    add_shared_x(cc, t, a);
+    uint16_t* o = out + t * H;
+    for (int64_t h = 0; h < H; ++h) o[h] = core::float_to_half(dt, a[h]);
+  }
+}
+
+}  // namespace moedist::ops

@@ -1,0 +1,167 @@
+#include "transport/window/window_engine.h"
+
+#include <sched.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <exception>
+#include <thread>
+
+#include "moedist/error.h"
+
+namespace moedist::transport {
+
+using Clock = std::chrono::steady_clock;
+
+std::chrono::milliseconds default_timeout(std::chrono::milliseconds requested) {
+  if (requested.count() > 0) return requested;
+  if (const char* env = std::getenv("MOEDIST_TIMEOUT_MS")) {
+    char* end = nullptr;
+    long v = std::strtol(env, &end, 10);
+    if (end != env && v > 0) return std::chrono::milliseconds(v);
+  }
+  return std::chrono::milliseconds(60000);
+}
+
+WindowEngine::WindowEngine(int rank, int world, size_t blob_max, std::chrono::milliseconds timeout)
+    : rank_(rank), world_(world), timeout_(default_timeout(timeout)), epoch_(static_cast<size_t>(world), 0) {
+  layout_.world = world;
+  layout_.blob_max = blob_max;
+}
+
+namespace {
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+class WindowWriter : public PutWriter {
+ public:
+  WindowWriter(const std::vector<int>& slot_of, std::vector<std::vector<std::pair<void*, uint64_t>>>& regions, int me,
+               const char* op)
+      : slot_of_(slot_of), regions_(regions), me_(me), op_(op) {}
+  void* dest(int peer, int region, size_t offset, size_t bytes) override {
+    MOEDIST_ASSERT(peer >= 0 && peer < static_cast<int>(slot_of_.size()) && slot_of_[static_cast<size_t>(peer)] >= 0,
+                   op_, ": rank ", me_, " writes to rank ", peer, " which is not a member");
+    auto& regs = regions_[static_cast<size_t>(slot_of_[static_cast<size_t>(peer)])];
+    MOEDIST_ASSERT(region >= 0 && region < static_cast<int>(regs.size()), op_, ": region ", region, " of rank ", peer);
+    MOEDIST_ASSERT(offset + bytes <= regs[static_cast<size_t>(region)].second, op_, ": write of ", bytes, " bytes at ", offset,
+                   " past region ", region, " (", regs[static_cast<size_t>(region)].second, " bytes) of rank ", peer);
+    return static_cast<unsigned char*>(regs[static_cast<size_t>(region)].first) + offset;
+  }
+
+ private:
+  const std::vector<int>& slot_of_;
+  std::vector<std::vector<std::pair<void*, uint64_t>>>& regions_;
+  int me_;
+  const char* op_;
+};
+}  // namespace
+
+void WindowEngine::wait_flag(const std::atomic<uint64_t>& flag, uint64_t epoch, int peer, const char* op, const char* what) {
+  // Spin briefly, then yield (more ranks than cores must still progress), then sleep a little.
+  for (int i = 0; i < 512; ++i) {
+    if (flag.load(std::memory_order_acquire) >= epoch) return;
+    cpu_relax();
+  }
+  const auto start = Clock::now();
+  const auto deadline = start + timeout_;
+  auto next_check = start + std::chrono::milliseconds(20);
+  for (;;) {
+    if (flag.load(std::memory_order_acquire) >= epoch) return;
+    const auto now = Clock::now();
+    if (now >= next_check) {
+      next_check = now + std::chrono::milliseconds(20);
+      std::string why = peer_failure(peer);
+      if (!why.empty())
+        throw TransportError(detail::str_cat("[rank ", rank_, "/", world_, "] ", op, ": rank ", peer, " ", why, " (while waiting for it to ", what, ")"));
+    }
+    if (now >= deadline)
+      throw Timeout(detail::str_cat("[rank ", rank_, "/", world_, "] ", op, ": timed out after ", timeout_.count(), " ms waiting for rank ", peer,
+                                    " to ", what, " (it did not call ", op, ", or is stuck or dead)"));
+    if (now - start < std::chrono::milliseconds(2))
+      sched_yield();
+    else
+      std::this_thread::sleep_for(std::chrono::microseconds(50));
+  }
+}
+
+void WindowEngine::exchange(const ExchangeSpec& spec) {
+  const auto& members = spec.members;
+  const size_t n = members.size();
+  MOEDIST_ASSERT(spec.blob_bytes <= layout_.blob_max, "blob of ", spec.blob_bytes, " bytes > ", layout_.blob_max);
+  MOEDIST_ASSERT(spec.recv.size() <= static_cast<size_t>(kMaxRegions));
+  std::vector<int> slot_of(static_cast<size_t>(world_), -1);
+  for (size_t i = 0; i < n; ++i) {
+    MOEDIST_ASSERT(members[i] >= 0 && members[i] < world_ && slot_of[static_cast<size_t>(members[i])] == -1, "bad member list");
+    slot_of[static_cast<size_t>(members[i])] = static_cast<int>(i);
+  }
+  MOEDIST_ASSERT(slot_of[static_cast<size_t>(rank_)] >= 0, "rank ", rank_, " is not among the members");
+
+  // Wave 1: publish regions and blob to every member, then collect theirs.
+  MsgHeader hdr{};
+  hdr.nregions = static_cast<uint32_t>(spec.recv.size());
+  hdr.blob_bytes = static_cast<uint32_t>(spec.blob_bytes);
+  for (size_t r = 0; r < spec.recv.size(); ++r)
+    hdr.regions[r] = RegionDesc{encode(spec.recv[r].data, spec.recv[r].bytes), spec.recv[r].bytes};
+  for (size_t i = 0; i < n; ++i) {
+    const int p = members[i];
+    const uint64_t ep = ++epoch_[static_cast<size_t>(p)];
+    void* base = ctrl_base(p);
+    unsigned char* msg = layout_.msg(base, rank_, ep);
+    std::memcpy(msg, &hdr, sizeof(hdr));
+    if (spec.blob_bytes) std::memcpy(msg + sizeof(MsgHeader), spec.blob, spec.blob_bytes);
+    layout_.flags(base, rank_)->arrive.store(ep, std::memory_order_release);
+  }
+  void* mine = ctrl_base(rank_);
+  std::vector<std::vector<std::pair<void*, uint64_t>>> regions(n);
+  for (size_t i = 0; i < n; ++i) {
+    const int p = members[i];
+    const uint64_t ep = epoch_[static_cast<size_t>(p)];
+    wait_flag(layout_.flags(mine, p)->arrive, ep, p, spec.op, "arrive");
+    const unsigned char* msg = layout_.msg(mine, p, ep);
+    MsgHeader ph;
+    std::memcpy(&ph, msg, sizeof(ph));
+    if (ph.blob_bytes != spec.blob_bytes)
+      throw InvalidArgument(detail::str_cat("[rank ", rank_, "/", world_, "] ", spec.op, ": rank ", p, " sent ", ph.blob_bytes,
+                                            " bytes of counts, this rank ", spec.blob_bytes,
+                                            " (the ranks disagree on ep_world_size, moe_expert_num or shared_expert_rank_num)"));
+    if (spec.blob_bytes)
+      std::memcpy(static_cast<unsigned char*>(spec.blobs_out) + i * spec.blob_bytes, msg + sizeof(MsgHeader), spec.blob_bytes);
+    for (uint32_t r = 0; r < ph.nregions && r < static_cast<uint32_t>(kMaxRegions); ++r)
+      regions[i].emplace_back(ph.regions[r].bytes ? decode(p, ph.regions[r].addr, ph.regions[r].bytes) : nullptr, ph.regions[r].bytes);
+  }
+
+  // Payload, then wave 2: tell every member we are done writing into it (and whether we failed).
+  std::exception_ptr local_error;
+  if (spec.produce) {
+    try {
+      WindowWriter writer(slot_of, regions, rank_, spec.op);
+      spec.produce(writer);
+    } catch (...) {
+      local_error = std::current_exception();
+    }
+  }
+  for (size_t i = 0; i < n; ++i) {
+    const int p = members[i];
+    PeerFlags* f = layout_.flags(ctrl_base(p), rank_);
+    f->done_failed.store(local_error ? 1u : 0u, std::memory_order_relaxed);
+    f->done.store(epoch_[static_cast<size_t>(p)], std::memory_order_release);
+  }
+  int failed_peer = -1;
+  for (size_t i = 0; i < n; ++i) {
+    const int p = members[i];
+    PeerFlags* f = layout_.flags(mine, p);
+    wait_flag(f->done, epoch_[static_cast<size_t>(p)], p, spec.op, "finish writing");
+    if (f->done_failed.load(std::memory_order_relaxed) && failed_peer < 0 && p != rank_) failed_peer = p;
+  }
+  if (local_error) std::rethrow_exception(local_error);
+  if (failed_peer >= 0)
+    throw TransportError(detail::str_cat("[rank ", rank_, "/", world_, "] ", spec.op, ": rank ", failed_peer,
+                                         " failed while writing its data (its own error names the cause)"));
+}
+
+}  // namespace moedist::transport

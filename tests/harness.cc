@@ -1,0 +1,327 @@
+#include "harness.h"
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <exception>
+#include <mutex>
+#include <numeric>
+#include <random>
+#include <sstream>
+#include <thread>
+
+#include "core/half.h"
+
+namespace moedist::test {
+
+std::string case_name(const Case& c) {
+  std::ostringstream os;
+  os << "W" << c.W << "_BS" << c.BS << "_H" << c.H << "_K" << c.K << "_E" << c.E << "_"
+     << (c.dtype == DType::kBFloat16 ? "bf16" : "fp16");
+  if (c.quant) os << "_quant" << c.quant << (c.smooth ? "smooth" : "");
+  if (c.Sr) os << "_shared" << c.shared_num << "x" << c.Sr;
+  if (c.tp) os << "_tp" << c.tp;
+  if (c.mask) os << "_mask" << c.mask << "d";
+  if (c.Z || c.C || c.Q) os << "_zcq" << c.Z << c.C << c.Q;
+  if (!c.removed.empty()) os << "_elastic" << c.removed.size();
+  if (c.ragged) os << "_ragged";
+  if (c.comm_quant) os << "_commquant";
+  if (!c.alg.empty()) os << "_" << c.alg << c.ranks_per_server;
+  if (c.shared_x) os << "_sharedx";
+  if (c.etn_type == 0) os << "_cumsum";
+  if (c.strided) os << "_strided";
+  return os.str();
+}
+
+void run_ranks(int n, const std::function<void(int)>& fn) {
+  std::vector<std::exception_ptr> errs(static_cast<size_t>(n));
+  std::vector<std::thread> th;
+  for (int i = 0; i < n; ++i)
+    th.emplace_back([&, i] {
+      try {
+        fn(i);
+      } catch (...) {
+        errs[static_cast<size_t>(i)] = std::current_exception();
+      }
+    });
+  for (auto& t : th) t.join();
+  for (auto& e : errs)
+    if (e) std::rethrow_exception(e);
+}
+
+namespace {
+
+std::atomic<int> g_case_counter{0};
+
+uint16_t half_of(DType dt, float f) { return core::float_to_half(dt, f); }
+
+// Owned inputs of one rank. Strided cases keep the data inside a wider buffer (row stride + pad).
+struct RankData {
+  int tp_rank = 0, ep_rank = 0, BS = 0;
+  std::vector<uint16_t> x;      // (BS, H + pad)
+  std::vector<int32_t> ids;     // (BS, K + pad)
+  std::vector<uint8_t> mask;
+  std::vector<float> weights;   // (BS, K)
+  std::vector<float> scales;    // (S + E, H)
+  std::vector<int32_t> elastic;
+  std::vector<uint16_t> shared_x, alpha1, alpha2, const_v;
+  DispatchResult ref;
+  std::vector<uint16_t> ffn;    // (rows, H + pad): combine input
+  int64_t ffn_rows = 0;
+};
+
+std::string compare(const Tensor& got, const Tensor& want, const std::string& what) {
+  if (got.dtype() != want.dtype()) return what + ": dtype " + dtype_name(got.dtype()) + " vs " + dtype_name(want.dtype());
+  if (got.shape() != want.shape()) {
+    std::ostringstream os;
+    os << what << ": shape " << got.view().shape_str() << " vs reference " << want.view().shape_str();
+    return os.str();
+  }
+  if (std::memcmp(got.data(), want.data(), got.nbytes()) != 0) {
+    const size_t es = dtype_size(got.dtype());
+    for (size_t i = 0; i < got.nbytes(); ++i)
+      if (static_cast<const unsigned char*>(got.data())[i] != static_cast<const unsigned char*>(want.data())[i]) {
+        std::ostringstream os;
+        os << what << ": first difference at element " << i / es << " of " << got.numel();
+        return os.str();
+      }
+  }
+  return "";
+}
+
+}  // namespace
+
+std::string run_case(const Case& c) {
+  const int id = g_case_counter++;
+  const DType dt = c.dtype;
+  const int H = c.H, K = c.K;
+  const int tp = c.tp == 2 ? 2 : 1;
+  const int S = c.Sr == 0 ? 0 : c.shared_num;
+  const int pad = c.strided ? 3 : 0;
+  std::mt19937 rng(static_cast<unsigned>(1234 + id * 7919));
+
+  // Active ranks (elastic) and the expert ids they may use.
+  std::vector<int> active;
+  for (int r = 0; r < c.W; ++r)
+    if (std::find(c.removed.begin(), c.removed.end(), r) == c.removed.end()) active.push_back(r);
+  const int Wl = static_cast<int>(active.size());
+  const int Sr_l = c.removed.empty() ? c.Sr : (c.Sr_after >= 0 ? c.Sr_after : c.Sr);
+  const int L = c.E / (c.W - c.Sr);
+  const int E_l = c.removed.empty() ? c.E : L * (Wl - Sr_l);
+  std::vector<int> id_pool;
+  for (int g = 0; g < E_l; ++g) id_pool.push_back(g);
+  for (int g = 0; g < c.Z + c.C + c.Q; ++g) id_pool.push_back(c.E + g);
+
+  std::vector<RankData> ranks;
+  for (int q = 0; q < tp; ++q)
+    for (int r : active) {
+      RankData d;
+      d.tp_rank = q;
+      d.ep_rank = r;
+      d.BS = c.ragged ? std::max(0, c.BS - (r % 3)) : c.BS;
+      const int BS = d.BS;
+      d.x.resize(static_cast<size_t>(BS * (H + pad)));
+      for (int t = 0; t < BS; ++t)
+        for (int h = 0; h < H + pad; ++h) {
+          // A function of (tp rank, source rank, token, h): a wrong route shows at once.
+          float v = static_cast<float>(((q * 7 + r * 131 + t * 17 + h * 7) % 97) - 48) / 32.0f;
+          if (h % 11 == 3) v *= 1.0f + static_cast<float>(t) / 64.0f;
+          d.x[static_cast<size_t>(t * (H + pad) + h)] = half_of(dt, v);
+        }
+      d.ids.assign(static_cast<size_t>(BS * (K + pad)), -7);
+      for (int t = 0; t < BS; ++t) {
+        std::vector<int> pool = id_pool;
+        std::shuffle(pool.begin(), pool.end(), rng);
+        for (int k = 0; k < K; ++k) d.ids[static_cast<size_t>(t * (K + pad) + k)] = pool[static_cast<size_t>(k)];
+      }
+      if (c.mask == 1) {
+        const int n = std::max(0, BS - (r % 3) - q);
+        for (int t = 0; t < BS; ++t) d.mask.push_back(t < n);
+      } else if (c.mask == 2) {
+        for (int t = 0; t < BS; ++t)
+          for (int k = 0; k < K; ++k) d.mask.push_back(t % 5 == 4 ? 0 : static_cast<uint8_t>((rng() % 4) != 0));
+      }
+      std::uniform_real_distribution<float> uw(-1.f, 1.f);
+      for (int i = 0; i < BS * K; ++i) d.weights.push_back(uw(rng));
+      if (c.smooth)
+        for (int i = 0; i < (S + c.E) * H; ++i) d.scales.push_back(0.5f + static_cast<float>(rng() % 64) / 32.0f);
+      if (!c.removed.empty()) {
+        d.elastic.assign(static_cast<size_t>(4 + 2 * c.W), -1);
+        d.elastic[0] = 1;
+        d.elastic[1] = Wl;
+        d.elastic[2] = Sr_l;
+        d.elastic[3] = E_l;
+        for (int l = 0; l < Wl; ++l) {
+          d.elastic[static_cast<size_t>(4 + active[static_cast<size_t>(l)])] = l;
+          d.elastic[static_cast<size_t>(4 + c.W + l)] = active[static_cast<size_t>(l)];
+        }
+      }
+      if (c.shared_x)
+        for (int i = 0; i < BS * H; ++i) d.shared_x.push_back(half_of(dt, static_cast<float>(i % 13) / 8.0f - 0.75f));
+      for (int i = 0; i < c.Q; ++i) {
+        d.alpha1.push_back(half_of(dt, uw(rng)));
+        d.alpha2.push_back(half_of(dt, uw(rng)));
+      }
+      for (int i = 0; i < c.Q * H; ++i) d.const_v.push_back(half_of(dt, uw(rng)));
+      ranks.push_back(std::move(d));
+    }
+
+  const std::string ep_name = "ep" + std::to_string(id);
+  auto tp_name = [&](int r) { return "tp" + std::to_string(id) + "_" + std::to_string(r); };
+  auto dispatch_args = [&](const RankData& d) {
+    DispatchArgs a;
+    a.x = TensorView(d.x.data(), dt, {d.BS, H}, {H + pad, 1});
+    a.expert_ids = TensorView(d.ids.data(), DType::kInt32, {d.BS, K}, {K + pad, 1});
+    a.group_ep = ep_name + "_" + std::to_string(d.tp_rank);
+    a.ep_world_size = c.W;
+    a.ep_rank_id = d.ep_rank;
+    a.moe_expert_num = c.E;
+    if (c.smooth) a.scales = TensorView(d.scales.data(), DType::kFloat32, {S + c.E, H});
+    if (c.mask == 1) a.x_active_mask = TensorView(d.mask.data(), DType::kBool, {d.BS});
+    if (c.mask == 2) a.x_active_mask = TensorView(d.mask.data(), DType::kBool, {d.BS, K});
+    a.expert_scales = TensorView(d.weights.data(), DType::kFloat32, {d.BS, K});
+    if (!d.elastic.empty()) a.elastic_info = TensorView(d.elastic.data(), DType::kInt32, {4 + 2 * c.W});
+    if (c.tp) {
+      a.group_tp = tp_name(d.ep_rank);
+      a.tp_world_size = c.tp;
+      a.tp_rank_id = d.tp_rank;
+    }
+    a.shared_expert_num = c.shared_num;
+    a.shared_expert_rank_num = c.Sr;
+    a.quant_mode = c.quant;
+    a.global_bs = c.ragged ? c.BS * c.W : 0;
+    a.expert_token_nums_type = c.etn_type;
+    a.comm_alg = c.alg;
+    a.zero_expert_num = c.Z;
+    a.copy_expert_num = c.C;
+    a.const_expert_num = c.Q;
+    return a;
+  };
+
+  // Groups: one EP group per TP index, one TP group (size 2) per EP rank.
+  GroupOptions opt;
+  opt.timeout = std::chrono::milliseconds(20000);
+  opt.ranks_per_server = c.ranks_per_server;
+  std::vector<std::string> names;
+  for (int q = 0; q < tp; ++q) {
+    names.push_back(ep_name + "_" + std::to_string(q));
+    register_group(names.back(), make_thread_group(c.W, opt));
+  }
+  if (c.tp)
+    for (int r = 0; r < c.W; ++r) {
+      names.push_back(tp_name(r));
+      register_group(names.back(), make_thread_group(2, opt));
+    }
+  struct Cleanup {
+    std::vector<std::string>& n;
+    ~Cleanup() {
+      for (auto& s : n) unregister_group(s);
+    }
+  } cleanup{names};
+
+  reference::Options ropt;
+  ropt.ranks_per_server = c.ranks_per_server;
+  std::vector<DispatchArgs> dargs;
+  for (auto& d : ranks) dargs.push_back(dispatch_args(d));
+  std::vector<DispatchResult> ref = reference::dispatch_v2(dargs, ropt);
+  const int n = static_cast<int>(ranks.size());
+  std::vector<DispatchResult> got(static_cast<size_t>(n));
+  run_ranks(n, [&](int i) { got[static_cast<size_t>(i)] = dispatch_v2(dargs[static_cast<size_t>(i)]); });
+  for (int i = 0; i < n; ++i) {
+    const auto& g = got[static_cast<size_t>(i)];
+    const auto& w = ref[static_cast<size_t>(i)];
+    const std::string who = "rank " + std::to_string(ranks[static_cast<size_t>(i)].ep_rank) + " tp " +
+                            std::to_string(ranks[static_cast<size_t>(i)].tp_rank) + " ";
+    for (auto [a, b, nm] : {std::tuple{&g.expand_x, &w.expand_x, "expand_x"}, {&g.dynamic_scales, &w.dynamic_scales, "dynamic_scales"},
+                            {&g.assist_info_for_combine, &w.assist_info_for_combine, "assist_info_for_combine"},
+                            {&g.expert_token_nums, &w.expert_token_nums, "expert_token_nums"},
+                            {&g.ep_recv_counts, &w.ep_recv_counts, "ep_recv_counts"},
+                            {&g.tp_recv_counts, &w.tp_recv_counts, "tp_recv_counts"},
+                            {&g.expand_scales, &w.expand_scales, "expand_scales"}}) {
+      std::string diff = compare(*a, *b, who + "dispatch " + nm);
+      if (!diff.empty()) return diff;
+    }
+  }
+
+  // Expert stand-in: y = dequant(x) * (1 + h/64) rounded to dt; rows past the count are NaN, so a
+  // read of an unwritten row shows in the result.
+  for (int i = 0; i < n; ++i) {
+    RankData& d = ranks[static_cast<size_t>(i)];
+    const DispatchResult& r = ref[static_cast<size_t>(i)];
+    const int64_t rows_total = r.expand_x.size(0);
+    // Rows this rank must run the experts on (own + TP peer's): from expert_token_nums.
+    int64_t used = 0;
+    for (int64_t e = 0; e < r.expert_token_nums.numel(); ++e) {
+      const int64_t v = r.expert_token_nums.data_as<int64_t>()[e];
+      used = c.etn_type == 1 ? used + v : std::max(used, v);
+    }
+    d.ffn_rows = rows_total;
+    d.ffn.assign(static_cast<size_t>(rows_total * (H + pad)), dt == DType::kBFloat16 ? 0x7fc0 : 0x7e00);
+    for (int64_t row = 0; row < used; ++row)
+      for (int h = 0; h < H; ++h) {
+        float v;
+        if (c.quant == 2)
+          v = static_cast<float>(static_cast<const int8_t*>(r.expand_x.data())[row * H + h]) * r.dynamic_scales.data_as<float>()[row];
+        else
+          v = core::half_to_float(dt, r.expand_x.data_as<uint16_t>()[row * H + h]);
+        v = v * (1.0f + static_cast<float>(h) / 64.0f);
+        if (c.tp == 2) v = v * 0.5f;  // row-parallel halves
+        d.ffn[static_cast<size_t>(row * (H + pad) + h)] = half_of(dt, v);
+      }
+  }
+
+  std::vector<CombineArgs> cargs;
+  for (int i = 0; i < n; ++i) {
+    const RankData& d = ranks[static_cast<size_t>(i)];
+    const DispatchArgs& da = dargs[static_cast<size_t>(i)];
+    const DispatchResult& r = ref[static_cast<size_t>(i)];
+    CombineArgs a;
+    a.expand_x = TensorView(d.ffn.data(), dt, {d.ffn_rows, H}, {H + pad, 1});
+    a.expert_ids = da.expert_ids;
+    a.assist_info_for_combine = r.assist_info_for_combine;
+    a.ep_send_counts = r.ep_recv_counts;
+    a.expert_scales = da.expert_scales;
+    a.group_ep = da.group_ep;
+    a.ep_world_size = c.W;
+    a.ep_rank_id = d.ep_rank;
+    a.moe_expert_num = c.E;
+    if (c.tp == 2) a.tp_send_counts = r.tp_recv_counts;
+    a.x_active_mask = da.x_active_mask;
+    a.expand_scales = r.expand_scales;
+    if (c.shared_x) a.shared_expert_x = TensorView(d.shared_x.data(), dt, {d.BS, H});
+    a.elastic_info = da.elastic_info;
+    if (c.C || c.Q) a.ori_x = da.x;
+    if (c.Q) {
+      a.const_expert_alpha_1 = TensorView(d.alpha1.data(), dt, {c.Q});
+      a.const_expert_alpha_2 = TensorView(d.alpha2.data(), dt, {c.Q});
+      a.const_expert_v = TensorView(d.const_v.data(), dt, {c.Q, H});
+    }
+    a.group_tp = da.group_tp;
+    a.tp_world_size = da.tp_world_size;
+    a.tp_rank_id = da.tp_rank_id;
+    a.shared_expert_num = c.shared_num;
+    a.shared_expert_rank_num = c.Sr;
+    a.global_bs = da.global_bs;
+    a.comm_quant_mode = c.comm_quant;
+    a.comm_alg = c.alg;
+    a.zero_expert_num = c.Z;
+    a.copy_expert_num = c.C;
+    a.const_expert_num = c.Q;
+    cargs.push_back(a);
+  }
+  std::vector<Tensor> cref = reference::combine_v2(cargs, ropt);
+  std::vector<Tensor> cgot(static_cast<size_t>(n));
+  run_ranks(n, [&](int i) { cgot[static_cast<size_t>(i)] = combine_v2(cargs[static_cast<size_t>(i)]); });
+  for (int i = 0; i < n; ++i) {
+    const Tensor& w = cref[static_cast<size_t>(i)];
+    // The reference itself must be finite: an unwritten (NaN) row read would show here.
+    for (int64_t j = 0; j < w.numel(); ++j)
+      if (std::isnan(core::half_to_float(dt, w.data_as<uint16_t>()[j]))) return "reference combine produced NaN (test data broken)";
+    std::string diff = compare(cgot[static_cast<size_t>(i)], w, "rank " + std::to_string(ranks[static_cast<size_t>(i)].ep_rank) + " combine");
+    if (!diff.empty()) return diff;
+  }
+  return "";
+}
+
+}  // namespace moedist::test
