@@ -57,6 +57,13 @@ std::vector<Case> cases() {
     { Case c = b; c.W = 7; c.E = 14; c.K = 8; c.BS = 16; c.shared_x = true; c.mask = 2; c.comm_quant = 2; c.strided = true; add(c); }
     { Case c = b; c.W = 16; c.E = 64; c.K = 8; c.BS = 5; c.H = 48; c.quant = 2; c.Sr = 0; c.etn_type = 0; add(c); }
     { Case c = b; c.W = 3; c.E = 3; c.K = 3; c.BS = 0; add(c); }  // no tokens at all
+    // hierarchy: servers of consecutive ranks (an uneven last server included)
+    { Case c = b; c.alg = "hierarchy"; c.ranks_per_server = 2; add(c); }
+    { Case c = b; c.alg = "hierarchy"; c.ranks_per_server = 2; c.quant = 2; c.mask = 2; add(c); }
+    { Case c = b; c.W = 7; c.E = 12; c.Sr = 1; c.alg = "hierarchy"; c.ranks_per_server = 3; c.Z = 1; c.C = 1; c.Q = 1; c.shared_x = false; add(c); }
+    { Case c = b; c.W = 8; c.E = 12; c.Sr = 2; c.shared_num = 2; c.alg = "hierarchy"; c.ranks_per_server = 4; c.mask = 1; c.ragged = false; add(c); }
+    { Case c = b; c.W = 5; c.E = 10; c.alg = "hierarchy"; c.ranks_per_server = 2; c.ragged = true; c.shared_x = true; add(c); }
+    { Case c = b; c.alg = "hierarchy"; c.ranks_per_server = 0; add(c); }  // one server
   }
   return v;
 }

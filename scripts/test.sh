@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Every test: the Release build, then AddressSanitizer + UndefinedBehaviorSanitizer, then
+# ThreadSanitizer (in-process ranks are threads). Set MOEDIST_QUICK=1 to run the Release pass only.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install-deps.sh
+jobs=$(nproc)
+
+run_pass() {  # name, build dir, extra cmake args...
+  local name=$1 dir=$2
+  shift 2
+  echo "== $name =="
+  cmake -S . -B "$dir" -DCMAKE_BUILD_TYPE=RelWithDebInfo "$@" >/dev/null
+  cmake --build "$dir" -j"$jobs"
+  (cd "$dir" && ctest --output-on-failure -j"$jobs" --timeout 300)
+}
+
+run_pass "release" build -DCMAKE_BUILD_TYPE=Release
+./build/moedist demo --ranks 3 --tokens 16 --hidden 256 | tail -n 1
+if [ "${MOEDIST_QUICK:-0}" != "1" ]; then
+  export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
+  run_pass "asan+ubsan" build-asan -DMOEDIST_SANITIZE=address,undefined -DMOEDIST_BUILD_TOOLS=OFF
+  export TSAN_OPTIONS=halt_on_error=1
+  run_pass "tsan" build-tsan -DMOEDIST_SANITIZE=thread -DMOEDIST_BUILD_TOOLS=OFF
+fi
