@@ -11,6 +11,12 @@
 #include <sstream>
 #include <thread>
 
+#include <dirent.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
 #include "core/half.h"
 
 namespace moedist::test {
@@ -56,6 +62,8 @@ std::atomic<int> g_case_counter{0};
 
 uint16_t half_of(DType dt, float f) { return core::float_to_half(dt, f); }
 
+}  // namespace
+
 // Owned inputs of one rank. Strided cases keep the data inside a wider buffer (row stride + pad).
 struct RankData {
   int tp_rank = 0, ep_rank = 0, BS = 0;
@@ -70,6 +78,8 @@ struct RankData {
   std::vector<uint16_t> ffn;    // (rows, H + pad): combine input
   int64_t ffn_rows = 0;
 };
+
+namespace {
 
 std::string compare(const Tensor& got, const Tensor& want, const std::string& what) {
   if (got.dtype() != want.dtype()) return what + ": dtype " + dtype_name(got.dtype()) + " vs " + dtype_name(want.dtype());
@@ -92,14 +102,19 @@ std::string compare(const Tensor& got, const Tensor& want, const std::string& wh
 
 }  // namespace
 
-std::string run_case(const Case& c) {
-  const int id = g_case_counter++;
+std::unique_ptr<Prepared> prepare(const Case& c, const std::string& prefix) {
+  auto prep = std::make_unique<Prepared>();
+  Prepared& P = *prep;
+  P.c = c;
+  P.prefix = prefix;
+  unsigned seed = 1234;
+  for (char ch : case_name(c)) seed = seed * 31u + static_cast<unsigned char>(ch);
   const DType dt = c.dtype;
   const int H = c.H, K = c.K;
   const int tp = c.tp == 2 ? 2 : 1;
   const int S = c.Sr == 0 ? 0 : c.shared_num;
   const int pad = c.strided ? 3 : 0;
-  std::mt19937 rng(static_cast<unsigned>(1234 + id * 7919));
+  std::mt19937 rng(seed);
 
   // Active ranks (elastic) and the expert ids they may use.
   std::vector<int> active;
@@ -113,7 +128,7 @@ std::string run_case(const Case& c) {
   for (int g = 0; g < E_l; ++g) id_pool.push_back(g);
   for (int g = 0; g < c.Z + c.C + c.Q; ++g) id_pool.push_back(c.E + g);
 
-  std::vector<RankData> ranks;
+  std::vector<RankData>& ranks = P.ranks;
   for (int q = 0; q < tp; ++q)
     for (int r : active) {
       RankData d;
@@ -167,13 +182,12 @@ std::string run_case(const Case& c) {
       ranks.push_back(std::move(d));
     }
 
-  const std::string ep_name = "ep" + std::to_string(id);
-  auto tp_name = [&](int r) { return "tp" + std::to_string(id) + "_" + std::to_string(r); };
+  auto tp_name = [&](int r) { return P.tp_group(r); };
   auto dispatch_args = [&](const RankData& d) {
     DispatchArgs a;
     a.x = TensorView(d.x.data(), dt, {d.BS, H}, {H + pad, 1});
     a.expert_ids = TensorView(d.ids.data(), DType::kInt32, {d.BS, K}, {K + pad, 1});
-    a.group_ep = ep_name + "_" + std::to_string(d.tp_rank);
+    a.group_ep = P.ep_group(d.tp_rank);
     a.ep_world_size = c.W;
     a.ep_rank_id = d.ep_rank;
     a.moe_expert_num = c.E;
@@ -199,50 +213,13 @@ std::string run_case(const Case& c) {
     return a;
   };
 
-  // Groups: one EP group per TP index, one TP group (size 2) per EP rank.
-  GroupOptions opt;
-  opt.timeout = std::chrono::milliseconds(20000);
-  opt.ranks_per_server = c.ranks_per_server;
-  std::vector<std::string> names;
-  for (int q = 0; q < tp; ++q) {
-    names.push_back(ep_name + "_" + std::to_string(q));
-    register_group(names.back(), make_thread_group(c.W, opt));
-  }
-  if (c.tp)
-    for (int r = 0; r < c.W; ++r) {
-      names.push_back(tp_name(r));
-      register_group(names.back(), make_thread_group(2, opt));
-    }
-  struct Cleanup {
-    std::vector<std::string>& n;
-    ~Cleanup() {
-      for (auto& s : n) unregister_group(s);
-    }
-  } cleanup{names};
-
   reference::Options ropt;
   ropt.ranks_per_server = c.ranks_per_server;
-  std::vector<DispatchArgs> dargs;
+  std::vector<DispatchArgs>& dargs = P.dargs;
   for (auto& d : ranks) dargs.push_back(dispatch_args(d));
-  std::vector<DispatchResult> ref = reference::dispatch_v2(dargs, ropt);
+  P.ref = reference::dispatch_v2(dargs, ropt);
+  const std::vector<DispatchResult>& ref = P.ref;
   const int n = static_cast<int>(ranks.size());
-  std::vector<DispatchResult> got(static_cast<size_t>(n));
-  run_ranks(n, [&](int i) { got[static_cast<size_t>(i)] = dispatch_v2(dargs[static_cast<size_t>(i)]); });
-  for (int i = 0; i < n; ++i) {
-    const auto& g = got[static_cast<size_t>(i)];
-    const auto& w = ref[static_cast<size_t>(i)];
-    const std::string who = "rank " + std::to_string(ranks[static_cast<size_t>(i)].ep_rank) + " tp " +
-                            std::to_string(ranks[static_cast<size_t>(i)].tp_rank) + " ";
-    for (auto [a, b, nm] : {std::tuple{&g.expand_x, &w.expand_x, "expand_x"}, {&g.dynamic_scales, &w.dynamic_scales, "dynamic_scales"},
-                            {&g.assist_info_for_combine, &w.assist_info_for_combine, "assist_info_for_combine"},
-                            {&g.expert_token_nums, &w.expert_token_nums, "expert_token_nums"},
-                            {&g.ep_recv_counts, &w.ep_recv_counts, "ep_recv_counts"},
-                            {&g.tp_recv_counts, &w.tp_recv_counts, "tp_recv_counts"},
-                            {&g.expand_scales, &w.expand_scales, "expand_scales"}}) {
-      std::string diff = compare(*a, *b, who + "dispatch " + nm);
-      if (!diff.empty()) return diff;
-    }
-  }
 
   // Expert stand-in: y = dequant(x) * (1 + h/64) rounded to dt; rows past the count are NaN, so a
   // read of an unwritten row shows in the result.
@@ -271,7 +248,7 @@ std::string run_case(const Case& c) {
       }
   }
 
-  std::vector<CombineArgs> cargs;
+  std::vector<CombineArgs>& cargs = P.cargs;
   for (int i = 0; i < n; ++i) {
     const RankData& d = ranks[static_cast<size_t>(i)];
     const DispatchArgs& da = dargs[static_cast<size_t>(i)];
@@ -310,18 +287,189 @@ std::string run_case(const Case& c) {
     a.const_expert_num = c.Q;
     cargs.push_back(a);
   }
-  std::vector<Tensor> cref = reference::combine_v2(cargs, ropt);
-  std::vector<Tensor> cgot(static_cast<size_t>(n));
-  run_ranks(n, [&](int i) { cgot[static_cast<size_t>(i)] = combine_v2(cargs[static_cast<size_t>(i)]); });
-  for (int i = 0; i < n; ++i) {
-    const Tensor& w = cref[static_cast<size_t>(i)];
-    // The reference itself must be finite: an unwritten (NaN) row read would show here.
+  P.cref = reference::combine_v2(cargs, ropt);
+  for (const Tensor& w : P.cref)
     for (int64_t j = 0; j < w.numel(); ++j)
-      if (std::isnan(core::half_to_float(dt, w.data_as<uint16_t>()[j]))) return "reference combine produced NaN (test data broken)";
-    std::string diff = compare(cgot[static_cast<size_t>(i)], w, "rank " + std::to_string(ranks[static_cast<size_t>(i)].ep_rank) + " combine");
+      if (std::isnan(core::half_to_float(dt, w.data_as<uint16_t>()[j])))
+        throw Error("reference combine produced NaN: an unwritten row was read (test data broken)");
+  return prep;
+}
+
+std::string check_dispatch(const Prepared& P, int i, const DispatchResult& g) {
+  const auto& w = P.ref[static_cast<size_t>(i)];
+  const std::string who = "rank " + std::to_string(P.ranks[static_cast<size_t>(i)].ep_rank) + " tp " +
+                          std::to_string(P.ranks[static_cast<size_t>(i)].tp_rank) + " ";
+  for (auto [a, b, nm] : {std::tuple{&g.expand_x, &w.expand_x, "expand_x"}, {&g.dynamic_scales, &w.dynamic_scales, "dynamic_scales"},
+                          {&g.assist_info_for_combine, &w.assist_info_for_combine, "assist_info_for_combine"},
+                          {&g.expert_token_nums, &w.expert_token_nums, "expert_token_nums"},
+                          {&g.ep_recv_counts, &w.ep_recv_counts, "ep_recv_counts"},
+                          {&g.tp_recv_counts, &w.tp_recv_counts, "tp_recv_counts"},
+                          {&g.expand_scales, &w.expand_scales, "expand_scales"}}) {
+    std::string diff = compare(*a, *b, who + "dispatch " + nm);
     if (!diff.empty()) return diff;
   }
   return "";
+}
+
+std::string check_combine(const Prepared& P, int i, const Tensor& got) {
+  return compare(got, P.cref[static_cast<size_t>(i)], "rank " + std::to_string(P.ranks[static_cast<size_t>(i)].ep_rank) + " tp " +
+                                                          std::to_string(P.ranks[static_cast<size_t>(i)].tp_rank) + " combine");
+}
+
+std::string run_case(const Case& c) {
+  const std::string prefix = "t" + std::to_string(g_case_counter++) + "_";
+  auto P = prepare(c, prefix);
+  // Groups: one EP group per TP index, one TP group (size 2) per EP rank.
+  GroupOptions opt;
+  opt.timeout = std::chrono::milliseconds(20000);
+  opt.ranks_per_server = c.ranks_per_server;
+  std::vector<std::string> names;
+  const int tp = c.tp == 2 ? 2 : 1;
+  for (int q = 0; q < tp; ++q) {
+    names.push_back(P->ep_group(q));
+    register_group(names.back(), make_thread_group(c.W, opt));
+  }
+  if (c.tp)
+    for (int r = 0; r < c.W; ++r) {
+      names.push_back(P->tp_group(r));
+      register_group(names.back(), make_thread_group(2, opt));
+    }
+  struct Cleanup {
+    std::vector<std::string>& n;
+    ~Cleanup() {
+      for (auto& s : n) unregister_group(s);
+    }
+  } cleanup{names};
+
+  const int n = static_cast<int>(P->ranks.size());
+  std::vector<DispatchResult> got(static_cast<size_t>(n));
+  run_ranks(n, [&](int i) { got[static_cast<size_t>(i)] = dispatch_v2(P->dargs[static_cast<size_t>(i)]); });
+  for (int i = 0; i < n; ++i) {
+    std::string diff = check_dispatch(*P, i, got[static_cast<size_t>(i)]);
+    if (!diff.empty()) return diff;
+  }
+  std::vector<Tensor> cgot(static_cast<size_t>(n));
+  run_ranks(n, [&](int i) { cgot[static_cast<size_t>(i)] = combine_v2(P->cargs[static_cast<size_t>(i)]); });
+  for (int i = 0; i < n; ++i) {
+    std::string diff = check_combine(*P, i, cgot[static_cast<size_t>(i)]);
+    if (!diff.empty()) return diff;
+  }
+  return "";
+}
+
+Prepared::~Prepared() = default;
+
+int rank_of(const Prepared& p, int index, int* tp_rank) {
+  const RankData& d = p.ranks[static_cast<size_t>(index)];
+  if (tp_rank) *tp_rank = d.tp_rank;
+  return d.ep_rank;
+}
+
+std::vector<std::string> shm_leftovers(const std::string& job) {
+  std::vector<std::string> out;
+  const std::string want = "moedist-" + job + "-";
+  if (DIR* dir = opendir("/dev/shm")) {
+    while (dirent* e = readdir(dir))
+      if (std::strncmp(e->d_name, want.c_str(), want.size()) == 0) out.push_back(e->d_name);
+    closedir(dir);
+  }
+  return out;
+}
+
+std::string run_processes(int nproc, const std::function<std::string(int)>& child, int timeout_s) {
+  std::vector<pid_t> pids;
+  std::vector<int> fds;
+  std::fflush(nullptr);
+  for (int i = 0; i < nproc; ++i) {
+    int fd[2];
+    if (pipe(fd) != 0) return "pipe failed";
+    const pid_t pid = fork();
+    if (pid < 0) return "fork failed";
+    if (pid == 0) {
+      close(fd[0]);
+      std::string msg;
+      try {
+        msg = child(i);
+      } catch (const std::exception& e) {
+        msg = std::string("exception: ") + e.what();
+      }
+      if (!msg.empty()) {
+        msg = "process " + std::to_string(i) + ": " + msg;
+        ssize_t n = write(fd[1], msg.data(), msg.size());
+        (void)n;
+      }
+      close(fd[1]);
+      _exit(msg.empty() ? 0 : 1);
+    }
+    close(fd[1]);
+    pids.push_back(pid);
+    fds.push_back(fd[0]);
+  }
+  std::vector<std::string> msgs(static_cast<size_t>(nproc));
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(timeout_s);
+  size_t open_fds = fds.size();
+  std::vector<bool> done(fds.size(), false);
+  while (open_fds > 0 && std::chrono::steady_clock::now() < deadline) {
+    std::vector<pollfd> pf;
+    std::vector<size_t> idx;
+    for (size_t i = 0; i < fds.size(); ++i)
+      if (!done[i]) {
+        pf.push_back({fds[i], POLLIN, 0});
+        idx.push_back(i);
+      }
+    if (poll(pf.data(), pf.size(), 100) <= 0) continue;
+    for (size_t j = 0; j < pf.size(); ++j) {
+      if (!(pf[j].revents & (POLLIN | POLLHUP | POLLERR))) continue;
+      char buf[4096];
+      const ssize_t n = read(pf[j].fd, buf, sizeof(buf));
+      if (n > 0) {
+        msgs[idx[j]].append(buf, static_cast<size_t>(n));
+      } else {
+        done[idx[j]] = true;
+        --open_fds;
+      }
+    }
+  }
+  std::string result;
+  if (open_fds > 0) {
+    result = "processes still running after " + std::to_string(timeout_s) + " s (deadlock?)";
+    for (pid_t p : pids) kill(p, SIGKILL);
+  }
+  for (size_t i = 0; i < pids.size(); ++i) {
+    int status = 0;
+    waitpid(pids[i], &status, 0);
+    close(fds[i]);
+    if (result.empty() && !msgs[i].empty()) result = msgs[i];
+    if (result.empty() && !(WIFEXITED(status) && WEXITSTATUS(status) == 0))
+      result = "process " + std::to_string(i) + " ended abnormally (status " + std::to_string(status) + ")";
+  }
+  return result;
+}
+
+std::string run_case_shm(const Case& c) {
+  const std::string job = "test" + std::to_string(getpid()) + "_" + std::to_string(g_case_counter++);
+  const int tp = c.tp == 2 ? 2 : 1;
+  const std::string prefix = "s_";
+  std::string result = run_processes(tp * c.W, [&](int p) -> std::string {
+    const int q = p / c.W, r = p % c.W;
+    GroupOptions opt;
+    opt.timeout = std::chrono::milliseconds(20000);
+    opt.ranks_per_server = c.ranks_per_server;
+    register_group(prefix + "ep" + std::to_string(q), {make_shm_group("ep" + std::to_string(q), c.W, r, opt, job)});
+    if (c.tp) register_group(prefix + "tp" + std::to_string(r), {make_shm_group("tp" + std::to_string(r), 2, q, opt, job)});
+    auto P = prepare(c, prefix);
+    for (size_t i = 0; i < P->ranks.size(); ++i) {
+      int tq;
+      if (rank_of(*P, static_cast<int>(i), &tq) != r || tq != q) continue;
+      std::string diff = check_dispatch(*P, static_cast<int>(i), dispatch_v2(P->dargs[i]));
+      if (!diff.empty()) return diff;
+      return check_combine(*P, static_cast<int>(i), combine_v2(P->cargs[i]));
+    }
+    return "";  // removed by elastic_info: does not call
+  }, 90);
+  const auto left = shm_leftovers(job);
+  if (result.empty() && !left.empty()) result = "segment left in /dev/shm: " + left[0];
+  return result;
 }
 
 }  // namespace moedist::test

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <functional>
+#include <memory>
 #include <ostream>
 #include <string>
 #include <vector>
@@ -43,8 +44,38 @@ inline void PrintTo(const Case& c, std::ostream* os) { *os << case_name(c); }
 // Runs `fn(i)` on n threads; rethrows the first exception (by rank order).
 void run_ranks(int n, const std::function<void(int)>& fn);
 
-// Runs the case: dispatch and combine on threads versus the reference. Returns a non-empty string
-// describing the first difference, or "" on a bit-exact match.
+struct RankData;
+
+// Every calling rank's inputs, arguments and reference outputs of one case, built deterministically
+// from the case alone, so separate processes build the same data. Ranks are listed TP index major,
+// then active EP rank.
+struct Prepared {
+  Case c;
+  std::string prefix;  // group names: prefix + "ep<q>" / prefix + "tp<r>"
+  std::vector<RankData> ranks;
+  std::vector<DispatchArgs> dargs;
+  std::vector<DispatchResult> ref;
+  std::vector<CombineArgs> cargs;  // expand_x = expert stand-in applied to the reference's rows
+  std::vector<Tensor> cref;
+  std::string ep_group(int q) const { return prefix + "ep" + std::to_string(q); }
+  std::string tp_group(int r) const { return prefix + "tp" + std::to_string(r); }
+  ~Prepared();
+};
+std::unique_ptr<Prepared> prepare(const Case& c, const std::string& prefix);
+int rank_of(const Prepared& p, int index, int* tp_rank);  // EP rank (and TP index) of calling rank `index`
+// "" on a bit-exact match with the reference, else the first difference.
+std::string check_dispatch(const Prepared& p, int index, const DispatchResult& got);
+std::string check_combine(const Prepared& p, int index, const Tensor& got);
+
+// Runs the case on in-process ranks (threads).
 std::string run_case(const Case& c);
+// Runs the case on processes over shared memory (forked from this one, one per rank).
+std::string run_case_shm(const Case& c);
+
+// Forks n processes running child(i); returns the first non-empty child message, an abnormal end, or
+// a timeout (all children killed). Used by the process transports' tests.
+std::string run_processes(int n, const std::function<std::string(int)>& child, int timeout_s);
+// Names in /dev/shm left by job `job`.
+std::vector<std::string> shm_leftovers(const std::string& job);
 
 }  // namespace moedist::test

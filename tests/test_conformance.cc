@@ -77,5 +77,15 @@ INSTANTIATE_TEST_SUITE_P(Thread, Conformance, ::testing::ValuesIn(cases()),
                            return "Thread_" + case_name(info.param) + "_" + std::to_string(info.index);
                          });
 
+// The same suite on processes over shared memory.
+class ConformanceShm : public ::testing::TestWithParam<Case> {};
+
+TEST_P(ConformanceShm, MatchesReferenceBitForBit) { EXPECT_EQ(run_case_shm(GetParam()), ""); }
+
+INSTANTIATE_TEST_SUITE_P(Shm, ConformanceShm, ::testing::ValuesIn(cases()),
+                         [](const ::testing::TestParamInfo<Case>& info) {
+                           return "Shm_" + case_name(info.param) + "_" + std::to_string(info.index);
+                         });
+
 }  // namespace
 }  // namespace moedist::test

@@ -30,4 +30,24 @@ bool group_registered(const std::string& name);
 // In-process communicator: `world_size` ranks that are threads of this process.
 std::vector<std::shared_ptr<Transport>> make_thread_group(int world_size, const GroupOptions& options = {});
 
+// Processes on one host over POSIX shared memory: every rank of the group calls this with the same
+// `group` name and job id; it returns when all `world_size` ranks have joined (or raises Timeout
+// naming the rank that did not). `job` "" takes the launcher's (see launch_env()). Two jobs, or two
+// groups of one job, never share a segment.
+std::shared_ptr<Transport> make_shm_group(const std::string& group, int world_size, int rank, const GroupOptions& options = {},
+                                          const std::string& job = "");
+
+// Where this process stands in a job started by `moedist launch` (MOEDIST_RANK, MOEDIST_WORLD_SIZE,
+// MOEDIST_LOCAL_RANK, MOEDIST_JOB_ID), torchrun (RANK, WORLD_SIZE, LOCAL_RANK, TORCHELASTIC_RUN_ID or
+// MASTER_ADDR:MASTER_PORT) or Open MPI's mpirun (OMPI_COMM_WORLD_*, the job's namespace).
+struct LaunchEnv {
+  bool found = false;  // false: no launcher variables; a single rank 0 of 1
+  int rank = 0;
+  int world_size = 1;
+  int local_rank = 0;
+  std::string job;       // unique per job on this host
+  std::string launcher;  // "moedist", "torchrun", "openmpi" or ""
+};
+LaunchEnv launch_env();
+
 }  // namespace moedist
