@@ -35,7 +35,8 @@ class PutWriter {
 struct ExchangeSpec {
   const char* op = "";           // operation name, for error messages ("dispatch_v2")
   std::span<const int> members;  // physical ranks taking part, ascending, including this rank
-  const void* blob = nullptr;    // this rank's blob, blob_bytes long (same length on every member)
+  const void* blob = nullptr;    // this rank's blob, blob_bytes long (a peer's longer blob is cut,
+                                 // a shorter one zero-padded: the caller's header tells them apart)
   size_t blob_bytes = 0;
   void* blobs_out = nullptr;     // members.size() * blob_bytes: every member's blob, in members order
   std::span<const RecvRegion> recv;  // this rank's receive regions

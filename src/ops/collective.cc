@@ -24,6 +24,7 @@ void Step::run(const char* op, const std::string& self_label, const std::string*
   uni.insert(uni.end(), extra_uniform.begin(), extra_uniform.end());
   MOEDIST_ASSERT(uni.size() <= static_cast<size_t>(kMaxUniform));
   hdr.n_uniform = static_cast<int32_t>(uni.size());
+  hdr.payload_bytes = static_cast<int64_t>(payload.size());
   for (size_t i = 0; i < uni.size(); ++i) hdr.uniform[i] = uni[i].second;
 
   const size_t bb = sizeof(BlobHeader) + payload.size();
@@ -54,6 +55,9 @@ void Step::run(const char* op, const std::string& self_label, const std::string*
         if (ph.uniform[j] != hdr.uniform[j])
           throw InvalidArgument(detail::str_cat(self_label, op, ": ", uni[static_cast<size_t>(j)].first, "=", hdr.uniform[j], " but rank ",
                                                 members[i], " passed ", ph.uniform[j], " (must be equal on every rank)"));
+      if (ph.payload_bytes != hdr.payload_bytes)
+        throw InvalidArgument(detail::str_cat(self_label, op, ": rank ", members[i], " sent ", ph.payload_bytes, " bytes of counts, this rank ",
+                                              hdr.payload_bytes, " (the ranks disagree on ep_world_size, moe_expert_num or shared_expert_rank_num)"));
     }
     if (produce) produce(w);
   };

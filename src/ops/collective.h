@@ -20,6 +20,7 @@ constexpr int kMaxUniform = 24;
 struct BlobHeader {
   int32_t status = 0;  // 0 ok, else this rank failed before sending (message follows)
   int32_t n_uniform = 0;
+  int64_t payload_bytes = 0;
   char message[400] = {};
   int64_t uniform[kMaxUniform] = {};
 };

@@ -3,6 +3,7 @@
 #include <sched.h>
 
 #include <cstdlib>
+#include <algorithm>
 #include <cstring>
 #include <exception>
 #include <thread>
@@ -125,12 +126,14 @@ void WindowEngine::exchange(const ExchangeSpec& spec) {
     const unsigned char* msg = layout_.msg(mine, p, ep);
     MsgHeader ph;
     std::memcpy(&ph, msg, sizeof(ph));
-    if (ph.blob_bytes != spec.blob_bytes)
-      throw InvalidArgument(detail::str_cat("[rank ", rank_, "/", world_, "] ", spec.op, ": rank ", p, " sent ", ph.blob_bytes,
-                                            " bytes of counts, this rank ", spec.blob_bytes,
-                                            " (the ranks disagree on ep_world_size, moe_expert_num or shared_expert_rank_num)"));
-    if (spec.blob_bytes)
-      std::memcpy(static_cast<unsigned char*>(spec.blobs_out) + i * spec.blob_bytes, msg + sizeof(MsgHeader), spec.blob_bytes);
+    // Blobs may differ in length when ranks disagree on the call (or one failed before counting):
+    // the caller's header check reports that; here the shorter one is zero-padded.
+    if (spec.blob_bytes) {
+      unsigned char* dst = static_cast<unsigned char*>(spec.blobs_out) + i * spec.blob_bytes;
+      const size_t n = std::min<size_t>(ph.blob_bytes, spec.blob_bytes);
+      std::memcpy(dst, msg + sizeof(MsgHeader), n);
+      std::memset(dst + n, 0, spec.blob_bytes - n);
+    }
     for (uint32_t r = 0; r < ph.nregions && r < static_cast<uint32_t>(kMaxRegions); ++r)
       regions[i].emplace_back(ph.regions[r].bytes ? decode(p, ph.regions[r].addr, ph.regions[r].bytes) : nullptr, ph.regions[r].bytes);
   }
