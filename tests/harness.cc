@@ -295,17 +295,45 @@ std::unique_ptr<Prepared> prepare(const Case& c, const std::string& prefix) {
   return prep;
 }
 
+// Rows of a rank's dispatch output: own EP rows and, with TP, the peer's after them.
+void rows_of(const Prepared& P, int i, int64_t* own, int64_t* total) {
+  const DispatchResult& r = P.ref[static_cast<size_t>(i)];
+  int64_t used = 0;
+  for (int64_t e = 0; e < r.expert_token_nums.numel(); ++e) {
+    const int64_t v = r.expert_token_nums.data_as<int64_t>()[e];
+    used = P.c.etn_type == 1 ? used + v : std::max(used, v);
+  }
+  *total = used;
+  *own = P.c.tp == 2 ? r.tp_recv_counts.data_as<int32_t>()[P.ranks[static_cast<size_t>(i)].tp_rank] : used;
+}
+
+// Compares the first `n` elements only (the rest is unspecified: rows past the received count).
+std::string compare_prefix(const Tensor& got, const Tensor& want, int64_t n, const std::string& what) {
+  if (got.dtype() != want.dtype() || got.shape() != want.shape()) return compare(got, want, what);
+  const size_t bytes = static_cast<size_t>(n) * dtype_size(got.dtype());
+  if (std::memcmp(got.data(), want.data(), bytes) == 0) return "";
+  const size_t es = dtype_size(got.dtype());
+  for (size_t b = 0; b < bytes; ++b)
+    if (static_cast<const unsigned char*>(got.data())[b] != static_cast<const unsigned char*>(want.data())[b])
+      return what + ": first difference at element " + std::to_string(b / es) + " of " + std::to_string(n) + " compared";
+  return "";
+}
+
 std::string check_dispatch(const Prepared& P, int i, const DispatchResult& g) {
   const auto& w = P.ref[static_cast<size_t>(i)];
   const std::string who = "rank " + std::to_string(P.ranks[static_cast<size_t>(i)].ep_rank) + " tp " +
-                          std::to_string(P.ranks[static_cast<size_t>(i)].tp_rank) + " ";
-  for (auto [a, b, nm] : {std::tuple{&g.expand_x, &w.expand_x, "expand_x"}, {&g.dynamic_scales, &w.dynamic_scales, "dynamic_scales"},
-                          {&g.assist_info_for_combine, &w.assist_info_for_combine, "assist_info_for_combine"},
+                          std::to_string(P.ranks[static_cast<size_t>(i)].tp_rank) + " dispatch ";
+  int64_t own, total;
+  rows_of(P, i, &own, &total);
+  std::string diff = compare_prefix(g.expand_x, w.expand_x, total * P.c.H, who + "expand_x");
+  if (diff.empty()) diff = compare_prefix(g.assist_info_for_combine, w.assist_info_for_combine, 3 * own, who + "assist_info_for_combine");
+  if (!diff.empty()) return diff;
+  for (auto [a, b, nm] : {std::tuple{&g.dynamic_scales, &w.dynamic_scales, "dynamic_scales"},
                           {&g.expert_token_nums, &w.expert_token_nums, "expert_token_nums"},
                           {&g.ep_recv_counts, &w.ep_recv_counts, "ep_recv_counts"},
                           {&g.tp_recv_counts, &w.tp_recv_counts, "tp_recv_counts"},
                           {&g.expand_scales, &w.expand_scales, "expand_scales"}}) {
-    std::string diff = compare(*a, *b, who + "dispatch " + nm);
+    diff = compare(*a, *b, who + nm);
     if (!diff.empty()) return diff;
   }
   return "";

@@ -37,11 +37,14 @@ struct TensorView {
   const void* at(std::initializer_list<int64_t> idx) const;
 };
 
-// An owning, contiguous, zero-initialised tensor.
+// An owning, contiguous tensor.
 class Tensor {
  public:
   Tensor() = default;
+  // Zero-initialised.
   Tensor(DType dtype, std::vector<int64_t> shape);
+  // Over existing storage of at least numel * dtype_size bytes (contents as they are).
+  Tensor(DType dtype, std::vector<int64_t> shape, std::shared_ptr<unsigned char> storage);
 
   DType dtype() const { return dtype_; }
   const std::vector<int64_t>& shape() const { return shape_; }

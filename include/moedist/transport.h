@@ -60,6 +60,9 @@ class Transport {
   // Transport-owned memory usable as a receive region; `slot` tells apart buffers needed at once.
   // Valid until the next scratch() call with the same slot.
   virtual void* scratch(int slot, size_t bytes) = 0;
+  // Memory for an output that peers write into (a receive region that outlives the call): kept until
+  // its last owner drops it; contents unspecified. Shared memory carves it from this rank's window.
+  virtual std::shared_ptr<unsigned char> alloc(size_t bytes) = 0;
   virtual std::chrono::milliseconds timeout() const = 0;
 };
 

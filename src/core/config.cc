@@ -31,10 +31,10 @@ ExpertKind EpConfig::classify(int64_t id) const {
 }
 
 int64_t EpConfig::ep_counts_len() const {
-  if (elastic) return W_orig * L;
+  if (elastic_shapes) return W_orig * tp * L;
   return W_orig * tp * local_experts();
 }
-int64_t EpConfig::expert_nums_len() const { return elastic ? L : local_experts(); }
+int64_t EpConfig::expert_nums_len() const { return elastic_shapes ? L : local_experts(); }
 
 std::vector<int> EpConfig::members() const {
   std::vector<int> m;
@@ -212,6 +212,7 @@ EpConfig resolve_common(const Common& a) {
   // elastic_info
   const TensorView& el = *a.elastic_info;
   if (el.defined()) {
+    c.elastic_shapes = true;
     check_tensor(ctx, el, "elastic_info", DType::kInt32, 1);
     MOEDIST_CHECK(ctx, el.size(0) == 4 + 2 * a.W, "elastic_info has shape ", el.shape_str(), " (must be (4 + 2 * ep_world_size,) = (", 4 + 2 * a.W, ",))");
     if (at1<int32_t>(el, 0) != 0) {
@@ -284,7 +285,7 @@ EpConfig resolve_common(const Common& a) {
   const int64_t a_moe = global_bs_real * std::min(c.L, c.K);
   const int64_t r_orig = a.Sr > 0 ? a.Sr / a.shared_num : 1;  // ranks per shared expert, as created
   const int64_t a_shared = a.Sr > 0 ? c.max_bs * ((a.W + r_orig - 1) / r_orig) : 0;
-  if (c.elastic)
+  if (c.elastic_shapes)
     c.A = std::max(a_shared, a_moe);
   else
     c.A = c.is_shared_rank() ? a_shared : a_moe;
@@ -414,7 +415,7 @@ EpConfig resolve_combine(const CombineArgs& a) {
 CombineCounts combine_counts(const EpConfig& c, const CombineArgs& a) {
   const CheckCtx& cx = c.ctx;
   const TensorView& cnt = a.ep_send_counts;
-  const int64_t need = c.elastic ? c.W * c.local_experts() : c.W * c.local_experts();
+  const int64_t need = c.W * c.local_experts();
   MOEDIST_CHECK(cx, cnt.size(0) >= need, "ep_send_counts has shape ", cnt.shape_str(), " (must hold at least ", need,
                 " entries: ep_world_size * local experts)");
   int64_t prev = 0;

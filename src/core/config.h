@@ -55,7 +55,9 @@ struct EpConfig {
   int64_t global_bs = 0, max_bs = 0, A = 0;
   DType dtype = DType::kBFloat16;
   int mask_kind = 0;  // 0: none, 1: (BS,), 2: (BS, K)
-  bool elastic = false;
+  bool elastic = false;         // elastic_info is active (is_elastic != 0)
+  bool elastic_shapes = false;  // elastic_info was passed: output shapes follow the elastic formulas
+                                // (shapes never depend on tensor values, so graph tracing can infer them)
   std::vector<int> local_to_phys;  // effective rank -> physical EP rank
   Alg alg = Alg::kFullmesh;
   std::vector<int32_t> ids;        // (BS, K) expert ids, row-major copy

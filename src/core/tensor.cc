@@ -84,6 +84,11 @@ Tensor::Tensor(DType dtype, std::vector<int64_t> shape) : dtype_(dtype), shape_(
   storage_ = std::shared_ptr<unsigned char>(static_cast<unsigned char*>(p), [](unsigned char* q) { std::free(q); });
 }
 
+Tensor::Tensor(DType dtype, std::vector<int64_t> shape, std::shared_ptr<unsigned char> storage)
+    : dtype_(dtype), shape_(std::move(shape)), storage_(std::move(storage)) {
+  MOEDIST_ASSERT(storage_ != nullptr || nbytes() == 0, "tensor without storage");
+}
+
 int64_t Tensor::numel() const {
   int64_t n = 1;
   for (int64_t s : shape_) n *= s;

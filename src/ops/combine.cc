@@ -82,7 +82,10 @@ Tensor combine_v2(const CombineArgs& a) {
     cc.tp_partial = partial.data();
   }
 
-  Tensor out(c.dtype, {c.BS, c.H});
+  Tensor out(c.dtype, {c.BS, c.H}, ep->alloc(static_cast<size_t>(c.BS * c.H) * 2));
+  // Inactive tokens' rows are zeros; every active row is written by the algorithm.
+  for (int64_t t = 0; t < c.BS; ++t)
+    if (!c.token_on[static_cast<size_t>(t)]) std::memset(out.data_as<uint16_t>() + t * c.H, 0, row);
   if (c.alg == core::Alg::kHierarchy)
     hierarchy_combine(cc, out.data_as<uint16_t>());
   else

@@ -100,27 +100,27 @@ DispatchResult dispatch_v2(const DispatchArgs& a) {
 
   DispatchResult res;
   const int64_t A = c.A, H = c.H;
-  res.expand_x = Tensor(d.quant ? DType::kInt8 : c.dtype, {c.tp * A, H});
-  res.dynamic_scales = Tensor(DType::kFloat32, {c.tp * A});
-  res.assist_info_for_combine = Tensor(DType::kInt32, {std::max(c.BS * c.K, 128 * A)});
+  // Outputs that peers write into come from the transport (shared memory: this rank's window), so every
+  // row is written once, straight into its final place. Rows past the received count are not written.
+  auto out_tensor = [&](DType dt, std::vector<int64_t> shape) {
+    int64_t n = 1;
+    for (int64_t v : shape) n *= v;
+    return Tensor(dt, shape, ep->alloc(static_cast<size_t>(n) * dtype_size(dt)));
+  };
+  res.expand_x = out_tensor(d.quant ? DType::kInt8 : c.dtype, {c.tp * A, H});
+  res.dynamic_scales = out_tensor(DType::kFloat32, {c.tp * A});
+  res.assist_info_for_combine = out_tensor(DType::kInt32, {std::max(c.BS * c.K, 128 * A)});
   res.expert_token_nums = Tensor(DType::kInt64, {c.expert_nums_len()});
   res.ep_recv_counts = Tensor(DType::kInt32, {c.ep_counts_len()});
   res.tp_recv_counts = Tensor(DType::kInt32, {c.tp_world_size_arg});
-  res.expand_scales = Tensor(DType::kFloat32, {A});
+  res.expand_scales = out_tensor(DType::kFloat32, {A});
 
   RowSinks out{static_cast<unsigned char*>(res.expand_x.data()), res.dynamic_scales.data_as<float>(),
                res.assist_info_for_combine.data_as<int32_t>(), res.expand_scales.data_as<float>(), A};
-  RowSinks sinks = out;
-  if (!ep->recv_anywhere()) {
-    sinks.expand_x = static_cast<unsigned char*>(ep->scratch(0, static_cast<size_t>(A) * d.row_bytes));
-    sinks.dynamic_scales = static_cast<float*>(ep->scratch(1, static_cast<size_t>(A) * 4));
-    sinks.assist = static_cast<int32_t*>(ep->scratch(2, static_cast<size_t>(A) * 12));
-    sinks.expand_scales = static_cast<float*>(ep->scratch(3, static_cast<size_t>(A) * 4));
-  }
 
   DispatchCounts got;
   try {
-    got = c.alg == core::Alg::kHierarchy ? hierarchy_dispatch(d, sinks) : fullmesh_dispatch(d, sinks);
+    got = c.alg == core::Alg::kHierarchy ? hierarchy_dispatch(d, out) : fullmesh_dispatch(d, out);
   } catch (...) {
     if (tpt) {  // the TP peer must not wait for us
       const std::string msg = "its EP group failed";
@@ -134,12 +134,9 @@ DispatchResult dispatch_v2(const DispatchArgs& a) {
     }
     throw;
   }
-  if (sinks.expand_x != out.expand_x) {
-    std::memcpy(out.expand_x, sinks.expand_x, static_cast<size_t>(got.rows) * d.row_bytes);
-    std::memcpy(out.dynamic_scales, sinks.dynamic_scales, static_cast<size_t>(got.rows) * 4);
-    std::memcpy(out.assist, sinks.assist, static_cast<size_t>(got.rows) * 12);
-    std::memcpy(out.expand_scales, sinks.expand_scales, static_cast<size_t>(got.rows) * 4);
-  }
+  // Per-row scalars past the rows are zeros (cheap, and keeps them deterministic).
+  std::memset(out.dynamic_scales + got.rows, 0, static_cast<size_t>(c.tp * A - got.rows) * 4);
+  std::memset(out.expand_scales + got.rows, 0, static_cast<size_t>(A - got.rows) * 4);
 
   // Counts: inclusive prefix over (e, r), expert-major; expert_token_nums by type.
   const int64_t nblk = c.local_experts();

@@ -9,6 +9,7 @@
 #include <cstring>
 
 #include "core/half.h"
+#include "core/kernels.h"
 #include "core/quant.h"
 #include "ops/algorithms.h"
 #include "ops/collective.h"
@@ -201,19 +202,10 @@ void fullmesh_combine(const CombineCtx& cc, uint16_t* out) {
         return;
       }
       const uint16_t* y = reinterpret_cast<const uint16_t*>(p);
-      if (dt == DType::kBFloat16) {
-        for (int64_t h = 0; h < H; ++h) {
-          const float v = core::bf16_to_float(y[h]);
-          const float term = weighted ? v * w : v;
-          a[h] = a[h] + term;
-        }
-      } else {
-        for (int64_t h = 0; h < H; ++h) {
-          const float v = core::fp16_to_float(y[h]);
-          const float term = weighted ? v * w : v;
-          a[h] = a[h] + term;
-        }
-      }
+      if (dt == DType::kBFloat16)
+        weighted ? core::axpy_bf16(a, y, w, H) : core::add_bf16(a, y, H);
+      else
+        weighted ? core::axpy_fp16(a, y, w, H) : core::add_fp16(a, y, H);
     };
     for (int64_t k = 0; k < K; ++k) {
       if (!c.entry_on[static_cast<size_t>(t * K + k)]) continue;
@@ -228,7 +220,10 @@ void fullmesh_combine(const CombineCtx& cc, uint16_t* out) {
     for (int64_t s = 0; s < c.S; ++s) add_slot(K + s, 0.f, false);
     add_shared_x(cc, t, a);
     uint16_t* o = out + t * H;
-    for (int64_t h = 0; h < H; ++h) o[h] = core::float_to_half(dt, a[h]);
+    if (dt == DType::kBFloat16)
+      core::store_bf16(o, a, H);
+    else
+      for (int64_t h = 0; h < H; ++h) o[h] = core::float_to_fp16(a[h]);
   }
 }
 

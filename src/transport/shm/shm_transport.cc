@@ -83,6 +83,9 @@ ShmTransport::ShmTransport(const std::string& job, const std::string& group, int
     fail(detail::str_cat("mmap(", mine, "): ", std::strerror(errno)));
   }
   maps_[static_cast<size_t>(rank)] = {p, total};
+  own_ = std::make_shared<Own>();
+  own_->base = p;
+  own_->bytes = total;
   std::memset(p, 0, header_bytes_);
   auto* hdr = static_cast<SegmentHeader*>(p);
   hdr->magic = kMagic;
@@ -140,11 +143,24 @@ ShmTransport::ShmTransport(const std::string& job, const std::string& group, int
     throw;
   }
   shm_unlink(mine.c_str());
+  own_->heap = std::make_unique<OffsetHeap>(0, window_bytes_);
+}
+
+ShmTransport::Own::~Own() {
+  if (base) munmap(base, bytes);
 }
 
 ShmTransport::~ShmTransport() {
-  for (auto& m : maps_)
-    if (m.base) munmap(m.base, m.bytes);
+  for (size_t r = 0; r < maps_.size(); ++r)
+    if (maps_[r].base && static_cast<int>(r) != rank()) munmap(maps_[r].base, maps_[r].bytes);
+  // Our own mapping goes with the last output tensor carved from it (own_).
+}
+
+std::shared_ptr<unsigned char> ShmTransport::alloc(size_t bytes) {
+  const size_t off = own_->heap->alloc(bytes, "shm alloc");
+  auto own = own_;
+  unsigned char* p = window(rank()) + off;
+  return std::shared_ptr<unsigned char>(p, [own, off](unsigned char*) { own->heap->free(off); });
 }
 
 std::string ShmTransport::segment_name(int rank) const { return prefix_ + std::to_string(rank); }
@@ -164,13 +180,10 @@ void* ShmTransport::scratch(int slot, size_t bytes) {
   }
   const size_t s = static_cast<size_t>(slot);
   if (slot_bytes_[s] < bytes) {
+    if (slot_bytes_[s]) own_->heap->free(slot_off_[s]);
     const size_t need = round_up(std::max<size_t>(bytes, 1), 4096);
-    if (bump_ + need > window_bytes_)
-      throw TransportError(detail::str_cat("[rank ", rank(), "/", world_size(), "] shm: window of ", window_bytes_,
-                                           " bytes exhausted (need ", need, " more; set MOEDIST_SHM_WINDOW_BYTES)"));
-    slot_off_[s] = bump_;
+    slot_off_[s] = own_->heap->alloc(need, "shm scratch");
     slot_bytes_[s] = need;
-    bump_ += need;
   }
   return window(rank()) + slot_off_[s];
 }
@@ -178,7 +191,7 @@ void* ShmTransport::scratch(int slot, size_t bytes) {
 uint64_t ShmTransport::encode(const void* p, size_t bytes) {
   const auto* b = static_cast<const unsigned char*>(p);
   const unsigned char* w = window(rank());
-  MOEDIST_ASSERT(b >= w && b + bytes <= w + window_bytes_, "shm receive region outside this rank's window");
+  MOEDIST_ASSERT(b >= w && b + bytes <= w + window_bytes_, "shm receive region outside this rank's window (use alloc() or scratch())");
   return static_cast<uint64_t>(b - w);
 }
 

@@ -6,10 +6,12 @@
 // peers have mapped it, so nothing is left in /dev/shm once a group is up, even if a rank is killed.
 #pragma once
 
+#include <memory>
 #include <string>
 #include <vector>
 
 #include "moedist/group.h"
+#include "transport/window/heap.h"
 #include "transport/window/window_engine.h"
 
 namespace moedist::transport {
@@ -22,6 +24,7 @@ class ShmTransport : public WindowEngine {
   int ranks_per_server() const override { return ranks_per_server_; }
   bool recv_anywhere() const override { return false; }
   void* scratch(int slot, size_t bytes) override;
+  std::shared_ptr<unsigned char> alloc(size_t bytes) override;
 
  protected:
   void* ctrl_base(int rank) override;
@@ -43,8 +46,15 @@ class ShmTransport : public WindowEngine {
   size_t header_bytes_;
   std::vector<Mapping> maps_;
   std::vector<int> pids_;
+  // This rank's own mapping and the heap over its window; outputs carved from it keep it alive.
+  struct Own {
+    void* base = nullptr;
+    size_t bytes = 0;
+    std::unique_ptr<OffsetHeap> heap;
+    ~Own();
+  };
+  std::shared_ptr<Own> own_;
   std::vector<size_t> slot_off_, slot_bytes_;
-  size_t bump_ = 0;
 };
 
 }  // namespace moedist::transport

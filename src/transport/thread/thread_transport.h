@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "moedist/group.h"
+#include "transport/window/heap.h"
 #include "transport/window/window_engine.h"
 
 namespace moedist::transport {
@@ -19,6 +20,7 @@ class ThreadTransport : public WindowEngine {
   int ranks_per_server() const override { return ranks_per_server_; }
   bool recv_anywhere() const override { return true; }
   void* scratch(int slot, size_t bytes) override;
+  std::shared_ptr<unsigned char> alloc(size_t bytes) override { return pooled_host_alloc(bytes); }
 
  protected:
   void* ctrl_base(int rank) override;

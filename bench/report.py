@@ -1,0 +1,60 @@
+#!/usr/bin/env python3
+"""Turns `moedist bench` results (bench.json) into a markdown table and a latency plot."""
+import json
+import sys
+from pathlib import Path
+
+
+def main() -> int:
+    rows = json.loads(Path(sys.argv[1]).read_text())
+    out = Path(sys.argv[2])
+    lines = [
+        "| ranks | tokens | H | K | experts | quant | moedist dispatch us | moedist combine us | moedist round us (p10-p90) "
+        "| MPI round us | speedup | moedist algbw GB/s | memcpy GB/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        m, b = r["moedist"], r["mpi_alltoallv"]
+        lines.append(
+            f"| {r['ranks']} | {r['tokens']} | {r['hidden']} | {r['topk']} | {r['experts']} | {r['quant_mode']} "
+            f"| {m['dispatch_us']['median']:.1f} | {m['combine_us']['median']:.1f} "
+            f"| {m['round_us']['median']:.1f} ({m['round_us']['p10']:.0f}-{m['round_us']['p90']:.0f}) "
+            f"| {b['round_us']['median']:.1f} | {r['speedup_round']:.2f}x | {m['algbw_GBps']:.2f} | {r['memcpy_GBps']:.1f} |"
+        )
+    table = "\n".join(lines) + "\n"
+    (out / "bench.md").write_text(table)
+    print(table)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(no matplotlib: plot skipped; pip install matplotlib)", file=sys.stderr)
+        return 0
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["ranks"], r["hidden"], r["experts"], r["quant_mode"]), []).append(r)
+    fig, ax = plt.subplots(figsize=(9, 6))
+    for (ranks, hidden, experts, quant), rs in sorted(groups.items()):
+        rs.sort(key=lambda r: r["tokens"])
+        x = [r["tokens"] for r in rs]
+        label = f"W={ranks} H={hidden} E={experts} q={quant}"
+        line = ax.plot(x, [r["moedist"]["round_us"]["median"] for r in rs], marker="o", label="moedist " + label)[0]
+        ax.plot(x, [r["mpi_alltoallv"]["round_us"]["median"] for r in rs], marker="x", linestyle="--",
+                color=line.get_color(), label="MPI_Alltoallv " + label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("tokens per rank")
+    ax.set_ylabel("dispatch + combine round, median us")
+    ax.set_title("moedist (shared memory) vs MPI_Alltoallv pipeline")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / "latency.png", dpi=110)
+    print(f"plot: {out / 'latency.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

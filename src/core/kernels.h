@@ -1,0 +1,46 @@
+// Row kernels of the hot paths, written so the compiler vectorizes them. Each output element is the
+// spec's rounding sequence: the product rounded to fp32, then the sum rounded to fp32 (no FMA: the
+// library is built with -ffp-contract=off), so vector and scalar code give the same bits.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "core/half.h"
+
+namespace moedist::core {
+
+// acc[h] += float(y[h]) * w
+inline void axpy_bf16(float* __restrict acc, const uint16_t* __restrict y, float w, int64_t n) {
+  for (int64_t h = 0; h < n; ++h) {
+    const uint32_t bits = static_cast<uint32_t>(y[h]) << 16;
+    float v;
+    std::memcpy(&v, &bits, 4);
+    const float prod = v * w;
+    acc[h] = acc[h] + prod;
+  }
+}
+// acc[h] += float(y[h])
+inline void add_bf16(float* __restrict acc, const uint16_t* __restrict y, int64_t n) {
+  for (int64_t h = 0; h < n; ++h) {
+    const uint32_t bits = static_cast<uint32_t>(y[h]) << 16;
+    float v;
+    std::memcpy(&v, &bits, 4);
+    acc[h] = acc[h] + v;
+  }
+}
+inline void axpy_fp16(float* __restrict acc, const uint16_t* __restrict y, float w, int64_t n) {
+  for (int64_t h = 0; h < n; ++h) {
+    const float prod = fp16_to_float(y[h]) * w;
+    acc[h] = acc[h] + prod;
+  }
+}
+inline void add_fp16(float* __restrict acc, const uint16_t* __restrict y, int64_t n) {
+  for (int64_t h = 0; h < n; ++h) acc[h] = acc[h] + fp16_to_float(y[h]);
+}
+// out[h] = round_to_nearest_even(acc[h]) as bf16
+inline void store_bf16(uint16_t* __restrict out, const float* __restrict acc, int64_t n) {
+  for (int64_t h = 0; h < n; ++h) out[h] = float_to_bf16(acc[h]);
+}
+
+}  // namespace moedist::core

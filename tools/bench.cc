@@ -1,0 +1,437 @@
+// moedist bench. The orchestrator (`moedist bench ...`) runs, for each rank count of the sweep,
+// `mpirun -np W moedist bench-worker ...`; every worker rank runs moedist over shared memory and the
+// MPI_Alltoallv baseline on the same inputs, with a barrier before each timed iteration; rank 0 prints
+// one JSON object per configuration. The orchestrator prints the table, writes JSON and the plot.
+//
+// Bytes per rank and round (the algorithmic bandwidth's numerator): each token row is sent to K
+// experts and comes back once per expert:
+//   dispatch: BS * K * (H * e + s), combine: BS * K * H * 2, with e = 1 and s = 4 for quant_mode 2
+//   (int8 + scale), e = 2 and s = 0 otherwise.
+#include "bench.h"
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "moedist/moedist.h"
+
+#ifdef MOEDIST_HAVE_MPI
+#define OMPI_SKIP_MPICXX 1  // the C API only
+#define MPICH_SKIP_MPICXX 1
+#include <mpi.h>
+
+#include "core/half.h"
+#include "core/quant.h"
+#endif
+
+namespace {
+
+std::vector<int> parse_list(const std::string& s) {
+  std::vector<int> v;
+  std::stringstream ss(s);
+  std::string item;
+  while (std::getline(ss, item, ','))
+    if (!item.empty()) v.push_back(std::atoi(item.c_str()));
+  return v;
+}
+
+std::string join(const std::vector<int>& v) {
+  std::string s;
+  for (size_t i = 0; i < v.size(); ++i) s += (i ? "," : "") + std::to_string(v[i]);
+  return s;
+}
+
+struct Sweep {
+  std::vector<int> ranks = {2, 4, 8};
+  std::vector<int> tokens = {1, 8, 32, 128, 512};
+  std::vector<int> hidden = {7168};
+  std::vector<int> experts = {16, 64};
+  std::vector<int> quant = {0, 2};
+  int topk = 8;
+  int iters = 30;
+  int warmup = 5;
+  std::string out = "bench-results";
+};
+
+int bench_usage() {
+  std::fprintf(stderr,
+               "usage: moedist bench [--ranks 2,4,8] [--tokens 1,8,32,128,512] [--hidden 7168] [--experts 16,64]\n"
+               "                     [--quant 0,2] [--topk 8] [--iters 30] [--warmup 5] [--out DIR] [--quick]\n"
+               "  Runs each configuration under mpirun on this host: moedist (shared memory) and the\n"
+               "  MPI_Alltoallv pipeline baseline side by side, plus memcpy bandwidth. Writes DIR/bench.json,\n"
+               "  DIR/bench.md and DIR/latency.png (the plot needs python3 with matplotlib).\n");
+  return 2;
+}
+
+bool parse_sweep(int argc, char** argv, Sweep& s) {
+  for (int i = 0; i < argc; ++i) {
+    const std::string a = argv[i];
+    auto next = [&]() -> std::string { return i + 1 < argc ? argv[++i] : ""; };
+    if (a == "--ranks") s.ranks = parse_list(next());
+    else if (a == "--tokens") s.tokens = parse_list(next());
+    else if (a == "--hidden") s.hidden = parse_list(next());
+    else if (a == "--experts") s.experts = parse_list(next());
+    else if (a == "--quant") s.quant = parse_list(next());
+    else if (a == "--topk") s.topk = std::atoi(next().c_str());
+    else if (a == "--iters") s.iters = std::atoi(next().c_str());
+    else if (a == "--warmup") s.warmup = std::atoi(next().c_str());
+    else if (a == "--out") s.out = next();
+    else if (a == "--quick") {
+      s.ranks = {2, 3};
+      s.tokens = {1, 8};
+      s.hidden = {256};
+      s.experts = {6};
+      s.quant = {0, 2};
+      s.topk = 2;
+      s.iters = 3;
+      s.warmup = 1;
+    } else {
+      std::fprintf(stderr, "moedist bench: unknown option %s\n", a.c_str());
+      return false;
+    }
+  }
+  for (int q : s.quant)
+    if (q != 0 && q != 2) {
+      std::fprintf(stderr, "moedist bench: --quant takes 0 and/or 2, got %d\n", q);
+      return false;
+    }
+  if (s.iters < 1 || s.warmup < 0 || s.topk < 1 || s.ranks.empty() || s.tokens.empty() || s.hidden.empty() || s.experts.empty()) {
+    std::fprintf(stderr, "moedist bench: empty sweep or bad --iters/--warmup/--topk\n");
+    return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+#ifndef MOEDIST_HAVE_MPI
+int bench_main(int, char**, const char*) {
+  std::fprintf(stderr, "moedist bench: this build has no MPI (install libopenmpi-dev openmpi-bin and rebuild)\n");
+  return 2;
+}
+int bench_worker_main(int, char**) { return bench_main(0, nullptr, nullptr); }
+#else
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+struct Stats {
+  double median = 0, p10 = 0, p90 = 0;
+};
+Stats stats_of(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  auto q = [&](double f) { return v[static_cast<size_t>(std::min<double>(static_cast<double>(v.size() - 1), f * static_cast<double>(v.size() - 1) + 0.5))]; };
+  return {q(0.5), q(0.1), q(0.9)};
+}
+
+// Per-iteration times, the maximum over ranks (the round ends when the slowest rank is done).
+std::vector<double> max_over_ranks(const std::vector<double>& mine) {
+  std::vector<double> out(mine.size());
+  MPI_Allreduce(mine.data(), out.data(), static_cast<int>(mine.size()), MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
+  return out;
+}
+
+struct Inputs {
+  int W, rank, BS, H, K, E, quant;
+  std::vector<uint16_t> x;
+  std::vector<int32_t> ids;
+  std::vector<float> w;
+};
+
+Inputs make_inputs(int W, int rank, int BS, int H, int K, int E, int quant) {
+  Inputs in{W, rank, BS, H, K, E, quant, {}, {}, {}};
+  std::mt19937 rng(static_cast<unsigned>(1000 + rank * 7 + BS * 13 + E));
+  std::normal_distribution<float> nd(0.f, 1.f);
+  in.x.resize(static_cast<size_t>(BS) * H);
+  for (auto& v : in.x) v = moedist::core::float_to_bf16(nd(rng));
+  std::vector<int> pool(static_cast<size_t>(E));
+  for (int t = 0; t < BS; ++t) {
+    for (int g = 0; g < E; ++g) pool[static_cast<size_t>(g)] = g;
+    for (int k = 0; k < K; ++k) {
+      std::uniform_int_distribution<int> pick(k, E - 1);
+      std::swap(pool[static_cast<size_t>(k)], pool[static_cast<size_t>(pick(rng))]);
+      in.ids.push_back(pool[static_cast<size_t>(k)]);
+      in.w.push_back(1.0f / static_cast<float>(K));
+    }
+  }
+  return in;
+}
+
+struct Timing {
+  std::vector<double> dispatch, combine, round;
+};
+
+Timing run_moedist(const Inputs& in, int warmup, int iters) {
+  using namespace moedist;
+  DispatchArgs d;
+  d.x = TensorView(in.x.data(), DType::kBFloat16, {in.BS, in.H});
+  d.expert_ids = TensorView(in.ids.data(), DType::kInt32, {in.BS, in.K});
+  d.group_ep = "bench";
+  d.ep_world_size = in.W;
+  d.ep_rank_id = in.rank;
+  d.moe_expert_num = in.E;
+  d.quant_mode = in.quant;
+  DispatchResult r = dispatch_v2(d);
+  // The experts' output stands in as a fixed bf16 buffer of the dispatched rows.
+  Tensor expert_out(DType::kBFloat16, {r.expand_x.size(0), in.H});
+  CombineArgs c;
+  c.expand_x = expert_out;
+  c.expert_ids = d.expert_ids;
+  c.expert_scales = TensorView(in.w.data(), DType::kFloat32, {in.BS, in.K});
+  c.group_ep = "bench";
+  c.ep_world_size = in.W;
+  c.ep_rank_id = in.rank;
+  c.moe_expert_num = in.E;
+  Timing t;
+  for (int it = 0; it < warmup + iters; ++it) {
+    MPI_Barrier(MPI_COMM_WORLD);
+    const auto t0 = Clock::now();
+    r = dispatch_v2(d);
+    const double td = seconds_since(t0);
+    c.assist_info_for_combine = r.assist_info_for_combine;
+    c.ep_send_counts = r.ep_recv_counts;
+    const auto t1 = Clock::now();
+    Tensor out = combine_v2(c);
+    const double tc = seconds_since(t1);
+    if (it >= warmup) {
+      t.dispatch.push_back(td);
+      t.combine.push_back(tc);
+      t.round.push_back(td + tc);
+    }
+  }
+  return t;
+}
+
+// The pipeline a user would write with MPI: permute rows by destination, exchange counts, Alltoallv,
+// regroup by local expert; back: permute to arrival order, Alltoallv, weighted sum. Buffers are
+// allocated once; rows carry their local expert (and scale) in a small header.
+Timing run_baseline(const Inputs& in, int warmup, int iters) {
+  const int W = in.W, BS = in.BS, H = in.H, K = in.K, L = in.E / W;
+  const bool q = in.quant == 2;
+  const size_t payload = static_cast<size_t>(H) * (q ? 1 : 2);
+  const size_t rec = 8 + payload;  // [int32 local expert | float scale | row]
+  const size_t ret = static_cast<size_t>(H) * 2;
+  const size_t n_send = static_cast<size_t>(BS) * K;
+  std::vector<int> scount(W), sdispl(W), rcount(W), rdispl(W), cnt_rows(W), rcnt_rows(W);
+  std::vector<unsigned char> sendbuf(n_send * rec), recvbuf, expand, expert_out, backsend, backrecv(n_send * ret);
+  std::vector<size_t> order(n_send);  // send position -> (t*K + k)
+  std::vector<size_t> where;          // received row -> its row in the expert-major buffer
+  std::vector<uint16_t> out(static_cast<size_t>(BS) * H);
+  std::vector<float> acc(static_cast<size_t>(H));
+  Timing t;
+  for (int it = 0; it < warmup + iters; ++it) {
+    MPI_Barrier(MPI_COMM_WORLD);
+    const auto t0 = Clock::now();
+    // dispatch: permute by destination rank
+    std::fill(cnt_rows.begin(), cnt_rows.end(), 0);
+    for (size_t i = 0; i < n_send; ++i) ++cnt_rows[static_cast<size_t>(in.ids[i] / L)];
+    std::vector<int> pos(W, 0);
+    for (int p = 1; p < W; ++p) pos[static_cast<size_t>(p)] = pos[static_cast<size_t>(p - 1)] + cnt_rows[static_cast<size_t>(p - 1)];
+    for (size_t i = 0; i < n_send; ++i) {
+      const int g = in.ids[i];
+      const size_t at = static_cast<size_t>(pos[static_cast<size_t>(g / L)]++);
+      order[at] = i;
+      unsigned char* r = sendbuf.data() + at * rec;
+      const int32_t e = g % L;
+      std::memcpy(r, &e, 4);
+      const uint16_t* xr = in.x.data() + (i / static_cast<size_t>(K)) * static_cast<size_t>(H);
+      float scale = 0.f;
+      if (q)
+        moedist::core::dynamic_quant_row(moedist::DType::kBFloat16, xr, nullptr, H, reinterpret_cast<int8_t*>(r + 8), &scale);
+      else
+        std::memcpy(r + 8, xr, payload);
+      std::memcpy(r + 4, &scale, 4);
+    }
+    MPI_Alltoall(cnt_rows.data(), 1, MPI_INT, rcnt_rows.data(), 1, MPI_INT, MPI_COMM_WORLD);
+    int total = 0;
+    for (int p = 0; p < W; ++p) {
+      scount[static_cast<size_t>(p)] = cnt_rows[static_cast<size_t>(p)] * static_cast<int>(rec);
+      rcount[static_cast<size_t>(p)] = rcnt_rows[static_cast<size_t>(p)] * static_cast<int>(rec);
+      sdispl[static_cast<size_t>(p)] = p ? sdispl[static_cast<size_t>(p - 1)] + scount[static_cast<size_t>(p - 1)] : 0;
+      rdispl[static_cast<size_t>(p)] = p ? rdispl[static_cast<size_t>(p - 1)] + rcount[static_cast<size_t>(p - 1)] : 0;
+      total += rcnt_rows[static_cast<size_t>(p)];
+    }
+    recvbuf.resize(static_cast<size_t>(total) * rec);
+    MPI_Alltoallv(sendbuf.data(), scount.data(), sdispl.data(), MPI_BYTE, recvbuf.data(), rcount.data(), rdispl.data(), MPI_BYTE,
+                  MPI_COMM_WORLD);
+    // regroup by local expert (stable: source rank, then token order)
+    std::vector<int> per(static_cast<size_t>(L) + 1, 0);
+    for (int i = 0; i < total; ++i) {
+      int32_t e;
+      std::memcpy(&e, recvbuf.data() + static_cast<size_t>(i) * rec, 4);
+      ++per[static_cast<size_t>(e) + 1];
+    }
+    for (int e = 0; e < L; ++e) per[static_cast<size_t>(e) + 1] += per[static_cast<size_t>(e)];
+    expand.resize(static_cast<size_t>(total) * (payload + 4));
+    where.resize(static_cast<size_t>(total));
+    for (int i = 0; i < total; ++i) {
+      const unsigned char* r = recvbuf.data() + static_cast<size_t>(i) * rec;
+      int32_t e;
+      std::memcpy(&e, r, 4);
+      const size_t at = static_cast<size_t>(per[static_cast<size_t>(e)]++);
+      where[static_cast<size_t>(i)] = at;
+      std::memcpy(expand.data() + at * payload, r + 8, payload);
+    }
+    const double td = seconds_since(t0);
+
+    // combine: the experts' output (a fixed bf16 buffer), back in arrival order, Alltoallv, weighted sum
+    expert_out.resize(static_cast<size_t>(total) * ret);
+    const auto t1 = Clock::now();
+    backsend.resize(static_cast<size_t>(total) * ret);
+    for (int i = 0; i < total; ++i)
+      std::memcpy(backsend.data() + static_cast<size_t>(i) * ret, expert_out.data() + where[static_cast<size_t>(i)] * ret, ret);
+    for (int p = 0; p < W; ++p) {
+      scount[static_cast<size_t>(p)] = rcnt_rows[static_cast<size_t>(p)] * static_cast<int>(ret);
+      rcount[static_cast<size_t>(p)] = cnt_rows[static_cast<size_t>(p)] * static_cast<int>(ret);
+      sdispl[static_cast<size_t>(p)] = p ? sdispl[static_cast<size_t>(p - 1)] + scount[static_cast<size_t>(p - 1)] : 0;
+      rdispl[static_cast<size_t>(p)] = p ? rdispl[static_cast<size_t>(p - 1)] + rcount[static_cast<size_t>(p - 1)] : 0;
+    }
+    MPI_Alltoallv(backsend.data(), scount.data(), sdispl.data(), MPI_BYTE, backrecv.data(), rcount.data(), rdispl.data(), MPI_BYTE,
+                  MPI_COMM_WORLD);
+    // position of (t, k) in backrecv: the inverse of `order`
+    std::vector<size_t> slot_of(n_send);
+    for (size_t at = 0; at < n_send; ++at) slot_of[order[at]] = at;
+    for (int tk = 0; tk < BS; ++tk) {
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int k = 0; k < K; ++k) {
+        const size_t i = static_cast<size_t>(tk) * K + static_cast<size_t>(k);
+        const uint16_t* y = reinterpret_cast<const uint16_t*>(backrecv.data() + slot_of[i] * ret);
+        const float w = in.w[i];
+        for (int h = 0; h < H; ++h) acc[static_cast<size_t>(h)] += moedist::core::bf16_to_float(y[h]) * w;
+      }
+      for (int h = 0; h < H; ++h) out[static_cast<size_t>(tk) * H + static_cast<size_t>(h)] = moedist::core::float_to_bf16(acc[static_cast<size_t>(h)]);
+    }
+    const double tc = seconds_since(t1);
+    if (it >= warmup) {
+      t.dispatch.push_back(td);
+      t.combine.push_back(tc);
+      t.round.push_back(td + tc);
+    }
+  }
+  return t;
+}
+
+double memcpy_gbps() {
+  const size_t n = size_t{256} << 20;
+  std::vector<unsigned char> a(n, 1), b(n, 0);
+  double best = 1e30;
+  for (int i = 0; i < 5; ++i) {
+    const auto t0 = Clock::now();
+    std::memcpy(b.data(), a.data(), n);
+    best = std::min(best, seconds_since(t0));
+  }
+  volatile unsigned char sink = b[n / 2];
+  (void)sink;
+  return static_cast<double>(n) / best / 1e9;
+}
+
+std::string json_stats(const char* name, const std::vector<double>& v) {
+  const Stats s = stats_of(v);
+  char buf[256];
+  std::snprintf(buf, sizeof(buf), "\"%s_us\":{\"median\":%.2f,\"p10\":%.2f,\"p90\":%.2f}", name, s.median * 1e6, s.p10 * 1e6, s.p90 * 1e6);
+  return buf;
+}
+
+}  // namespace
+
+int bench_worker_main(int argc, char** argv) {
+  Sweep s;
+  if (!parse_sweep(argc, argv, s)) return 2;
+  MPI_Init(nullptr, nullptr);
+  int W, rank;
+  MPI_Comm_size(MPI_COMM_WORLD, &W);
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  int rc = 0;
+  try {
+    moedist::register_group("bench", {moedist::make_shm_group("bench", W, rank)});
+    const double mem = rank == 0 ? memcpy_gbps() : 0.0;
+    for (int H : s.hidden)
+      for (int E : s.experts)
+        for (int q : s.quant)
+          for (int BS : s.tokens) {
+            if (E % W != 0 || s.topk > E) continue;
+            const Inputs in = make_inputs(W, rank, BS, H, s.topk, E, q);
+            const Timing m = run_moedist(in, s.warmup, s.iters);
+            const Timing b = run_baseline(in, s.warmup, s.iters);
+            const auto md = max_over_ranks(m.dispatch), mc = max_over_ranks(m.combine), mr = max_over_ranks(m.round);
+            const auto bd = max_over_ranks(b.dispatch), bc = max_over_ranks(b.combine), br = max_over_ranks(b.round);
+            if (rank == 0) {
+              const double bytes = static_cast<double>(BS) * s.topk * (H * (q ? 1.0 : 2.0) + (q ? 4.0 : 0.0) + H * 2.0);
+              const double algbw = bytes / stats_of(mr).median / 1e9;
+              std::printf("{\"ranks\":%d,\"tokens\":%d,\"hidden\":%d,\"topk\":%d,\"experts\":%d,\"quant_mode\":%d,"
+                          "\"moedist\":{%s,%s,%s,\"algbw_GBps\":%.3f},\"mpi_alltoallv\":{%s,%s,%s},"
+                          "\"speedup_round\":%.3f,\"memcpy_GBps\":%.2f}\n",
+                          W, BS, H, s.topk, E, q, json_stats("dispatch", md).c_str(), json_stats("combine", mc).c_str(),
+                          json_stats("round", mr).c_str(), algbw, json_stats("dispatch", bd).c_str(), json_stats("combine", bc).c_str(),
+                          json_stats("round", br).c_str(), stats_of(br).median / stats_of(mr).median, mem);
+              std::fflush(stdout);
+            }
+          }
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "moedist bench-worker rank %d: %s\n", rank, e.what());
+    rc = 1;
+    MPI_Abort(MPI_COMM_WORLD, 1);
+  }
+  MPI_Finalize();
+  return rc;
+}
+
+int bench_main(int argc, char** argv, const char* argv0) {
+  // mpirun needs this program's real path.
+  char exe[4096];
+  const ssize_t n = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
+  std::string self_path = argv0 ? argv0 : "moedist";
+  if (n > 0) self_path.assign(exe, static_cast<size_t>(n));
+  const char* self = self_path.c_str();
+  Sweep s;
+  if (argc > 0 && (std::string(argv[0]) == "--help" || std::string(argv[0]) == "-h")) {
+    bench_usage();
+    return 0;
+  }
+  if (!parse_sweep(argc, argv, s)) return bench_usage();
+  std::string cmd_common = " --tokens " + join(s.tokens) + " --hidden " + join(s.hidden) + " --experts " + join(s.experts) +
+                           " --quant " + join(s.quant) + " --topk " + std::to_string(s.topk) + " --iters " + std::to_string(s.iters) +
+                           " --warmup " + std::to_string(s.warmup);
+  if (std::system(("mkdir -p '" + s.out + "'").c_str()) != 0) {
+    std::fprintf(stderr, "moedist bench: cannot create %s\n", s.out.c_str());
+    return 1;
+  }
+  std::vector<std::string> rows;
+  for (int W : s.ranks) {
+    const std::string cmd = "mpirun --allow-run-as-root --oversubscribe --bind-to none -np " + std::to_string(W) + " '" + self +
+                            "' bench-worker" + cmd_common;
+    std::fprintf(stderr, "moedist bench: %s\n", cmd.c_str());
+    FILE* p = popen(cmd.c_str(), "r");
+    if (!p) return 1;
+    char line[4096];
+    while (std::fgets(line, sizeof(line), p))
+      if (line[0] == '{') rows.emplace_back(line);
+    if (pclose(p) != 0) {
+      std::fprintf(stderr, "moedist bench: the run with %d ranks failed\n", W);
+      return 1;
+    }
+  }
+  // JSON array, markdown table and plot (python3 + matplotlib, optional).
+  std::ofstream js(s.out + "/bench.json");
+  js << "[\n";
+  for (size_t i = 0; i < rows.size(); ++i) js << "  " << rows[i].substr(0, rows[i].find_last_not_of("\n") + 1) << (i + 1 < rows.size() ? ",\n" : "\n");
+  js << "]\n";
+  js.close();
+  const std::string table_cmd = "python3 '" + std::string(MOEDIST_SOURCE_DIR) + "/bench/report.py' '" + s.out + "/bench.json' '" + s.out + "'";
+  const int rc = std::system(table_cmd.c_str());
+  if (rc != 0) std::fprintf(stderr, "moedist bench: report.py failed; raw results are in %s/bench.json\n", s.out.c_str());
+  return 0;
+}
+#endif

@@ -1,0 +1,167 @@
+// moedist launch: starts N local ranks of a program, each with MOEDIST_RANK / MOEDIST_WORLD_SIZE /
+// MOEDIST_LOCAL_RANK / MOEDIST_JOB_ID set (what moedist::launch_env() reads). If a rank fails, the
+// others are stopped; when all have ended, shared-memory segments of the job are removed, also those a
+// rank killed during group setup left behind.
+#include "launch.h"
+
+#include <dirent.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <csignal>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace {
+
+volatile sig_atomic_t g_signal = 0;
+void on_signal(int sig) { g_signal = sig; }
+
+int usage() {
+  std::fprintf(stderr,
+               "usage: moedist launch -n N [--timeout SECONDS] [--] PROGRAM [ARGS...]\n"
+               "  Starts N ranks of PROGRAM on this host (processes; moedist groups use shared memory).\n"
+               "  Each rank gets MOEDIST_RANK, MOEDIST_WORLD_SIZE, MOEDIST_LOCAL_RANK, MOEDIST_JOB_ID.\n"
+               "  A rank that fails stops the others; the exit code is the first failure's.\n");
+  return 2;
+}
+
+void remove_segments(const std::string& job) {
+  const std::string prefix = "moedist-" + job + "-";
+  if (DIR* dir = opendir("/dev/shm")) {
+    std::vector<std::string> names;
+    while (dirent* e = readdir(dir))
+      if (std::strncmp(e->d_name, prefix.c_str(), prefix.size()) == 0) names.push_back(e->d_name);
+    closedir(dir);
+    for (const auto& n : names) shm_unlink(("/" + n).c_str());
+  }
+}
+
+}  // namespace
+
+int launch_main(int argc, char** argv) {
+  int n = 0;
+  double timeout_s = 0;
+  int i = 0;
+  for (; i < argc; ++i) {
+    const std::string a = argv[i];
+    if ((a == "-n" || a == "--np" || a == "--nproc") && i + 1 < argc) {
+      n = std::atoi(argv[++i]);
+    } else if (a == "--timeout" && i + 1 < argc) {
+      timeout_s = std::atof(argv[++i]);
+    } else if (a == "--") {
+      ++i;
+      break;
+    } else if (a == "-h" || a == "--help") {
+      usage();
+      return 0;
+    } else if (!a.empty() && a[0] == '-') {
+      std::fprintf(stderr, "moedist launch: unknown option %s\n", a.c_str());
+      return usage();
+    } else {
+      break;
+    }
+  }
+  if (n < 1) {
+    std::fprintf(stderr, "moedist launch: -n N is required (N >= 1), got %d\n", n);
+    return usage();
+  }
+  if (i >= argc) {
+    std::fprintf(stderr, "moedist launch: no program given\n");
+    return usage();
+  }
+  const std::string job = "L" + std::to_string(getpid()) + "_" +
+                          std::to_string(std::chrono::steady_clock::now().time_since_epoch().count() % 1000000007);
+  std::signal(SIGINT, on_signal);
+  std::signal(SIGTERM, on_signal);
+  const pid_t launcher = getpid();
+  std::vector<pid_t> pids(static_cast<size_t>(n), -1);
+  for (int r = 0; r < n; ++r) {
+    std::fflush(nullptr);
+    const pid_t pid = fork();
+    if (pid < 0) {
+      std::perror("moedist launch: fork");
+      for (pid_t p : pids)
+        if (p > 0) kill(p, SIGKILL);
+      return 1;
+    }
+    if (pid == 0) {
+      prctl(PR_SET_PDEATHSIG, SIGKILL);  // ranks do not outlive the launcher
+      if (getppid() != launcher) _exit(1);
+      setenv("MOEDIST_RANK", std::to_string(r).c_str(), 1);
+      setenv("MOEDIST_WORLD_SIZE", std::to_string(n).c_str(), 1);
+      setenv("MOEDIST_LOCAL_RANK", std::to_string(r).c_str(), 1);
+      setenv("MOEDIST_LOCAL_WORLD_SIZE", std::to_string(n).c_str(), 1);
+      setenv("MOEDIST_JOB_ID", job.c_str(), 1);
+      execvp(argv[i], argv + i);
+      std::fprintf(stderr, "moedist launch: cannot run %s: %s\n", argv[i], std::strerror(errno));
+      _exit(127);
+    }
+    pids[static_cast<size_t>(r)] = pid;
+  }
+
+  int first_failure = 0, running = n;
+  const auto start = std::chrono::steady_clock::now();
+  bool stopping = false;
+  auto stop_all = [&](int sig) {
+    for (pid_t p : pids)
+      if (p > 0) kill(p, sig);
+  };
+  auto stop_since = start;
+  while (running > 0) {
+    int status = 0;
+    const pid_t pid = waitpid(-1, &status, WNOHANG);
+    if (pid > 0) {
+      int r = 0;
+      while (r < n && pids[static_cast<size_t>(r)] != pid) ++r;
+      if (r == n) continue;
+      pids[static_cast<size_t>(r)] = -1;
+      --running;
+      int code = 0;
+      if (WIFEXITED(status)) code = WEXITSTATUS(status);
+      if (WIFSIGNALED(status)) code = 128 + WTERMSIG(status);
+      if (code != 0 && first_failure == 0) {
+        first_failure = code;
+        if (WIFSIGNALED(status))
+          std::fprintf(stderr, "moedist launch: rank %d was killed by signal %d; stopping the others\n", r, WTERMSIG(status));
+        else
+          std::fprintf(stderr, "moedist launch: rank %d exited with code %d; stopping the others\n", r, code);
+      }
+      if (code != 0 && !stopping && running > 0) {
+        // Give the others a moment to report the failed peer themselves, then stop them.
+        stopping = true;
+        stop_since = std::chrono::steady_clock::now();
+      }
+      continue;
+    }
+    const auto now = std::chrono::steady_clock::now();
+    if (g_signal && !stopping) {
+      std::fprintf(stderr, "moedist launch: signal %d; stopping the ranks\n", static_cast<int>(g_signal));
+      stop_all(SIGTERM);
+      stopping = true;
+      stop_since = now;
+      if (first_failure == 0) first_failure = 128 + g_signal;
+    }
+    if (timeout_s > 0 && !stopping && now - start > std::chrono::duration<double>(timeout_s)) {
+      std::fprintf(stderr, "moedist launch: timeout of %.0f s reached; stopping the ranks\n", timeout_s);
+      stop_all(SIGTERM);
+      stopping = true;
+      stop_since = now;
+      first_failure = 124;
+    }
+    if (stopping && now - stop_since > std::chrono::seconds(5)) stop_all(SIGKILL);
+    else if (stopping && now - stop_since > std::chrono::seconds(2)) stop_all(SIGTERM);
+    std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+  remove_segments(job);
+  return first_failure;
+}
