@@ -1,0 +1,1054 @@
+// `moedist demo`: one whole MoE layer (router, dispatch_v2, SwiGLU experts, combine_v2) on ranks that
+// are threads of this process, checked two ways:
+//   1. numerically, against the same layer computed densely in one process in fp32 (every token times
+//      every expert it picked, no communication at all);
+//   2. bit for bit, against moedist::reference run on the very arguments the ranks passed.
+// Every model parameter comes from a seeded generator stream keyed by (seed, what, id), so the
+// dense computation can regenerate any expert's weights without talking to the rank that hosts it.
+#include "demo.h"
+
+#include <algorithm>
+#include <charconv>
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <exception>
+#include <iostream>
+#include <mutex>
+#include <numeric>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "moedist/moedist.h"
+
+namespace moedist::tools {
+namespace {
+
+// ---------------------------------------------------------------------------------------------------
+// Options
+
+struct DemoOptions {
+  int ranks = 4;          // EP world size W; with --tp 2 there are 2*W threads
+  int tokens = 64;        // BS per rank
+  int hidden = 1024;      // H
+  int topk = 4;           // K
+  int experts = 16;       // E = moe_expert_num
+  int ffn = 64;           // F, the experts' intermediate size
+  DType dtype = DType::kBFloat16;
+  int quant = 0;          // dispatch quant_mode (0 or 2)
+  int comm_quant = 0;     // combine comm_quant_mode (0 or 2)
+  int shared_ranks = 0;   // shared_expert_rank_num; they host one shared expert
+  int tp = 0;             // tp_world_size (0 or 2)
+  int zero = 0;           // zero_expert_num
+  int copy = 0;           // copy_expert_num
+  int constant = 0;       // const_expert_num
+  int elastic = 0;        // ranks removed by elastic scale-down (the highest ones)
+  bool mask = false;      // 1-D x_active_mask with the last BS/4 tokens inactive
+  uint64_t seed = 1;
+  int timeout_ms = 20000;
+};
+
+class UsageError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+template <typename... Args>
+std::string cat(const Args&... args) {
+  std::ostringstream os;
+  (os << ... << args);
+  return os.str();
+}
+
+struct IntOption {
+  const char* name;
+  int DemoOptions::*field;
+  int min;
+  int max;
+};
+
+constexpr IntOption kIntOptions[] = {
+    {"--ranks", &DemoOptions::ranks, 1, 256},
+    {"--tokens", &DemoOptions::tokens, 0, 4096},
+    {"--hidden", &DemoOptions::hidden, 1, 16384},
+    {"--topk", &DemoOptions::topk, 1, 64},
+    {"--experts", &DemoOptions::experts, 1, 4096},
+    {"--ffn", &DemoOptions::ffn, 1, 16384},
+    {"--quant", &DemoOptions::quant, 0, 2},
+    {"--comm-quant", &DemoOptions::comm_quant, 0, 2},
+    {"--shared-ranks", &DemoOptions::shared_ranks, 0, 255},
+    {"--tp", &DemoOptions::tp, 0, 2},
+    {"--zero", &DemoOptions::zero, 0, 64},
+    {"--copy", &DemoOptions::copy, 0, 64},
+    {"--const", &DemoOptions::constant, 0, 64},
+    {"--elastic", &DemoOptions::elastic, 0, 255},
+    {"--timeout-ms", &DemoOptions::timeout_ms, 1, 3600 * 1000},
+};
+
+template <typename T>
+T parse_number(const std::string& option, const std::string& text, T min, T max) {
+  T value{};
+  const char* end = text.data() + text.size();
+  const auto [ptr, ec] = std::from_chars(text.data(), end, value);
+  if (text.empty() || ec != std::errc() || ptr != end) throw UsageError(cat(option, " expects an integer, got '", text, "'"));
+  if (value < min || value > max) throw UsageError(cat(option, " ", value, " is out of range (must be in [", min, ", ", max, "])"));
+  return value;
+}
+
+// Cross-option rules: what the layer needs to make sense, so that a bad combination is a usage error
+// here rather than an InvalidArgument from inside the ops.
+void validate(const DemoOptions& o) {
+  auto require = [](bool ok, const std::string& message) {
+    if (!ok) throw UsageError(message);
+  };
+  require(o.quant != 1, "--quant 1: must be 0 or 2 (static quantization, quant_mode 1, is not supported)");
+  require(o.comm_quant != 1, "--comm-quant 1: must be 0 or 2");
+  require(o.tp != 1, "--tp 1: must be 0 (no TP) or 2");
+  require(o.shared_ranks < o.ranks, cat("--shared-ranks ", o.shared_ranks, " must be < --ranks ", o.ranks,
+                                        " (at least one rank must host routed experts)"));
+  const int moe_ranks = o.ranks - o.shared_ranks;
+  require(o.experts % moe_ranks == 0, cat("--experts ", o.experts, " must be a multiple of ranks - shared ranks = ", moe_ranks,
+                                          " (every MoE rank hosts the same number of experts)"));
+  if (o.tp == 2) {
+    require(o.experts == moe_ranks, cat("--tp 2 needs one expert per MoE rank: --experts must be ranks - shared ranks = ", moe_ranks));
+    require(o.ffn % 2 == 0, cat("--tp 2 splits the intermediate dims between the TP pair: --ffn ", o.ffn, " must be even"));
+    require(o.elastic == 0, "--elastic works only without TP (--tp 0)");
+    require(o.comm_quant == 0, "--comm-quant 2 works only without TP (--tp 0)");
+  }
+  require(o.elastic < moe_ranks, cat("--elastic ", o.elastic, " must leave at least one MoE rank (must be < ranks - shared ranks = ",
+                                     moe_ranks, ")"));
+  const int routed = o.experts / moe_ranks * (moe_ranks - o.elastic);
+  const int choices = routed + o.zero + o.copy + o.constant;
+  require(o.topk <= choices, cat("--topk ", o.topk, " exceeds the experts the router can choose from: ", routed, " routed",
+                                 o.elastic ? " (after scale-down)" : "", " + ", o.zero + o.copy + o.constant, " zero/copy/const = ", choices));
+}
+
+// Parses the arguments after "demo". Returns false when help was asked for.
+bool parse_options(const std::vector<std::string>& args, DemoOptions& o) {
+  for (size_t i = 0; i < args.size(); ++i) {
+    const std::string& arg = args[i];
+    if (arg == "--help" || arg == "-h") return false;
+    if (arg.rfind("--", 0) != 0) throw UsageError(cat("unexpected argument '", arg, "'"));
+    std::string name = arg, value;
+    bool has_value = false;
+    if (const size_t eq = arg.find('='); eq != std::string::npos) {
+      name = arg.substr(0, eq);
+      value = arg.substr(eq + 1);
+      has_value = true;
+    }
+    auto take_value = [&]() -> const std::string& {
+      if (!has_value) {
+        if (i + 1 >= args.size()) throw UsageError(cat(name, " needs a value"));
+        value = args[++i];
+      }
+      return value;
+    };
+    if (name == "--mask") {
+      if (has_value) throw UsageError("--mask takes no value");
+      o.mask = true;
+    } else if (name == "--dtype") {
+      const std::string& v = take_value();
+      if (v == "bf16" || v == "bfloat16")
+        o.dtype = DType::kBFloat16;
+      else if (v == "fp16" || v == "float16")
+        o.dtype = DType::kFloat16;
+      else
+        throw UsageError(cat("--dtype '", v, "' (must be bf16 or fp16)"));
+    } else if (name == "--seed") {
+      o.seed = parse_number<uint64_t>(name, take_value(), 0, UINT64_MAX);
+    } else {
+      const IntOption* opt = nullptr;
+      for (const IntOption& candidate : kIntOptions)
+        if (name == candidate.name) opt = &candidate;
+      if (!opt) throw UsageError(cat("unknown option '", name, "'"));
+      o.*(opt->field) = parse_number<int>(name, take_value(), opt->min, opt->max);
+    }
+  }
+  validate(o);
+  return true;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// bfloat16 / float16 (round to nearest even, written out so that the demo does not depend on the
+// library's internal headers)
+
+uint32_t float_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+float bits_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+uint16_t float_to_half(DType dt, float f) {
+  const uint32_t u = float_bits(f);
+  if (dt == DType::kBFloat16) {
+    if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x0040u);  // quiet NaN
+    return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+  }
+  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
+  const uint32_t a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);   // NaN
+  if (a >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // rounds to infinity
+  if (a < 0x38800000u)                                                 // subnormal: count units of 2^-24
+    return static_cast<uint16_t>(sign | static_cast<uint16_t>(std::nearbyint(bits_float(a) * 16777216.0f)));
+  uint32_t r = a - 0x38000000u;  // rebias the exponent, then round the mantissa from 23 to 10 bits
+  r += 0xfffu + ((r >> 13) & 1u);
+  return static_cast<uint16_t>(sign | (r >> 13));
+}
+
+float half_to_float(DType dt, uint16_t h) {
+  if (dt == DType::kBFloat16) return bits_float(static_cast<uint32_t>(h) << 16);
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+  if (exp == 0x1f) return bits_float(sign | 0x7f800000u | (man << 13));
+  if (exp == 0) {
+    const float v = static_cast<float>(man) * bits_float(0x33800000u);  // man * 2^-24
+    return sign ? -v : v;
+  }
+  return bits_float(sign | ((exp + 112u) << 23) | (man << 13));
+}
+
+const char* short_dtype_name(DType dt) { return dt == DType::kBFloat16 ? "bf16" : "fp16"; }
+
+// ---------------------------------------------------------------------------------------------------
+// Seeded random numbers: splitmix64 streams keyed by (seed, what, id). A stream depends on nothing
+// else, so any party (a rank, the dense check) regenerates the same values.
+
+enum class Stream : uint64_t { kTokens = 1, kRouter = 2, kRoutedExpert = 3, kSharedExpert = 4, kConstExperts = 5 };
+
+uint64_t splitmix64(uint64_t& state) {
+  uint64_t z = (state += 0x9e3779b97f4a7c15ull);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+class Rng {
+ public:
+  Rng(uint64_t seed, Stream what, uint64_t id) {
+    state_ = seed;
+    state_ = splitmix64(state_) ^ (static_cast<uint64_t>(what) << 56) ^ id;
+    splitmix64(state_);
+  }
+  // Uniform in [-1, 1): 24 random bits, exact in fp32.
+  float uniform() { return static_cast<float>(splitmix64(state_) >> 40) * (2.0f / 16777216.0f) - 1.0f; }
+
+ private:
+  uint64_t state_;
+};
+
+// ---------------------------------------------------------------------------------------------------
+// The layer: sizes, roles and the parameters every rank holds (router, const experts). Expert FFN
+// weights are not here: each rank makes the ones it hosts from (seed, expert id).
+
+struct Layer {
+  DemoOptions opt;
+  int64_t W = 0, BS = 0, H = 0, K = 0, F = 0, E = 0;
+  int tp = 1;                // 1, or 2 with --tp 2
+  int64_t active_ranks = 0;  // W minus the ranks removed by --elastic
+  int64_t Sr = 0, S = 0;     // shared-expert ranks and shared experts (S is 0 or 1)
+  int64_t L = 0;             // experts per MoE rank
+  int64_t E_active = 0;      // routed experts in use: E, or E' = L * (active MoE ranks) after scale-down
+  int64_t special = 0;       // Z + C + Q
+  int64_t active_tokens = 0; // per rank: BS, or BS - BS/4 with --mask
+  std::vector<float> router;                      // (H, router_columns()) fp32
+  std::vector<uint16_t> alpha1, alpha2, const_v;  // (Q,), (Q,), (Q, H) in the token dtype
+  std::vector<int32_t> elastic_info;              // (4 + 2W,) with --elastic, else empty
+
+  DType dtype() const { return opt.dtype; }
+  int64_t router_columns() const { return E_active + special; }
+  // Router column j picks routed expert j, or a special expert; special ids stay offset by the
+  // original E even after scale-down (spec section 10).
+  int32_t column_expert_id(int64_t j) const { return static_cast<int32_t>(j < E_active ? j : E + (j - E_active)); }
+  int64_t threads() const { return tp * active_ranks; }
+  bool is_shared_rank(int64_t ep_rank) const { return ep_rank < Sr; }
+  std::string ep_group(int tp_rank) const { return cat("moedist-demo-ep", tp_rank); }
+  std::string tp_group(int64_t ep_rank) const { return cat("moedist-demo-tp", ep_rank); }
+};
+
+Layer make_layer(const DemoOptions& o) {
+  Layer l;
+  l.opt = o;
+  l.W = o.ranks;
+  l.BS = o.tokens;
+  l.H = o.hidden;
+  l.K = o.topk;
+  l.F = o.ffn;
+  l.E = o.experts;
+  l.tp = o.tp == 2 ? 2 : 1;
+  l.active_ranks = o.ranks - o.elastic;
+  l.Sr = o.shared_ranks;
+  l.S = o.shared_ranks > 0 ? 1 : 0;
+  l.L = o.experts / (o.ranks - o.shared_ranks);
+  l.E_active = l.L * (l.active_ranks - l.Sr);
+  l.special = o.zero + o.copy + o.constant;
+  l.active_tokens = o.mask ? l.BS - l.BS / 4 : l.BS;
+
+  // Router weights scaled so that logits have a standard deviation near 1: a visibly uneven but not
+  // degenerate expert load.
+  const int64_t cols = l.router_columns();
+  const float router_scale = 2.0f / std::sqrt(static_cast<float>(l.H));
+  Rng rng(o.seed, Stream::kRouter, 0);
+  l.router.resize(static_cast<size_t>(l.H * cols));
+  for (float& w : l.router) w = rng.uniform() * router_scale;
+
+  Rng crng(o.seed, Stream::kConstExperts, 0);
+  for (int c = 0; c < o.constant; ++c) {
+    l.alpha1.push_back(float_to_half(o.dtype, crng.uniform()));
+    l.alpha2.push_back(float_to_half(o.dtype, crng.uniform()));
+  }
+  for (int64_t i = 0; i < o.constant * l.H; ++i) l.const_v.push_back(float_to_half(o.dtype, crng.uniform()));
+
+  if (o.elastic > 0) {
+    // The highest ranks leave, so the remaining ranks keep their ids: local id == physical id.
+    l.elastic_info.assign(static_cast<size_t>(4 + 2 * l.W), -1);
+    l.elastic_info[0] = 1;
+    l.elastic_info[1] = static_cast<int32_t>(l.active_ranks);
+    l.elastic_info[2] = static_cast<int32_t>(l.Sr);
+    l.elastic_info[3] = static_cast<int32_t>(l.E_active);
+    for (int64_t r = 0; r < l.active_ranks; ++r) {
+      l.elastic_info[static_cast<size_t>(4 + r)] = static_cast<int32_t>(r);           // T1: physical -> local
+      l.elastic_info[static_cast<size_t>(4 + l.W + r)] = static_cast<int32_t>(r);     // T2: local -> physical
+    }
+  }
+  return l;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Experts: SwiGLU FFN y = W2 (silu(W1 x) * (W3 x)) in fp32.
+
+struct ExpertKey {
+  bool shared = false;
+  int64_t id = 0;  // global routed expert id, or shared expert index
+};
+
+struct ExpertWeights {
+  int64_t H = 0, F = 0;
+  std::vector<float> w1, w3;  // (H, F): stored input-major so the inner loops run over F contiguously
+  std::vector<float> w2;      // (F, H)
+};
+
+ExpertWeights make_expert_weights(const Layer& l, ExpertKey key) {
+  ExpertWeights w;
+  w.H = l.H;
+  w.F = l.F;
+  Rng rng(l.opt.seed, key.shared ? Stream::kSharedExpert : Stream::kRoutedExpert, static_cast<uint64_t>(key.id));
+  // Scales keep the intermediate activations O(1) and the output comparable to the input.
+  const float in_scale = 2.0f * std::sqrt(3.0f / static_cast<float>(l.H));
+  const float out_scale = std::sqrt(3.0f / static_cast<float>(l.F));
+  const size_t n = static_cast<size_t>(l.H * l.F);
+  w.w1.resize(n);
+  w.w3.resize(n);
+  w.w2.resize(n);
+  for (float& v : w.w1) v = rng.uniform() * in_scale;
+  for (float& v : w.w3) v = rng.uniform() * in_scale;
+  for (float& v : w.w2) v = rng.uniform() * out_scale;
+  return w;
+}
+
+struct FfnScratch {
+  std::vector<float> gate, up;
+};
+
+// y = W2[f0:f1, :]^T (silu(x W1[:, f0:f1]) * (x W3[:, f0:f1])). With TP each rank of the pair takes
+// half of the intermediate dims, so y is its partial sum (row-parallel W2) and combine adds the two.
+void ffn_forward(const ExpertWeights& w, const float* x, int64_t f0, int64_t f1, FfnScratch& s, float* y) {
+  const int64_t n = f1 - f0, H = w.H, F = w.F;
+  s.gate.assign(static_cast<size_t>(n), 0.f);
+  s.up.assign(static_cast<size_t>(n), 0.f);
+  float* g = s.gate.data();
+  float* u = s.up.data();
+  for (int64_t h = 0; h < H; ++h) {
+    const float xh = x[h];
+    const float* r1 = w.w1.data() + h * F + f0;
+    const float* r3 = w.w3.data() + h * F + f0;
+    for (int64_t f = 0; f < n; ++f) {
+      g[f] += xh * r1[f];
+      u[f] += xh * r3[f];
+    }
+  }
+  for (int64_t f = 0; f < n; ++f) g[f] = g[f] / (1.0f + std::exp(-g[f])) * u[f];
+  std::fill(y, y + H, 0.f);
+  for (int64_t f = 0; f < n; ++f) {
+    const float a = g[f];
+    const float* r2 = w.w2.data() + (f0 + f) * H;
+    for (int64_t h = 0; h < H; ++h) y[h] += a * r2[h];
+  }
+}
+
+// The experts a rank hosts (spec section 1): shared ranks come first, then L routed experts per rank.
+std::vector<ExpertKey> hosted_experts(const Layer& l, int64_t ep_rank) {
+  if (l.is_shared_rank(ep_rank)) return {ExpertKey{true, ep_rank / (l.Sr / l.S)}};
+  std::vector<ExpertKey> keys;
+  for (int64_t e = 0; e < l.L; ++e) keys.push_back(ExpertKey{false, (ep_rank - l.Sr) * l.L + e});
+  return keys;
+}
+
+// Per-token dynamic int8 quantization as dispatch_v2 does it (spec section 5, no smooth scales), then
+// dequantized: the values the experts see with --quant 2.
+void quantize_dequantize(std::vector<float>& row) {
+  float amax = 0.f;
+  for (float v : row) amax = std::max(amax, std::fabs(v));
+  if (amax == 0.f) return;  // all zeros stay zeros
+  const float m = 127.0f / amax;
+  const float scale = 1.0f / m;
+  for (float& v : row) v = std::clamp(std::nearbyint(v * m), -128.0f, 127.0f) * scale;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Ranks
+
+struct PhaseTimes {
+  double gating = 0, dispatch = 0, experts = 0, combine = 0;  // ms
+};
+
+// Everything one rank owns. Vectors have at least one element so that views of an empty tensor
+// (--tokens 0) are still "present" (a null data pointer means an absent optional tensor).
+struct RankState {
+  int tp_rank = 0;
+  int64_t ep_rank = 0;
+  std::vector<uint16_t> x;           // (BS, H) in the token dtype
+  std::vector<uint8_t> active_mask;  // (BS,) bool, used with --mask
+  std::vector<int32_t> expert_ids;   // (BS, K), filled by gating
+  std::vector<float> expert_scales;  // (BS, K), filled by gating
+  DispatchArgs dispatch_args;
+  DispatchResult dispatched;
+  std::vector<uint16_t> expert_out;  // (expand_x rows, H): the experts' outputs, combine's expand_x
+  CombineArgs combine_args;
+  Tensor out;                        // (BS, H): the layer's output
+  PhaseTimes times;
+};
+
+size_t at_least_one(int64_t n) { return static_cast<size_t>(std::max<int64_t>(n, 1)); }
+
+RankState make_rank(const Layer& l, int tp_rank, int64_t ep_rank) {
+  RankState st;
+  st.tp_rank = tp_rank;
+  st.ep_rank = ep_rank;
+  const DType dt = l.dtype();
+  // The two EP groups of a TP pair hold different tokens, as on the device.
+  Rng rng(l.opt.seed, Stream::kTokens, static_cast<uint64_t>(tp_rank * l.W + ep_rank));
+  st.x.assign(at_least_one(l.BS * l.H), 0);
+  for (int64_t i = 0; i < l.BS * l.H; ++i) st.x[static_cast<size_t>(i)] = float_to_half(dt, rng.uniform());
+  st.active_mask.assign(at_least_one(l.BS), 0);
+  for (int64_t t = 0; t < l.active_tokens; ++t) st.active_mask[static_cast<size_t>(t)] = 1;
+  st.expert_ids.assign(at_least_one(l.BS * l.K), 0);
+  st.expert_scales.assign(at_least_one(l.BS * l.K), 0.f);
+
+  DispatchArgs& a = st.dispatch_args;
+  a.x = TensorView(st.x.data(), dt, {l.BS, l.H});
+  a.expert_ids = TensorView(st.expert_ids.data(), DType::kInt32, {l.BS, l.K});
+  a.group_ep = l.ep_group(tp_rank);
+  a.ep_world_size = l.W;
+  a.ep_rank_id = ep_rank;
+  a.moe_expert_num = l.E;
+  if (l.opt.mask) a.x_active_mask = TensorView(st.active_mask.data(), DType::kBool, {l.BS});
+  a.expert_scales = TensorView(st.expert_scales.data(), DType::kFloat32, {l.BS, l.K});
+  if (!l.elastic_info.empty()) a.elastic_info = TensorView(l.elastic_info.data(), DType::kInt32, {4 + 2 * l.W});
+  if (l.tp == 2) {
+    a.group_tp = l.tp_group(ep_rank);
+    a.tp_world_size = 2;
+    a.tp_rank_id = tp_rank;
+  }
+  a.shared_expert_num = 1;
+  a.shared_expert_rank_num = l.Sr;
+  a.quant_mode = l.opt.quant;
+  a.expert_token_nums_type = 1;  // per-expert counts: run_experts walks them
+  a.zero_expert_num = l.opt.zero;
+  a.copy_expert_num = l.opt.copy;
+  a.const_expert_num = l.opt.constant;
+  return st;
+}
+
+// Router: logits = x Wg, softmax, top-k (ties to the lower column, so the choice is deterministic),
+// weights = the chosen probabilities renormalised to sum 1.
+void gate(const Layer& l, RankState& st) {
+  const int64_t H = l.H, K = l.K, n = l.router_columns();
+  std::vector<float> x(static_cast<size_t>(H)), prob(static_cast<size_t>(n));
+  std::vector<int64_t> order(static_cast<size_t>(n));
+  for (int64_t t = 0; t < l.BS; ++t) {
+    for (int64_t h = 0; h < H; ++h) x[static_cast<size_t>(h)] = half_to_float(l.dtype(), st.x[static_cast<size_t>(t * H + h)]);
+    std::fill(prob.begin(), prob.end(), 0.f);
+    for (int64_t h = 0; h < H; ++h) {
+      const float xh = x[static_cast<size_t>(h)];
+      const float* wg = l.router.data() + h * n;
+      for (int64_t j = 0; j < n; ++j) prob[static_cast<size_t>(j)] += xh * wg[j];
+    }
+    const float max_logit = *std::max_element(prob.begin(), prob.end());
+    float sum = 0.f;
+    for (float& p : prob) sum += (p = std::exp(p - max_logit));
+    for (float& p : prob) p /= sum;
+    std::iota(order.begin(), order.end(), 0);
+    std::partial_sort(order.begin(), order.begin() + K, order.end(), [&](int64_t a, int64_t b) {
+      const float pa = prob[static_cast<size_t>(a)], pb = prob[static_cast<size_t>(b)];
+      return pa > pb || (pa == pb && a < b);
+    });
+    float chosen = 0.f;
+    for (int64_t k = 0; k < K; ++k) chosen += prob[static_cast<size_t>(order[static_cast<size_t>(k)])];
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t j = order[static_cast<size_t>(k)];
+      st.expert_ids[static_cast<size_t>(t * K + k)] = l.column_expert_id(j);
+      st.expert_scales[static_cast<size_t>(t * K + k)] = prob[static_cast<size_t>(j)] / chosen;
+    }
+  }
+}
+
+// Row `row` of dispatch's expand_x in fp32: int8 * per-row scale with quant_mode 2.
+void expand_row(const Layer& l, const DispatchResult& d, int64_t row, float* out) {
+  const int64_t H = l.H;
+  if (l.opt.quant == 2) {
+    const int8_t* q = static_cast<const int8_t*>(d.expand_x.data()) + row * H;
+    const float scale = d.dynamic_scales.data_as<float>()[row];
+    for (int64_t h = 0; h < H; ++h) out[h] = static_cast<float>(q[h]) * scale;
+  } else {
+    const uint16_t* x = d.expand_x.data_as<uint16_t>() + row * H;
+    for (int64_t h = 0; h < H; ++h) out[h] = half_to_float(l.dtype(), x[h]);
+  }
+}
+
+// Runs the hosted experts on the received rows. With expert_token_nums_type 1 the rows come grouped
+// by local expert: the first expert_token_nums[0] rows are local expert 0's, and so on. With TP they
+// include the peer's rows, which this rank also computes its half for.
+void run_experts(const Layer& l, RankState& st, const std::vector<ExpertWeights>& weights) {
+  const DispatchResult& d = st.dispatched;
+  const int64_t H = l.H, rows = d.expand_x.size(0);
+  st.expert_out.assign(at_least_one(rows * H), 0);
+  const int64_t f0 = l.tp == 2 ? st.tp_rank * (l.F / 2) : 0;
+  const int64_t f1 = l.tp == 2 ? f0 + l.F / 2 : l.F;
+  const bool shared = l.is_shared_rank(st.ep_rank);
+  std::vector<float> x(static_cast<size_t>(H)), y(static_cast<size_t>(H));
+  FfnScratch scratch;
+  int64_t row = 0;
+  for (int64_t e = 0; e < d.expert_token_nums.numel(); ++e) {
+    const int64_t count = d.expert_token_nums.data_as<int64_t>()[e];
+    if (count == 0) continue;
+    if (!shared && e >= static_cast<int64_t>(weights.size()))
+      throw Error(cat("rank ", st.ep_rank, ": expert_token_nums has rows for local expert ", e, " but the rank hosts ", weights.size()));
+    if (row + count > rows)
+      throw Error(cat("rank ", st.ep_rank, ": expert_token_nums counts ", row + count, " rows but expand_x has only ", rows));
+    // A shared-expert rank hosts one expert: all its rows are that expert's.
+    const ExpertWeights& w = weights[shared ? 0 : static_cast<size_t>(e)];
+    for (int64_t i = 0; i < count; ++i, ++row) {
+      expand_row(l, d, row, x.data());
+      ffn_forward(w, x.data(), f0, f1, scratch, y.data());
+      uint16_t* out = st.expert_out.data() + row * H;
+      for (int64_t h = 0; h < H; ++h) out[h] = float_to_half(l.dtype(), y[static_cast<size_t>(h)]);
+    }
+  }
+}
+
+CombineArgs make_combine_args(const Layer& l, const RankState& st) {
+  const DispatchArgs& da = st.dispatch_args;
+  const DispatchResult& d = st.dispatched;
+  CombineArgs a;
+  a.expand_x = TensorView(st.expert_out.data(), l.dtype(), {d.expand_x.size(0), l.H});
+  a.expert_ids = da.expert_ids;
+  a.assist_info_for_combine = d.assist_info_for_combine;
+  a.ep_send_counts = d.ep_recv_counts;
+  a.expert_scales = da.expert_scales;
+  a.group_ep = da.group_ep;
+  a.ep_world_size = da.ep_world_size;
+  a.ep_rank_id = da.ep_rank_id;
+  a.moe_expert_num = da.moe_expert_num;
+  if (l.tp == 2) a.tp_send_counts = d.tp_recv_counts;
+  a.x_active_mask = da.x_active_mask;
+  a.elastic_info = da.elastic_info;
+  if (l.opt.copy > 0 || l.opt.constant > 0) a.ori_x = da.x;
+  if (l.opt.constant > 0) {
+    const int64_t Q = l.opt.constant;
+    a.const_expert_alpha_1 = TensorView(l.alpha1.data(), l.dtype(), {Q});
+    a.const_expert_alpha_2 = TensorView(l.alpha2.data(), l.dtype(), {Q});
+    a.const_expert_v = TensorView(l.const_v.data(), l.dtype(), {Q, l.H});
+  }
+  a.group_tp = da.group_tp;
+  a.tp_world_size = da.tp_world_size;
+  a.tp_rank_id = da.tp_rank_id;
+  a.shared_expert_num = da.shared_expert_num;
+  a.shared_expert_rank_num = da.shared_expert_rank_num;
+  a.comm_quant_mode = l.opt.comm_quant;
+  a.zero_expert_num = da.zero_expert_num;
+  a.copy_expert_num = da.copy_expert_num;
+  a.const_expert_num = da.const_expert_num;
+  return a;
+}
+
+// Thrown on the ranks that stop because another rank failed; the report shows the original error.
+struct RankStopped : std::exception {
+  const char* what() const noexcept override { return "stopped because another rank failed"; }
+};
+
+// Lines the ranks up before each phase, so that a phase's time does not include waiting for a peer
+// still busy with the previous one. A failing rank breaks it, so its peers stop instead of hanging.
+class PhaseBarrier {
+ public:
+  explicit PhaseBarrier(int64_t n) : n_(n) {}
+  void arrive_and_wait() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    if (broken_) throw RankStopped();
+    const uint64_t generation = generation_;
+    if (++arrived_ == n_) {
+      arrived_ = 0;
+      ++generation_;
+      cv_.notify_all();
+      return;
+    }
+    cv_.wait(lock, [&] { return generation_ != generation || broken_; });
+    if (generation_ == generation) throw RankStopped();
+  }
+  void break_barrier() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    broken_ = true;
+    cv_.notify_all();
+  }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  int64_t n_;
+  int64_t arrived_ = 0;
+  uint64_t generation_ = 0;
+  bool broken_ = false;
+};
+
+using Clock = std::chrono::steady_clock;
+double ms_since(Clock::time_point start) { return std::chrono::duration<double, std::milli>(Clock::now() - start).count(); }
+
+void run_rank(const Layer& l, RankState& st, PhaseBarrier& barrier) {
+  // Setup, not timed: the weights of the experts this rank hosts.
+  std::vector<ExpertWeights> weights;
+  for (const ExpertKey& key : hosted_experts(l, st.ep_rank)) weights.push_back(make_expert_weights(l, key));
+
+  barrier.arrive_and_wait();
+  Clock::time_point start = Clock::now();
+  gate(l, st);
+  st.times.gating = ms_since(start);
+
+  barrier.arrive_and_wait();
+  start = Clock::now();
+  st.dispatched = dispatch_v2(st.dispatch_args);
+  st.times.dispatch = ms_since(start);
+
+  barrier.arrive_and_wait();
+  start = Clock::now();
+  run_experts(l, st, weights);
+  st.times.experts = ms_since(start);
+
+  st.combine_args = make_combine_args(l, st);
+  barrier.arrive_and_wait();
+  start = Clock::now();
+  st.out = combine_v2(st.combine_args);
+  st.times.combine = ms_since(start);
+}
+
+// Registers the EP group(s) and TP groups for the run; unregisters them when it ends.
+class GroupRegistration {
+ public:
+  explicit GroupRegistration(const Layer& l) {
+    GroupOptions options;
+    options.timeout = std::chrono::milliseconds(l.opt.timeout_ms);
+    for (int q = 0; q < l.tp; ++q) add(l.ep_group(q), make_thread_group(static_cast<int>(l.W), options));
+    if (l.tp == 2)
+      for (int64_t r = 0; r < l.W; ++r) add(l.tp_group(r), make_thread_group(2, options));
+  }
+  ~GroupRegistration() {
+    for (const std::string& name : names_) unregister_group(name);
+  }
+  GroupRegistration(const GroupRegistration&) = delete;
+  GroupRegistration& operator=(const GroupRegistration&) = delete;
+
+ private:
+  void add(const std::string& name, std::vector<std::shared_ptr<Transport>> endpoints) {
+    register_group(name, std::move(endpoints));
+    names_.push_back(name);
+  }
+  std::vector<std::string> names_;
+};
+
+std::string rank_name(const Layer& l, const RankState& st) {
+  return l.tp == 2 ? cat("rank ", st.ep_rank, " (tp ", st.tp_rank, ")") : cat("rank ", st.ep_rank);
+}
+
+// Runs every rank on its own thread. Returns "" or the first failure (in rank order), leaving aside
+// the ranks that only stopped because of it.
+std::string run_ranks(const Layer& l, std::vector<RankState>& ranks) {
+  PhaseBarrier barrier(static_cast<int64_t>(ranks.size()));
+  std::vector<std::exception_ptr> errors(ranks.size());
+  std::vector<std::thread> threads;
+  for (size_t i = 0; i < ranks.size(); ++i)
+    threads.emplace_back([&, i] {
+      try {
+        run_rank(l, ranks[i], barrier);
+      } catch (...) {
+        errors[i] = std::current_exception();
+        barrier.break_barrier();
+      }
+    });
+  for (std::thread& t : threads) t.join();
+  for (size_t i = 0; i < ranks.size(); ++i) {
+    if (!errors[i]) continue;
+    try {
+      std::rethrow_exception(errors[i]);
+    } catch (const RankStopped&) {
+    } catch (const std::exception& e) {
+      return cat(rank_name(l, ranks[i]), ": ", e.what());
+    }
+  }
+  return "";
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Checks
+
+// The layer computed densely in fp32 in one process: for every active token,
+//   sum_k w_k * expert_{id_k}(x)  (+ the shared expert's FFN(x), unweighted),
+// with zero -> 0, copy -> x, const -> alpha1*x + alpha2*v. Inputs of the FFN experts are quantized
+// and dequantized exactly like dispatch_v2 does with --quant 2, so the check measures the layer's
+// rounding (expert outputs and the combined sum in the token dtype), not the int8 error.
+std::vector<std::vector<float>> dense_layer(const Layer& l, const std::vector<RankState>& ranks) {
+  const int64_t H = l.H, K = l.K;
+  const size_t n = ranks.size();
+  std::vector<std::vector<float>> raw(n), input(n), out(n);
+  for (size_t i = 0; i < n; ++i) {
+    raw[i].resize(static_cast<size_t>(l.BS * H));
+    for (size_t j = 0; j < raw[i].size(); ++j) raw[i][j] = half_to_float(l.dtype(), ranks[i].x[j]);
+    input[i] = raw[i];
+    if (l.opt.quant == 2)
+      for (int64_t t = 0; t < l.BS; ++t) {
+        std::vector<float> row(input[i].begin() + t * H, input[i].begin() + (t + 1) * H);
+        quantize_dequantize(row);
+        std::copy(row.begin(), row.end(), input[i].begin() + t * H);
+      }
+    out[i].assign(static_cast<size_t>(l.BS * H), 0.f);
+  }
+
+  // Group the (token, k) entries by routed expert, so each expert's weights are made once.
+  struct Use {
+    size_t rank;
+    int64_t token;
+    float weight;
+  };
+  std::vector<std::vector<Use>> uses(static_cast<size_t>(l.E_active));
+  const int64_t zero_end = l.E + l.opt.zero, copy_end = zero_end + l.opt.copy;
+  for (size_t i = 0; i < n; ++i)
+    for (int64_t t = 0; t < l.active_tokens; ++t) {
+      float* acc = out[i].data() + t * H;
+      const float* x = raw[i].data() + t * H;
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t id = ranks[i].expert_ids[static_cast<size_t>(t * K + k)];
+        const float w = ranks[i].expert_scales[static_cast<size_t>(t * K + k)];
+        if (id < l.E_active) {
+          uses[static_cast<size_t>(id)].push_back(Use{i, t, w});
+        } else if (id >= zero_end && id < copy_end) {
+          for (int64_t h = 0; h < H; ++h) acc[h] += w * x[h];
+        } else if (id >= copy_end) {
+          const size_t c = static_cast<size_t>(id - copy_end);
+          const float a1 = half_to_float(l.dtype(), l.alpha1[c]), a2 = half_to_float(l.dtype(), l.alpha2[c]);
+          const uint16_t* v = l.const_v.data() + c * static_cast<size_t>(H);
+          for (int64_t h = 0; h < H; ++h) acc[h] += w * (a1 * x[h] + a2 * half_to_float(l.dtype(), v[h]));
+        }  // zero experts add nothing
+      }
+    }
+
+  std::vector<float> y(static_cast<size_t>(H));
+  FfnScratch scratch;
+  for (int64_t g = 0; g < l.E_active; ++g) {
+    if (uses[static_cast<size_t>(g)].empty()) continue;
+    const ExpertWeights w = make_expert_weights(l, ExpertKey{false, g});
+    for (const Use& u : uses[static_cast<size_t>(g)]) {
+      ffn_forward(w, input[u.rank].data() + u.token * H, 0, l.F, scratch, y.data());
+      float* acc = out[u.rank].data() + u.token * H;
+      for (int64_t h = 0; h < H; ++h) acc[h] += u.weight * y[static_cast<size_t>(h)];
+    }
+  }
+  if (l.S > 0) {
+    const ExpertWeights w = make_expert_weights(l, ExpertKey{true, 0});
+    for (size_t i = 0; i < n; ++i)
+      for (int64_t t = 0; t < l.active_tokens; ++t) {
+        ffn_forward(w, input[i].data() + t * H, 0, l.F, scratch, y.data());
+        float* acc = out[i].data() + t * H;
+        for (int64_t h = 0; h < H; ++h) acc[h] += y[static_cast<size_t>(h)];
+      }
+  }
+  return out;
+}
+
+struct Accuracy {
+  double max_abs_err = 0;
+  double max_abs_dense = 0;
+  int64_t non_finite = 0;
+  double rel_err() const { return max_abs_dense > 0 ? max_abs_err / max_abs_dense : max_abs_err; }
+};
+
+Accuracy compare_with_dense(const Layer& l, const std::vector<RankState>& ranks, const std::vector<std::vector<float>>& dense) {
+  Accuracy a;
+  for (size_t i = 0; i < ranks.size(); ++i) {
+    const uint16_t* got = ranks[i].out.data_as<uint16_t>();
+    for (size_t j = 0; j < dense[i].size(); ++j) {
+      const double v = half_to_float(l.dtype(), got[j]), want = dense[i][j];
+      if (!std::isfinite(v)) {
+        ++a.non_finite;
+        continue;
+      }
+      a.max_abs_err = std::max(a.max_abs_err, std::fabs(v - want));
+      a.max_abs_dense = std::max(a.max_abs_dense, std::fabs(want));
+    }
+  }
+  return a;
+}
+
+// "" if the first `elements` elements of got and want (all of them when negative) hold the same bits.
+// Only the meaningful prefix is compared: rows past the received count are unspecified (spec section 2).
+std::string first_difference(const Tensor& got, const Tensor& want, int64_t elements, const std::string& what) {
+  if (got.dtype() != want.dtype()) return cat(what, ": dtype ", dtype_name(got.dtype()), " vs reference ", dtype_name(want.dtype()));
+  if (got.shape() != want.shape()) return cat(what, ": shape ", got.view().shape_str(), " vs reference ", want.view().shape_str());
+  const int64_t n = elements < 0 ? want.numel() : std::min(elements, want.numel());
+  const size_t es = dtype_size(want.dtype());
+  const auto* a = static_cast<const unsigned char*>(got.data());
+  const auto* b = static_cast<const unsigned char*>(want.data());
+  for (int64_t i = 0; i < n; ++i)
+    if (std::memcmp(a + static_cast<size_t>(i) * es, b + static_cast<size_t>(i) * es, es) != 0)
+      return cat(what, ": element ", i, " of ", want.numel(), " differs from the reference");
+  return "";
+}
+
+int64_t sum_counts(const Tensor& expert_token_nums) {
+  int64_t total = 0;
+  for (int64_t e = 0; e < expert_token_nums.numel(); ++e) total += expert_token_nums.data_as<int64_t>()[e];
+  return total;
+}
+
+// Rows this rank received on its own EP group (without its TP peer's).
+int64_t own_rows(const Layer& l, const RankState& st, const DispatchResult& d) {
+  return l.tp == 2 ? d.tp_recv_counts.data_as<int32_t>()[st.tp_rank] : sum_counts(d.expert_token_nums);
+}
+
+// Runs moedist::reference on every rank's arguments and compares. Returns "" on a bit-exact match.
+std::string compare_with_reference(const Layer& l, const std::vector<RankState>& ranks) {
+  std::vector<DispatchArgs> dispatch_calls;
+  std::vector<CombineArgs> combine_calls;
+  for (const RankState& st : ranks) {
+    dispatch_calls.push_back(st.dispatch_args);
+    combine_calls.push_back(st.combine_args);
+  }
+  const std::vector<DispatchResult> want = reference::dispatch_v2(dispatch_calls);
+  for (size_t i = 0; i < ranks.size(); ++i) {
+    const DispatchResult& got = ranks[i].dispatched;
+    const DispatchResult& w = want[i];
+    const std::string who = rank_name(l, ranks[i]) + " dispatch_v2 ";
+    std::string diff = first_difference(got.expert_token_nums, w.expert_token_nums, -1, who + "expert_token_nums");
+    if (diff.empty()) diff = first_difference(got.ep_recv_counts, w.ep_recv_counts, -1, who + "ep_recv_counts");
+    if (diff.empty()) diff = first_difference(got.tp_recv_counts, w.tp_recv_counts, -1, who + "tp_recv_counts");
+    if (!diff.empty()) return diff;
+    const int64_t rows = sum_counts(w.expert_token_nums), own = own_rows(l, ranks[i], w);
+    diff = first_difference(got.expand_x, w.expand_x, rows * l.H, who + "expand_x");
+    if (diff.empty() && l.opt.quant == 2) diff = first_difference(got.dynamic_scales, w.dynamic_scales, rows, who + "dynamic_scales");
+    if (diff.empty()) diff = first_difference(got.assist_info_for_combine, w.assist_info_for_combine, 3 * own, who + "assist_info_for_combine");
+    if (diff.empty()) diff = first_difference(got.expand_scales, w.expand_scales, own, who + "expand_scales");
+    if (!diff.empty()) return diff;
+  }
+  const std::vector<Tensor> want_out = reference::combine_v2(combine_calls);
+  for (size_t i = 0; i < ranks.size(); ++i) {
+    const std::string diff = first_difference(ranks[i].out, want_out[i], -1, rank_name(l, ranks[i]) + " combine_v2 output");
+    if (!diff.empty()) return diff;
+  }
+  return "";
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Report
+
+void print_header(const Layer& l) {
+  const DemoOptions& o = l.opt;
+  const std::string threads = l.tp == 2 ? cat(" x tp 2 = ", l.threads(), " threads") : " (threads)";
+  std::printf("moedist demo (moedist %s): %d ranks%s, %d tokens/rank, hidden %d, top-%d of %d experts (%lld per rank), ffn %d, %s",
+              MOEDIST_VERSION_STRING, o.ranks, threads.c_str(), o.tokens,
+              o.hidden, o.topk, o.experts, static_cast<long long>(l.L), o.ffn, short_dtype_name(o.dtype));
+  std::printf(", quant %d, comm-quant %d", o.quant, o.comm_quant);
+  if (o.shared_ranks) std::printf(", shared ranks %d (1 shared expert)", o.shared_ranks);
+  if (l.special) std::printf(", zero/copy/const %d/%d/%d", o.zero, o.copy, o.constant);
+  if (o.elastic)
+    std::printf(", elastic: %d removed (%lld ranks, %lld experts left)", o.elastic, static_cast<long long>(l.active_ranks),
+                static_cast<long long>(l.E_active));
+  if (o.mask) std::printf(", mask: last %lld tokens inactive", static_cast<long long>(l.BS - l.active_tokens));
+  std::printf(", seed %llu\n", static_cast<unsigned long long>(o.seed));
+}
+
+void print_load(const Layer& l, const std::vector<RankState>& ranks) {
+  // Rows each expert received, summed over ranks (and over both EP groups with TP).
+  std::vector<int64_t> routed(static_cast<size_t>(l.E_active), 0);
+  int64_t shared = 0;
+  for (const RankState& st : ranks) {
+    const DispatchResult& d = st.dispatched;
+    if (l.is_shared_rank(st.ep_rank)) {
+      shared += own_rows(l, st, d);
+    } else if (l.tp == 2) {
+      routed[static_cast<size_t>(st.ep_rank - l.Sr)] += own_rows(l, st, d);  // one expert per rank
+    } else {
+      for (int64_t e = 0; e < d.expert_token_nums.numel(); ++e)
+        routed[static_cast<size_t>((st.ep_rank - l.Sr) * l.L + e)] += d.expert_token_nums.data_as<int64_t>()[e];
+    }
+  }
+  int64_t zero = 0, copy = 0, constant = 0;
+  const int64_t zero_end = l.E + l.opt.zero, copy_end = zero_end + l.opt.copy;
+  for (const RankState& st : ranks)
+    for (int64_t i = 0; i < l.active_tokens * l.K; ++i) {
+      const int64_t id = st.expert_ids[static_cast<size_t>(i)];
+      if (id < l.E) continue;
+      if (id < zero_end)
+        ++zero;
+      else if (id < copy_end)
+        ++copy;
+      else
+        ++constant;
+    }
+
+  const int64_t total = std::accumulate(routed.begin(), routed.end(), int64_t{0});
+  std::printf("expert load (rows received per routed expert, all ranks; %lld rows in total):\n", static_cast<long long>(total));
+  constexpr int64_t kPerLine = 8;
+  for (int64_t g0 = 0; g0 < l.E_active; g0 += kPerLine) {
+    const int64_t g1 = std::min(g0 + kPerLine, l.E_active);
+    std::printf("  %-10s", cat("e", g0, "-", g1 - 1).c_str());
+    for (int64_t g = g0; g < g1; ++g) std::printf(" %6lld", static_cast<long long>(routed[static_cast<size_t>(g)]));
+    std::printf("\n");
+  }
+  if (!routed.empty()) {
+    const auto [lo, hi] = std::minmax_element(routed.begin(), routed.end());
+    const double mean = static_cast<double>(total) / static_cast<double>(routed.size());
+    std::printf("  min %lld, max %lld, mean %.1f (max/mean %.2f)\n", static_cast<long long>(*lo), static_cast<long long>(*hi), mean,
+                mean > 0 ? static_cast<double>(*hi) / mean : 0.0);
+  }
+  if (l.S > 0)
+    std::printf("  shared expert: %lld rows on %lld rank%s\n", static_cast<long long>(shared), static_cast<long long>(l.Sr), l.Sr > 1 ? "s" : "");
+  if (l.special)
+    std::printf("  zero/copy/const picks (applied in combine, never sent): %lld / %lld / %lld\n", static_cast<long long>(zero),
+                static_cast<long long>(copy), static_cast<long long>(constant));
+}
+
+void print_times(const std::vector<RankState>& ranks) {
+  std::printf("phase times, ms (median / max over %zu ranks; each phase starts on all ranks together):\n", ranks.size());
+  const std::pair<const char*, double PhaseTimes::*> phases[] = {
+      {"gating", &PhaseTimes::gating}, {"dispatch", &PhaseTimes::dispatch}, {"expert FFN", &PhaseTimes::experts}, {"combine", &PhaseTimes::combine}};
+  for (const auto& [name, field] : phases) {
+    std::vector<double> t;
+    for (const RankState& st : ranks) t.push_back(st.times.*field);
+    std::sort(t.begin(), t.end());
+    const size_t n = t.size();
+    const double median = n % 2 ? t[n / 2] : (t[n / 2 - 1] + t[n / 2]) / 2;
+    std::printf("  %-11s %9.3f / %9.3f\n", name, median, t.back());
+  }
+}
+
+// Tolerance on max|out - dense| / max|dense|. Expert outputs and the combined sum are rounded to the
+// token dtype (unit roundoff 2^-9 for bf16, 2^-11 for fp16), each a relative error of a few 1e-3 of
+// values up to max|dense|: 2e-2 leaves a wide margin. comm-quant 2 adds int8 per 8-element groups
+// (error up to 1/254 of the group's max, plus the scale's rounding to the token dtype).
+double tolerance(const Layer& l) { return l.opt.comm_quant == 2 ? 4e-2 : 2e-2; }
+
+int fail(const std::string& why) {
+  std::printf("moedist demo: FAIL (%s)\n", why.c_str());
+  std::fflush(stdout);
+  return 1;
+}
+
+int run_demo(const DemoOptions& o) {
+  const Layer l = make_layer(o);
+  print_header(l);
+  std::fflush(stdout);
+
+  std::vector<RankState> ranks;
+  for (int q = 0; q < l.tp; ++q)
+    for (int64_t r = 0; r < l.active_ranks; ++r) ranks.push_back(make_rank(l, q, r));
+  {
+    GroupRegistration groups(l);
+    const std::string error = run_ranks(l, ranks);
+    if (!error.empty()) {
+      std::printf("error: %s\n", error.c_str());
+      return fail("a rank failed");
+    }
+  }
+
+  print_load(l, ranks);
+  print_times(ranks);
+
+  const Accuracy acc = compare_with_dense(l, ranks, dense_layer(l, ranks));
+  const double tol = tolerance(l);
+  const bool accurate = acc.non_finite == 0 && acc.rel_err() < tol;
+  std::printf("dense fp32 check%s: max abs err %.3e, rel err %.3e (max abs err / max |dense| = %.3e), tolerance rel err < %.0e: %s\n",
+              o.quant == 2 ? " (dense inputs int8-quantized like dispatch)" : "", acc.max_abs_err, acc.rel_err(), acc.max_abs_dense, tol,
+              accurate ? "ok" : "EXCEEDED");
+  if (acc.non_finite) std::printf("  %lld non-finite output values\n", static_cast<long long>(acc.non_finite));
+
+  const std::string ref_diff = compare_with_reference(l, ranks);
+  std::printf("bit-exact vs reference: %s\n", ref_diff.empty() ? "yes" : ("no (" + ref_diff + ")").c_str());
+
+  if (!accurate && !ref_diff.empty()) return fail("dense check and reference check");
+  if (!accurate) return fail(acc.non_finite ? "non-finite output" : "error above tolerance");
+  if (!ref_diff.empty()) return fail("not bit-exact vs reference");
+  std::printf("moedist demo: PASS\n");
+  std::fflush(stdout);
+  return 0;
+}
+
+}  // namespace
+
+void print_demo_help(std::ostream& os) {
+  os << "usage: moedist demo [options]\n"
+        "\n"
+        "Runs one MoE layer on N ranks that are threads of this process: a seeded router (softmax, top-k),\n"
+        "dispatch_v2, per-expert SwiGLU FFNs, combine_v2. Checks the output against the same layer\n"
+        "computed densely in fp32 and, bit for bit, against moedist::reference on the same arguments.\n"
+        "The last line is 'moedist demo: PASS' (exit 0) or 'moedist demo: FAIL ...' (exit 1).\n"
+        "\n"
+        "options (value as '--opt V' or '--opt=V'):\n"
+        "  --ranks N          EP ranks (default 4)\n"
+        "  --tokens BS        tokens per rank (default 64)\n"
+        "  --hidden H         hidden size (default 1024)\n"
+        "  --topk K           experts per token (default 4)\n"
+        "  --experts E        routed experts, a multiple of N - Sr (default 16)\n"
+        "  --ffn F            expert intermediate size (default 64)\n"
+        "  --dtype bf16|fp16  token dtype (default bf16)\n"
+        "  --quant 0|2        dispatch quant_mode: 2 = dynamic per-token int8 (default 0)\n"
+        "  --comm-quant 0|2   combine comm_quant_mode: 2 = int8 communication (default 0)\n"
+        "  --shared-ranks Sr  shared-expert ranks hosting one shared expert (default 0)\n"
+        "  --tp 0|2           2: two EP groups paired into TP groups (2N threads), row-parallel FFN;\n"
+        "                     needs E = N - Sr (default 0)\n"
+        "  --zero Z           zero experts (default 0)\n"
+        "  --copy C           copy experts (default 0)\n"
+        "  --const Q          const experts (default 0)\n"
+        "  --elastic R        remove the R highest ranks by elastic scale-down (default 0)\n"
+        "  --mask             1-D x_active_mask: the last BS/4 tokens of each rank are inactive\n"
+        "  --seed S           seed of every random value (default 1)\n"
+        "  --timeout-ms T     deadline of every wait inside the ops (default 20000)\n"
+        "  --help             this help\n";
+}
+
+int demo_main(const std::vector<std::string>& args) {
+  DemoOptions options;
+  try {
+    if (!parse_options(args, options)) {
+      print_demo_help(std::cout);
+      return 0;
+    }
+  } catch (const UsageError& e) {
+    std::fprintf(stderr, "moedist demo: %s\n(see 'moedist demo --help')\n", e.what());
+    return 2;
+  }
+  try {
+    return run_demo(options);
+  } catch (const std::exception& e) {  // moedist::Error from the reference, or out of memory
+    std::printf("error: %s\n", e.what());
+    return fail("error");
+  }
+}
+
+}  // namespace moedist::tools
