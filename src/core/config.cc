@@ -76,13 +76,18 @@ struct Common {
   int64_t H;
 };
 
+// Every view: one stride per dimension, or none (contiguous).
+void check_strides(const CheckCtx& ctx, const TensorView& v, const char* name) {
+  if (!v.defined() || v.strides.empty()) return;
+  MOEDIST_CHECK(ctx, static_cast<int64_t>(v.strides.size()) == v.dim(), name, " has ", v.strides.size(), " strides for shape ",
+                v.shape_str(), " (must be one per dimension)");
+}
+
 void check_tensor(const CheckCtx& ctx, const TensorView& v, const char* name, DType want, int64_t dims) {
   MOEDIST_CHECK(ctx, v.dtype == want, name, " has dtype ", dtype_name(v.dtype), " (must be ", dtype_name(want), ")");
   MOEDIST_CHECK(ctx, v.dim() == dims, name, " has shape ", v.shape_str(), " (must be ", dims, "-D)");
   for (int64_t d = 0; d < v.dim(); ++d) MOEDIST_CHECK(ctx, v.size(d) >= 0, name, " has shape ", v.shape_str());
-  if (!v.strides.empty())
-    MOEDIST_CHECK(ctx, static_cast<int64_t>(v.strides.size()) == v.dim(), name, " has ", v.strides.size(),
-                  " strides for shape ", v.shape_str(), " (must be one per dimension)");
+  check_strides(ctx, v, name);
 }
 
 Alg parse_alg(const CheckCtx& ctx, const std::string& s) {
@@ -180,6 +185,7 @@ EpConfig resolve_common(const Common& a) {
   c.entry_on.assign(static_cast<size_t>(c.BS * c.K), 1);
   c.token_on.assign(static_cast<size_t>(c.BS), 1);
   if (m.defined()) {
+    check_strides(ctx, m, "x_active_mask");
     MOEDIST_CHECK(ctx, m.dtype == DType::kBool, "x_active_mask has dtype ", dtype_name(m.dtype), " (must be bool)");
     MOEDIST_CHECK(ctx, (m.dim() == 1 && m.size(0) == c.BS) || (m.dim() == 2 && m.size(0) == c.BS && m.size(1) == c.K),
                   "x_active_mask has shape ", m.shape_str(), " (must be (BS,) = (", c.BS, ",) or (BS, K) = (", c.BS, ", ", c.K, "))");
@@ -224,6 +230,8 @@ EpConfig resolve_common(const Common& a) {
       MOEDIST_CHECK(ctx, El >= 1 && El <= a.E, "elastic_info[3]=", El, " MoE experts (must be in [1, moe_expert_num=", a.E, "])");
       MOEDIST_CHECK(ctx, El % (Wl - Srl) == 0 && El / (Wl - Srl) == c.L, "elastic_info gives ", El, " experts on ", Wl - Srl,
                     " MoE ranks (experts per MoE rank must stay ", c.L, " = moe_expert_num / (ep_world_size - shared_expert_rank_num))");
+      MOEDIST_CHECK(ctx, Srl == 0 || c.S > 0, "elastic_info[2]=", Srl, " shared-expert ranks but there are no shared experts (shared_expert_rank_num=",
+                    a.Sr, "; must be 0)");
       if (c.S > 0 && Srl > 0)
         MOEDIST_CHECK(ctx, Srl % c.S == 0, "elastic_info[2]=", Srl, " shared-expert ranks is not a multiple of shared_expert_num=", c.S);
       std::vector<int> t1(static_cast<size_t>(a.W)), t2(static_cast<size_t>(a.W));
@@ -325,6 +333,7 @@ EpConfig resolve_dispatch(const DispatchArgs& a) {
   MOEDIST_CHECK(ctx, a.x.defined(), "x is missing (must be a (BS, H) bfloat16 or float16 tensor)");
   MOEDIST_CHECK(ctx, is_half(a.x.dtype), "x has dtype ", dtype_name(a.x.dtype), " (must be bfloat16 or float16)");
   MOEDIST_CHECK(ctx, a.x.dim() == 2, "x has shape ", a.x.shape_str(), " (must be 2-D (BS, H))");
+  check_strides(ctx, a.x, "x");
   Common cm{"dispatch_v2", &a.expert_ids, &a.group_ep, a.ep_world_size, a.ep_rank_id, a.moe_expert_num, &a.x_active_mask,
             &a.elastic_info, &a.group_tp, a.tp_world_size, a.tp_rank_id, a.expert_shard_type, a.shared_expert_num,
             a.shared_expert_rank_num, a.global_bs, &a.comm_alg, a.zero_expert_num, a.copy_expert_num, a.const_expert_num,
@@ -356,6 +365,7 @@ EpConfig resolve_combine(const CombineArgs& a) {
   MOEDIST_CHECK(ctx, a.expand_x.defined(), "expand_x is missing (must be a (rows, H) bfloat16 or float16 tensor)");
   MOEDIST_CHECK(ctx, is_half(a.expand_x.dtype), "expand_x has dtype ", dtype_name(a.expand_x.dtype), " (must be bfloat16 or float16; int8 expert outputs are not accepted)");
   MOEDIST_CHECK(ctx, a.expand_x.dim() == 2, "expand_x has shape ", a.expand_x.shape_str(), " (must be 2-D)");
+  check_strides(ctx, a.expand_x, "expand_x");
   Common cm{"combine_v2", &a.expert_ids, &a.group_ep, a.ep_world_size, a.ep_rank_id, a.moe_expert_num, &a.x_active_mask,
             &a.elastic_info, &a.group_tp, a.tp_world_size, a.tp_rank_id, a.expert_shard_type, a.shared_expert_num,
             a.shared_expert_rank_num, a.global_bs, &a.comm_alg, a.zero_expert_num, a.copy_expert_num, a.const_expert_num,
@@ -381,6 +391,7 @@ EpConfig resolve_combine(const CombineArgs& a) {
   if (a.shared_expert_x.defined()) {
     MOEDIST_CHECK(cx, c.Sr_orig == 0, "shared_expert_x given with shared_expert_rank_num=", c.Sr_orig, " (only allowed without shared-expert ranks)");
     const TensorView& s = a.shared_expert_x;
+    check_strides(cx, s, "shared_expert_x");
     MOEDIST_CHECK(cx, s.dtype == c.dtype, "shared_expert_x has dtype ", dtype_name(s.dtype), " (must match expand_x: ", dt, ")");
     const bool ok2 = s.dim() == 2 && s.size(0) == c.BS && s.size(1) == c.H;
     const bool ok3 = s.dim() == 3 && s.size(0) * s.size(1) == c.BS && s.size(2) == c.H;
@@ -388,6 +399,7 @@ EpConfig resolve_combine(const CombineArgs& a) {
   }
   if (c.C > 0 || c.Q > 0 || a.ori_x.defined()) {
     MOEDIST_CHECK(cx, a.ori_x.defined(), "ori_x is missing (required with copy_expert_num=", c.C, " or const_expert_num=", c.Q, ")");
+    check_strides(cx, a.ori_x, "ori_x");
     MOEDIST_CHECK(cx, a.ori_x.dtype == c.dtype, "ori_x has dtype ", dtype_name(a.ori_x.dtype), " (must match expand_x: ", dt, ")");
     MOEDIST_CHECK(cx, a.ori_x.dim() == 2 && a.ori_x.size(0) == c.BS && a.ori_x.size(1) == c.H, "ori_x has shape ", a.ori_x.shape_str(),
                   " (must be (BS, H) = (", c.BS, ", ", c.H, "))");
@@ -398,6 +410,7 @@ EpConfig resolve_combine(const CombineArgs& a) {
   for (const auto& [v, name] : consts) {
     if (c.Q == 0 && !v->defined()) continue;
     MOEDIST_CHECK(cx, v->defined(), name, " is missing (required with const_expert_num=", c.Q, ")");
+    check_strides(cx, *v, name);
     MOEDIST_CHECK(cx, v->dtype == c.dtype, name, " has dtype ", dtype_name(v->dtype), " (must match expand_x: ", dt, ")");
     const bool is_v = v == &a.const_expert_v;
     const bool ok = is_v ? (v->dim() == 2 && v->size(0) == c.Q && v->size(1) == c.H) : (v->dim() == 1 && v->size(0) == c.Q);
@@ -421,8 +434,11 @@ CombineCounts combine_counts(const EpConfig& c, const CombineArgs& a) {
   int64_t prev = 0;
   for (int64_t i = 0; i < need; ++i) {
     const int64_t v = at1<int32_t>(cnt, i);
-    MOEDIST_CHECK(cx, v >= prev, "ep_send_counts[", i, "]=", v, " is smaller than ep_send_counts[", i - 1, "]=", prev,
-                  " (must be the non-decreasing prefix counts dispatch_v2 returned)");
+    if (i == 0)
+      MOEDIST_CHECK(cx, v >= 0, "ep_send_counts[0]=", v, " (must be >= 0: the prefix counts dispatch_v2 returned)");
+    else
+      MOEDIST_CHECK(cx, v >= prev, "ep_send_counts[", i, "]=", v, " is smaller than ep_send_counts[", i - 1, "]=", prev,
+                    " (must be the non-decreasing prefix counts dispatch_v2 returned)");
     prev = v;
   }
   CombineCounts r;

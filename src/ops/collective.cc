@@ -64,11 +64,12 @@ void Step::run(const char* op, const std::string& self_label, const std::string*
   transport->exchange(spec);
 }
 
-std::shared_ptr<Transport> lookup(const std::string& group, int64_t rank, int64_t world, const char* op, const char* what) {
+std::shared_ptr<Transport> lookup(const std::string& group, int64_t rank, int64_t world, const char* op, const char* what,
+                                  const std::string& label) {
   auto t = resolve_group(group, rank, op);
   if (t->world_size() != world)
-    throw InvalidArgument(detail::str_cat("[rank ", rank, "/", world, "] ", op, ": ", what, "=", world, " but group \"", group, "\" has ",
-                                          t->world_size(), " ranks (must be equal)"));
+    throw InvalidArgument(detail::str_cat(label, op, ": ", what, "=", world, " but group \"", group, "\" has ", t->world_size(),
+                                          " ranks (must be equal)"));
   return t;
 }
 

@@ -44,7 +44,9 @@ struct Step {
   void run(const char* op, const std::string& self_label, const std::string* failure, const std::function<void(PutWriter&)>& produce);
 };
 
-std::shared_ptr<Transport> lookup(const std::string& group, int64_t rank, int64_t world, const char* op, const char* what);
+// The endpoint of `group` for `rank`, checked to have `world` ranks; `label` prefixes errors.
+std::shared_ptr<Transport> lookup(const std::string& group, int64_t rank, int64_t world, const char* op, const char* what,
+                                  const std::string& label);
 
 // Members to use when this rank's own arguments failed validation (best effort from elastic_info).
 std::vector<int> fallback_members(const TensorView& elastic_info, int64_t world);

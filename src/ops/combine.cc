@@ -25,10 +25,11 @@ void fail_step(const std::shared_ptr<Transport>& t, std::vector<int> members, co
 
 Tensor combine_v2(const CombineArgs& a) {
   const char* op = "combine_v2";
-  auto ep = lookup(a.group_ep, a.ep_rank_id, a.ep_world_size, op, "ep_world_size");
+  const std::string label0 = detail::str_cat("[rank ", a.ep_rank_id, "/", a.ep_world_size, "] ");
+  auto ep = lookup(a.group_ep, a.ep_rank_id, a.ep_world_size, op, "ep_world_size", label0);
   const std::string label = detail::str_cat("[rank ", a.ep_rank_id, "/", a.ep_world_size, "] ");
   std::shared_ptr<Transport> tpt;
-  if (a.tp_world_size == 2) tpt = lookup(a.group_tp, a.tp_rank_id, 2, op, "tp_world_size");
+  if (a.tp_world_size == 2) tpt = lookup(a.group_tp, a.tp_rank_id, 2, op, "tp_world_size", label0);
 
   core::EpConfig c;
   core::CombineCounts counts;

@@ -57,10 +57,11 @@ const T* contiguous(const TensorView& v, std::vector<T>& storage) {
 
 DispatchResult dispatch_v2(const DispatchArgs& a) {
   const char* op = "dispatch_v2";
-  auto ep = lookup(a.group_ep, a.ep_rank_id, a.ep_world_size, op, "ep_world_size");
+  const std::string label0 = detail::str_cat("[rank ", a.ep_rank_id, "/", a.ep_world_size, "] ");
+  auto ep = lookup(a.group_ep, a.ep_rank_id, a.ep_world_size, op, "ep_world_size", label0);
   const std::string label = label_of(a.ep_rank_id, a.ep_world_size);
   std::shared_ptr<Transport> tpt;
-  if (a.tp_world_size == 2) tpt = lookup(a.group_tp, a.tp_rank_id, 2, op, "tp_world_size");
+  if (a.tp_world_size == 2) tpt = lookup(a.group_tp, a.tp_rank_id, 2, op, "tp_world_size", label0);
 
   // Validate; a rank that fails still takes part once, so its peers fail at once, naming it.
   core::EpConfig c;
