@@ -43,4 +43,15 @@ inline void store_bf16(uint16_t* __restrict out, const float* __restrict acc, in
   for (int64_t h = 0; h < n; ++h) out[h] = float_to_bf16(acc[h]);
 }
 
+// One term of a token's reduction: acc += float(row[h]) * w (weighted) or acc += float(row[h]).
+struct RowTerm {
+  const uint16_t* row;
+  float w;
+  bool weighted;
+};
+// out[h] = round(sum of the terms in order, in fp32), for H elements, processed in chunks so the
+// accumulator stays in registers. The order of the terms is the order of summation.
+void reduce_terms_bf16(uint16_t* out, const RowTerm* terms, int n, int64_t H);
+void reduce_terms_fp16(uint16_t* out, const RowTerm* terms, int n, int64_t H);
+
 }  // namespace moedist::core

@@ -170,6 +170,9 @@ void fullmesh_combine(const CombineCtx& cc, uint16_t* out) {
   const size_t region = static_cast<size_t>(c.BS * SL) * cc.slot_bytes;
   auto* buf = static_cast<unsigned char*>(cc.ep->scratch(4, region));
   step.recv = {RecvRegion{buf, region}};
+  // This rank's own rows need no copy when they go out unchanged: the reduction reads them in place.
+  const bool in_place = !cc.quant && !cc.tp_partial;
+  std::vector<const unsigned char*> direct(in_place ? static_cast<size_t>(c.BS * SL) : 0, nullptr);
   step.run("combine_v2", cc.label, nullptr, [&](PutWriter& w) {
     std::vector<uint16_t> tmp;
     for (int64_t i = 0; i < cc.own_rows; ++i) {
@@ -179,18 +182,64 @@ void fullmesh_combine(const CombineCtx& cc, uint16_t* out) {
       if (tok >= src_bs)
         throw InvalidArgument(detail::str_cat(cc.label, "combine_v2: assist_info_for_combine row ", i, " names token ", tok, " of rank ", src,
                                               " which has BS=", src_bs, " (pass dispatch_v2's outputs unchanged)"));
+      if (in_place && src == c.rank) {
+        direct[static_cast<size_t>(tok * SL + kk)] = reinterpret_cast<const unsigned char*>(cc.expand_x + i * H);
+        continue;
+      }
       auto* dst = static_cast<unsigned char*>(w.dest(c.phys(src), 0, static_cast<size_t>(tok * SL + kk) * cc.slot_bytes, cc.slot_bytes));
       cc.wire_row(i, dst, tmp);
     }
   });
 
   // Reduce in the spec's order: k ascending (MoE, copy, const), shared slots, shared_expert_x.
+  // Tokens whose terms are all rows (MoE, copy, shared, shared_expert_x) take the chunked kernel;
+  // const experts and int8 slots take the general loop. Both round the same way.
   std::vector<float> acc(static_cast<size_t>(H)), deq(cc.quant ? static_cast<size_t>(H) : 0);
+  std::vector<core::RowTerm> terms;
+  std::vector<uint16_t> ori_storage, sx_storage;
+  const TensorView& ox = cc.args.ori_x;
+  const uint16_t* ori = ox.defined() ? core::contiguous_rows(ox, ori_storage) : nullptr;
+  const TensorView& sxv = cc.args.shared_expert_x;
+  const uint16_t* sx = nullptr;
+  if (sxv.defined()) {
+    const TensorView flat = sxv.dim() == 3 ? TensorView(sxv.data, sxv.dtype, {c.BS, H},
+                                                        {sxv.stride(1), sxv.stride(2)})
+                                           : sxv;
+    // a (a, b, H) view with a*b == BS is a (BS, H) view when its first two dims are contiguous
+    if (sxv.dim() == 2 || sxv.stride(0) == sxv.stride(1) * sxv.size(1)) sx = core::contiguous_rows(flat, sx_storage);
+  }
   for (int64_t t = 0; t < c.BS; ++t) {
     if (!c.token_on[static_cast<size_t>(t)]) continue;
+    auto slot_values = [&](int64_t kk) -> const unsigned char* {
+      const size_t at = static_cast<size_t>(t * SL + kk);
+      return in_place && direct[at] ? direct[at] : buf + at * cc.slot_bytes;
+    };
+    bool simple = !cc.quant && (!sxv.defined() || sx);
+    terms.clear();
+    for (int64_t k = 0; k < K && simple; ++k) {
+      if (!c.entry_on[static_cast<size_t>(t * K + k)]) continue;
+      const int64_t id = c.ids[static_cast<size_t>(t * K + k)];
+      const float w = core::at2<float>(cc.args.expert_scales, t, k);
+      const core::ExpertKind kind = c.classify(id);
+      if (kind == core::ExpertKind::kMoe)
+        terms.push_back({reinterpret_cast<const uint16_t*>(slot_values(k)), w, true});
+      else if (kind == core::ExpertKind::kCopy)
+        terms.push_back({ori + t * H, w, true});
+      else if (kind == core::ExpertKind::kConst)
+        simple = false;
+    }
+    uint16_t* o = out + t * H;
+    if (simple) {
+      for (int64_t s = 0; s < c.S; ++s) terms.push_back({reinterpret_cast<const uint16_t*>(slot_values(K + s)), 1.f, false});
+      if (sx) terms.push_back({sx + t * H, 1.f, false});
+      if (dt == DType::kBFloat16)
+        core::reduce_terms_bf16(o, terms.data(), static_cast<int>(terms.size()), H);
+      else
+        core::reduce_terms_fp16(o, terms.data(), static_cast<int>(terms.size()), H);
+      continue;
+    }
     std::fill(acc.begin(), acc.end(), 0.f);
     float* a = acc.data();
-    auto slot_values = [&](int64_t kk) -> const unsigned char* { return buf + static_cast<size_t>(t * SL + kk) * cc.slot_bytes; };
     auto add_slot = [&](int64_t kk, float w, bool weighted) {
       const unsigned char* p = slot_values(kk);
       if (cc.quant) {
@@ -219,7 +268,6 @@ void fullmesh_combine(const CombineCtx& cc, uint16_t* out) {
     }
     for (int64_t s = 0; s < c.S; ++s) add_slot(K + s, 0.f, false);
     add_shared_x(cc, t, a);
-    uint16_t* o = out + t * H;
     if (dt == DType::kBFloat16)
       core::store_bf16(o, a, H);
     else
