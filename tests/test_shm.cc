@@ -51,6 +51,8 @@ struct Scenario {
   int mode;
 };
 
+inline void PrintTo(const Scenario& s, std::ostream* os) { *os << s.name; }
+
 class ShmFault : public ::testing::TestWithParam<Scenario> {};
 
 TEST_P(ShmFault, PeersFailNamingTheRank) {

@@ -1,21 +1,31 @@
 // `moedist demo`: one whole MoE layer (router, dispatch_v2, SwiGLU experts, combine_v2) on ranks that
-// are threads of this process, checked two ways:
+// are local processes over shared memory (default; make_shm_group) or threads of this process
+// (--threads; make_thread_group), checked two ways:
 //   1. numerically, against the same layer computed densely in one process in fp32 (every token times
 //      every expert it picked, no communication at all);
 //   2. bit for bit, against moedist::reference run on the very arguments the ranks passed.
 // Every model parameter comes from a seeded generator stream keyed by (seed, what, id), so the
-// dense computation can regenerate any expert's weights without talking to the rank that hosts it.
+// dense computation can regenerate any expert's weights without talking to the rank that hosts it,
+// and a rank process can rebuild every other rank's arguments for the reference.
 #include "demo.h"
 
+#include <sys/stat.h>
+#include <unistd.h>
+
 #include <algorithm>
+#include <cctype>
+#include <cerrno>
 #include <charconv>
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <fstream>
+#include <functional>
 #include <iostream>
 #include <mutex>
 #include <numeric>
@@ -25,6 +35,7 @@
 #include <thread>
 #include <vector>
 
+#include "launch.h"
 #include "moedist/moedist.h"
 
 namespace moedist::tools {
@@ -34,7 +45,7 @@ namespace {
 // Options
 
 struct DemoOptions {
-  int ranks = 4;          // EP world size W; with --tp 2 there are 2*W threads
+  int ranks = 4;          // EP world size W; with --tp 2 there are 2*W ranks (processes or threads)
   int tokens = 64;        // BS per rank
   int hidden = 1024;      // H
   int topk = 4;           // K
@@ -52,6 +63,8 @@ struct DemoOptions {
   bool mask = false;      // 1-D x_active_mask with the last BS/4 tokens inactive
   uint64_t seed = 1;
   int timeout_ms = 20000;
+  bool threads = false;    // ranks are threads of this process instead of processes
+  std::string report_dir;  // internal: set for the rank processes the demo starts
 };
 
 class UsageError : public std::runtime_error {
@@ -149,9 +162,12 @@ bool parse_options(const std::vector<std::string>& args, DemoOptions& o) {
       }
       return value;
     };
-    if (name == "--mask") {
-      if (has_value) throw UsageError("--mask takes no value");
-      o.mask = true;
+    if (name == "--mask" || name == "--threads") {
+      if (has_value) throw UsageError(cat(name, " takes no value"));
+      (name == "--mask" ? o.mask : o.threads) = true;
+    } else if (name == "--report-dir") {
+      o.report_dir = take_value();
+      if (o.report_dir.empty()) throw UsageError("--report-dir needs a directory");
     } else if (name == "--dtype") {
       const std::string& v = take_value();
       if (v == "bf16" || v == "bfloat16")
@@ -270,7 +286,7 @@ struct Layer {
   // Router column j picks routed expert j, or a special expert; special ids stay offset by the
   // original E even after scale-down (spec section 10).
   int32_t column_expert_id(int64_t j) const { return static_cast<int32_t>(j < E_active ? j : E + (j - E_active)); }
-  int64_t threads() const { return tp * active_ranks; }
+  int64_t calling_ranks() const { return tp * active_ranks; }  // ranks that call the ops
   bool is_shared_rank(int64_t ep_rank) const { return ep_rank < Sr; }
   std::string ep_group(int tp_rank) const { return cat("moedist-demo-ep", tp_rank); }
   std::string tp_group(int64_t ep_rank) const { return cat("moedist-demo-tp", ep_rank); }
@@ -582,13 +598,21 @@ CombineArgs make_combine_args(const Layer& l, const RankState& st) {
   return a;
 }
 
-// Thrown on the ranks that stop because another rank failed; the report shows the original error.
+// ---------------------------------------------------------------------------------------------------
+// Running a rank
+
+using Clock = std::chrono::steady_clock;
+double ms_since(Clock::time_point start) { return std::chrono::duration<double, std::milli>(Clock::now() - start).count(); }
+
+// Thread mode: thrown on the ranks that stop because another rank failed; the report shows the
+// original error.
 struct RankStopped : std::exception {
   const char* what() const noexcept override { return "stopped because another rank failed"; }
 };
 
-// Lines the ranks up before each phase, so that a phase's time does not include waiting for a peer
-// still busy with the previous one. A failing rank breaks it, so its peers stop instead of hanging.
+// Thread mode: lines the ranks up before each phase, so that a phase's time does not include waiting
+// for a peer still busy with the previous one. A failing rank breaks it, so its peers stop instead of
+// hanging.
 class PhaseBarrier {
  public:
   explicit PhaseBarrier(int64_t n) : n_(n) {}
@@ -620,74 +644,99 @@ class PhaseBarrier {
   bool broken_ = false;
 };
 
-using Clock = std::chrono::steady_clock;
-double ms_since(Clock::time_point start) { return std::chrono::duration<double, std::milli>(Clock::now() - start).count(); }
+// Process mode: the same line-up across processes, as an empty exchange (no blob, no payload) on a
+// shared-memory group of every rank that calls the ops: it returns once all of them have arrived. A
+// dead or failed peer raises TransportError naming it, or Timeout, instead of hanging.
+class ShmBarrier {
+ public:
+  explicit ShmBarrier(std::shared_ptr<Transport> group) : group_(std::move(group)) {
+    for (int r = 0; r < group_->world_size(); ++r) members_.push_back(r);
+  }
+  void arrive_and_wait() {
+    ExchangeSpec spec;
+    spec.op = "moedist demo phase barrier";
+    spec.members = members_;
+    group_->exchange(spec);
+  }
 
-void run_rank(const Layer& l, RankState& st, PhaseBarrier& barrier) {
-  // Setup, not timed: the weights of the experts this rank hosts.
+ private:
+  std::shared_ptr<Transport> group_;
+  std::vector<int> members_;
+};
+
+// One rank's layer. `align` lines the ranks up before each phase; setup (the hosted experts' weights)
+// is not timed.
+void run_rank(const Layer& l, RankState& st, const std::function<void()>& align) {
   std::vector<ExpertWeights> weights;
   for (const ExpertKey& key : hosted_experts(l, st.ep_rank)) weights.push_back(make_expert_weights(l, key));
 
-  barrier.arrive_and_wait();
+  align();
   Clock::time_point start = Clock::now();
   gate(l, st);
   st.times.gating = ms_since(start);
 
-  barrier.arrive_and_wait();
+  align();
   start = Clock::now();
   st.dispatched = dispatch_v2(st.dispatch_args);
   st.times.dispatch = ms_since(start);
 
-  barrier.arrive_and_wait();
+  align();
   start = Clock::now();
   run_experts(l, st, weights);
   st.times.experts = ms_since(start);
 
   st.combine_args = make_combine_args(l, st);
-  barrier.arrive_and_wait();
+  align();
   start = Clock::now();
   st.out = combine_v2(st.combine_args);
   st.times.combine = ms_since(start);
 }
 
-// Registers the EP group(s) and TP groups for the run; unregisters them when it ends.
+// The groups this process registered for the run; unregistered when it ends.
 class GroupRegistration {
  public:
-  explicit GroupRegistration(const Layer& l) {
-    GroupOptions options;
-    options.timeout = std::chrono::milliseconds(l.opt.timeout_ms);
-    for (int q = 0; q < l.tp; ++q) add(l.ep_group(q), make_thread_group(static_cast<int>(l.W), options));
-    if (l.tp == 2)
-      for (int64_t r = 0; r < l.W; ++r) add(l.tp_group(r), make_thread_group(2, options));
-  }
+  GroupRegistration() = default;
   ~GroupRegistration() {
     for (const std::string& name : names_) unregister_group(name);
   }
   GroupRegistration(const GroupRegistration&) = delete;
   GroupRegistration& operator=(const GroupRegistration&) = delete;
-
- private:
   void add(const std::string& name, std::vector<std::shared_ptr<Transport>> endpoints) {
     register_group(name, std::move(endpoints));
     names_.push_back(name);
   }
+
+ private:
   std::vector<std::string> names_;
 };
 
-std::string rank_name(const Layer& l, const RankState& st) {
-  return l.tp == 2 ? cat("rank ", st.ep_rank, " (tp ", st.tp_rank, ")") : cat("rank ", st.ep_rank);
+GroupOptions group_options(const Layer& l) {
+  GroupOptions options;
+  options.timeout = std::chrono::milliseconds(l.opt.timeout_ms);
+  return options;
 }
 
-// Runs every rank on its own thread. Returns "" or the first failure (in rank order), leaving aside
-// the ranks that only stopped because of it.
+std::string rank_name(const Layer& l, int tp_rank, int64_t ep_rank) {
+  return l.tp == 2 ? cat("rank ", ep_rank, " (tp ", tp_rank, ")") : cat("rank ", ep_rank);
+}
+std::string rank_name(const Layer& l, const RankState& st) { return rank_name(l, st.tp_rank, st.ep_rank); }
+
+// Thread mode: runs every rank on its own thread over thread groups. Returns "" or the first failure
+// (in rank order), leaving aside the ranks that only stopped because of it.
 std::string run_ranks(const Layer& l, std::vector<RankState>& ranks) {
+  GroupRegistration groups;
+  const GroupOptions options = group_options(l);
+  for (int q = 0; q < l.tp; ++q) groups.add(l.ep_group(q), make_thread_group(static_cast<int>(l.W), options));
+  if (l.tp == 2)
+    for (int64_t r = 0; r < l.W; ++r) groups.add(l.tp_group(r), make_thread_group(2, options));
+
   PhaseBarrier barrier(static_cast<int64_t>(ranks.size()));
   std::vector<std::exception_ptr> errors(ranks.size());
   std::vector<std::thread> threads;
   for (size_t i = 0; i < ranks.size(); ++i)
     threads.emplace_back([&, i] {
       try {
-        run_rank(l, ranks[i], barrier);
+        run_rank(l, ranks[i], [&] { barrier.arrive_and_wait(); });
       } catch (...) {
         errors[i] = std::current_exception();
         barrier.break_barrier();
@@ -714,11 +763,13 @@ std::string run_ranks(const Layer& l, std::vector<RankState>& ranks) {
 // with zero -> 0, copy -> x, const -> alpha1*x + alpha2*v. Inputs of the FFN experts are quantized
 // and dequantized exactly like dispatch_v2 does with --quant 2, so the check measures the layer's
 // rounding (expert outputs and the combined sum in the token dtype), not the int8 error.
-std::vector<std::vector<float>> dense_layer(const Layer& l, const std::vector<RankState>& ranks) {
+// Only the ranks in `which` are computed (a rank process checks its own tokens); the others' entries
+// stay empty.
+std::vector<std::vector<float>> dense_layer(const Layer& l, const std::vector<RankState>& ranks, const std::vector<size_t>& which) {
   const int64_t H = l.H, K = l.K;
   const size_t n = ranks.size();
   std::vector<std::vector<float>> raw(n), input(n), out(n);
-  for (size_t i = 0; i < n; ++i) {
+  for (size_t i : which) {
     raw[i].resize(static_cast<size_t>(l.BS * H));
     for (size_t j = 0; j < raw[i].size(); ++j) raw[i][j] = half_to_float(l.dtype(), ranks[i].x[j]);
     input[i] = raw[i];
@@ -739,7 +790,7 @@ std::vector<std::vector<float>> dense_layer(const Layer& l, const std::vector<Ra
   };
   std::vector<std::vector<Use>> uses(static_cast<size_t>(l.E_active));
   const int64_t zero_end = l.E + l.opt.zero, copy_end = zero_end + l.opt.copy;
-  for (size_t i = 0; i < n; ++i)
+  for (size_t i : which)
     for (int64_t t = 0; t < l.active_tokens; ++t) {
       float* acc = out[i].data() + t * H;
       const float* x = raw[i].data() + t * H;
@@ -772,7 +823,7 @@ std::vector<std::vector<float>> dense_layer(const Layer& l, const std::vector<Ra
   }
   if (l.S > 0) {
     const ExpertWeights w = make_expert_weights(l, ExpertKey{true, 0});
-    for (size_t i = 0; i < n; ++i)
+    for (size_t i : which)
       for (int64_t t = 0; t < l.active_tokens; ++t) {
         ffn_forward(w, input[i].data() + t * H, 0, l.F, scratch, y.data());
         float* acc = out[i].data() + t * H;
@@ -787,21 +838,24 @@ struct Accuracy {
   double max_abs_dense = 0;
   int64_t non_finite = 0;
   double rel_err() const { return max_abs_dense > 0 ? max_abs_err / max_abs_dense : max_abs_err; }
+  void merge(const Accuracy& a) {
+    max_abs_err = std::max(max_abs_err, a.max_abs_err);
+    max_abs_dense = std::max(max_abs_dense, a.max_abs_dense);
+    non_finite += a.non_finite;
+  }
 };
 
-Accuracy compare_with_dense(const Layer& l, const std::vector<RankState>& ranks, const std::vector<std::vector<float>>& dense) {
+Accuracy compare_with_dense(const Layer& l, const RankState& st, const std::vector<float>& dense) {
   Accuracy a;
-  for (size_t i = 0; i < ranks.size(); ++i) {
-    const uint16_t* got = ranks[i].out.data_as<uint16_t>();
-    for (size_t j = 0; j < dense[i].size(); ++j) {
-      const double v = half_to_float(l.dtype(), got[j]), want = dense[i][j];
-      if (!std::isfinite(v)) {
-        ++a.non_finite;
-        continue;
-      }
-      a.max_abs_err = std::max(a.max_abs_err, std::fabs(v - want));
-      a.max_abs_dense = std::max(a.max_abs_dense, std::fabs(want));
+  const uint16_t* got = st.out.data_as<uint16_t>();
+  for (size_t j = 0; j < dense.size(); ++j) {
+    const double v = half_to_float(l.dtype(), got[j]), want = dense[j];
+    if (!std::isfinite(v)) {
+      ++a.non_finite;
+      continue;
     }
+    a.max_abs_err = std::max(a.max_abs_err, std::fabs(v - want));
+    a.max_abs_dense = std::max(a.max_abs_dense, std::fabs(want));
   }
   return a;
 }
@@ -832,46 +886,176 @@ int64_t own_rows(const Layer& l, const RankState& st, const DispatchResult& d) {
   return l.tp == 2 ? d.tp_recv_counts.data_as<int32_t>()[st.tp_rank] : sum_counts(d.expert_token_nums);
 }
 
-// Runs moedist::reference on every rank's arguments and compares. Returns "" on a bit-exact match.
-std::string compare_with_reference(const Layer& l, const std::vector<RankState>& ranks) {
-  std::vector<DispatchArgs> dispatch_calls;
-  std::vector<CombineArgs> combine_calls;
-  for (const RankState& st : ranks) {
-    dispatch_calls.push_back(st.dispatch_args);
-    combine_calls.push_back(st.combine_args);
+// "" if the rank's dispatch outputs match the reference's bit for bit.
+std::string compare_dispatch(const Layer& l, const RankState& st, const DispatchResult& w) {
+  const DispatchResult& got = st.dispatched;
+  const std::string who = rank_name(l, st) + " dispatch_v2 ";
+  std::string diff = first_difference(got.expert_token_nums, w.expert_token_nums, -1, who + "expert_token_nums");
+  if (diff.empty()) diff = first_difference(got.ep_recv_counts, w.ep_recv_counts, -1, who + "ep_recv_counts");
+  if (diff.empty()) diff = first_difference(got.tp_recv_counts, w.tp_recv_counts, -1, who + "tp_recv_counts");
+  if (!diff.empty()) return diff;
+  const int64_t rows = sum_counts(w.expert_token_nums), own = own_rows(l, st, w);
+  diff = first_difference(got.expand_x, w.expand_x, rows * l.H, who + "expand_x");
+  if (diff.empty() && l.opt.quant == 2) diff = first_difference(got.dynamic_scales, w.dynamic_scales, rows, who + "dynamic_scales");
+  if (diff.empty()) diff = first_difference(got.assist_info_for_combine, w.assist_info_for_combine, 3 * own, who + "assist_info_for_combine");
+  if (diff.empty()) diff = first_difference(got.expand_scales, w.expand_scales, own, who + "expand_scales");
+  return diff;
+}
+
+std::string compare_combine(const Layer& l, const RankState& st, const Tensor& want) {
+  return first_difference(st.out, want, -1, rank_name(l, st) + " combine_v2 output");
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Per-rank results: what a rank measured and checked, all the report needs. In process mode each rank
+// writes its own to a file that the reporting process reads.
+
+struct RankSummary {
+  enum class Status { kMissing, kOk, kRemoved, kError };
+  Status status = Status::kMissing;
+  int tp_rank = 0;
+  int64_t ep_rank = 0;
+  std::string error;               // kError
+  bool transport_error = false;    // the error is a TransportError or Timeout: often a peer's failure
+  PhaseTimes times;
+  std::vector<int64_t> rows;       // rows received per local expert (one entry on a shared rank or with TP)
+  int64_t zero = 0, copy = 0, constant = 0;  // zero/copy/const picks of this rank's tokens
+  Accuracy accuracy;               // vs the dense layer, this rank's tokens
+  std::string dispatch_diff, combine_diff;  // vs the reference, "" when bit-exact
+};
+
+// What a rank's run measured: times, the rows per expert, the special experts picked.
+void summarize_run(const Layer& l, const RankState& st, RankSummary& s) {
+  s.status = RankSummary::Status::kOk;
+  s.tp_rank = st.tp_rank;
+  s.ep_rank = st.ep_rank;
+  s.times = st.times;
+  const DispatchResult& d = st.dispatched;
+  s.rows.clear();
+  if (l.is_shared_rank(st.ep_rank) || l.tp == 2)
+    s.rows.push_back(own_rows(l, st, d));
+  else
+    for (int64_t e = 0; e < d.expert_token_nums.numel(); ++e) s.rows.push_back(d.expert_token_nums.data_as<int64_t>()[e]);
+  const int64_t zero_end = l.E + l.opt.zero, copy_end = zero_end + l.opt.copy;
+  for (int64_t i = 0; i < l.active_tokens * l.K; ++i) {
+    const int64_t id = st.expert_ids[static_cast<size_t>(i)];
+    if (id < l.E) continue;
+    if (id < zero_end)
+      ++s.zero;
+    else if (id < copy_end)
+      ++s.copy;
+    else
+      ++s.constant;
   }
-  const std::vector<DispatchResult> want = reference::dispatch_v2(dispatch_calls);
-  for (size_t i = 0; i < ranks.size(); ++i) {
-    const DispatchResult& got = ranks[i].dispatched;
-    const DispatchResult& w = want[i];
-    const std::string who = rank_name(l, ranks[i]) + " dispatch_v2 ";
-    std::string diff = first_difference(got.expert_token_nums, w.expert_token_nums, -1, who + "expert_token_nums");
-    if (diff.empty()) diff = first_difference(got.ep_recv_counts, w.ep_recv_counts, -1, who + "ep_recv_counts");
-    if (diff.empty()) diff = first_difference(got.tp_recv_counts, w.tp_recv_counts, -1, who + "tp_recv_counts");
-    if (!diff.empty()) return diff;
-    const int64_t rows = sum_counts(w.expert_token_nums), own = own_rows(l, ranks[i], w);
-    diff = first_difference(got.expand_x, w.expand_x, rows * l.H, who + "expand_x");
-    if (diff.empty() && l.opt.quant == 2) diff = first_difference(got.dynamic_scales, w.dynamic_scales, rows, who + "dynamic_scales");
-    if (diff.empty()) diff = first_difference(got.assist_info_for_combine, w.assist_info_for_combine, 3 * own, who + "assist_info_for_combine");
-    if (diff.empty()) diff = first_difference(got.expand_scales, w.expand_scales, own, who + "expand_scales");
-    if (!diff.empty()) return diff;
+}
+
+std::string one_line(std::string text) {
+  for (char& c : text)
+    if (c == '\n' || c == '\r') c = ' ';
+  return text;
+}
+
+const char* status_name(RankSummary::Status s) {
+  switch (s) {
+    case RankSummary::Status::kOk: return "ok";
+    case RankSummary::Status::kRemoved: return "removed";
+    case RankSummary::Status::kError: return "error";
+    default: return "missing";
   }
-  const std::vector<Tensor> want_out = reference::combine_v2(combine_calls);
-  for (size_t i = 0; i < ranks.size(); ++i) {
-    const std::string diff = first_difference(ranks[i].out, want_out[i], -1, rank_name(l, ranks[i]) + " combine_v2 output");
-    if (!diff.empty()) return diff;
+}
+
+std::string summary_path(const std::string& dir, int rank) { return cat(dir, "/rank", rank, ".txt"); }
+
+// Written to a temporary name, then renamed: a reader sees the whole file or none.
+bool write_summary(const std::string& dir, int rank, const RankSummary& s) {
+  mkdir(dir.c_str(), 0700);  // exists already, except under an outside launcher
+  const std::string tmp = cat(dir, "/.rank", rank, ".tmp");
+  {
+    std::ofstream f(tmp);
+    f.precision(17);
+    f << "status " << status_name(s.status) << "\n"
+      << "rank " << s.tp_rank << " " << s.ep_rank << "\n"
+      << "times " << s.times.gating << " " << s.times.dispatch << " " << s.times.experts << " " << s.times.combine << "\n"
+      << "rows " << s.rows.size();
+    for (int64_t r : s.rows) f << " " << r;
+    f << "\n"
+      << "special " << s.zero << " " << s.copy << " " << s.constant << "\n"
+      << "dense " << s.accuracy.max_abs_err << " " << s.accuracy.max_abs_dense << " " << s.accuracy.non_finite << "\n"
+      << "transport_error " << (s.transport_error ? 1 : 0) << "\n"
+      << "error " << one_line(s.error) << "\n"
+      << "dispatch_diff " << one_line(s.dispatch_diff) << "\n"
+      << "combine_diff " << one_line(s.combine_diff) << "\n"
+      << "end\n";
+    if (!f.flush()) return false;
   }
-  return "";
+  return std::rename(tmp.c_str(), summary_path(dir, rank).c_str()) == 0;
+}
+
+bool read_summary(const std::string& path, RankSummary& s) {
+  std::ifstream f(path);
+  if (!f) return false;
+  RankSummary r;
+  bool complete = false;
+  std::string line;
+  while (std::getline(f, line)) {
+    std::istringstream in(line);
+    std::string key;
+    in >> key;
+    const std::string rest = line.size() > key.size() ? line.substr(key.size() + 1) : "";
+    if (key == "status") {
+      r.status = rest == "ok" ? RankSummary::Status::kOk : rest == "removed" ? RankSummary::Status::kRemoved : RankSummary::Status::kError;
+    } else if (key == "rank") {
+      in >> r.tp_rank >> r.ep_rank;
+    } else if (key == "times") {
+      in >> r.times.gating >> r.times.dispatch >> r.times.experts >> r.times.combine;
+    } else if (key == "rows") {
+      size_t n = 0;
+      in >> n;
+      r.rows.assign(n, 0);
+      for (int64_t& v : r.rows) in >> v;
+    } else if (key == "special") {
+      in >> r.zero >> r.copy >> r.constant;
+    } else if (key == "dense") {
+      in >> r.accuracy.max_abs_err >> r.accuracy.max_abs_dense >> r.accuracy.non_finite;
+    } else if (key == "transport_error") {
+      in >> r.transport_error;
+    } else if (key == "error") {
+      r.error = rest;
+    } else if (key == "dispatch_diff") {
+      r.dispatch_diff = rest;
+    } else if (key == "combine_diff") {
+      r.combine_diff = rest;
+    } else if (key == "end") {
+      complete = true;
+    }
+    if (!in && key != "end" && key != "error" && key != "dispatch_diff" && key != "combine_diff" && key != "status") return false;
+  }
+  if (!complete) return false;
+  s = std::move(r);
+  return true;
+}
+
+// Removes the rank files and the directory.
+void remove_report_dir(const std::string& dir, int processes) {
+  for (int p = 0; p < processes; ++p) {
+    std::remove(summary_path(dir, p).c_str());
+    std::remove(cat(dir, "/.rank", p, ".tmp").c_str());
+  }
+  rmdir(dir.c_str());
 }
 
 // ---------------------------------------------------------------------------------------------------
 // Report
 
-void print_header(const Layer& l) {
+void print_header(const Layer& l, bool processes) {
   const DemoOptions& o = l.opt;
-  const std::string threads = l.tp == 2 ? cat(" x tp 2 = ", l.threads(), " threads") : " (threads)";
+  std::string how;
+  if (l.tp == 2)
+    how = cat(" x tp 2 = ", l.tp * l.W, processes ? " processes (shared memory)" : " threads");
+  else
+    how = processes ? " (processes, shared memory)" : " (threads)";
   std::printf("moedist demo (moedist %s): %d ranks%s, %d tokens/rank, hidden %d, top-%d of %d experts (%lld per rank), ffn %d, %s",
-              MOEDIST_VERSION_STRING, o.ranks, threads.c_str(), o.tokens,
+              MOEDIST_VERSION_STRING, o.ranks, how.c_str(), o.tokens,
               o.hidden, o.topk, o.experts, static_cast<long long>(l.L), o.ffn, short_dtype_name(o.dtype));
   std::printf(", quant %d, comm-quant %d", o.quant, o.comm_quant);
   if (o.shared_ranks) std::printf(", shared ranks %d (1 shared expert)", o.shared_ranks);
@@ -883,34 +1067,25 @@ void print_header(const Layer& l) {
   std::printf(", seed %llu\n", static_cast<unsigned long long>(o.seed));
 }
 
-void print_load(const Layer& l, const std::vector<RankState>& ranks) {
+void print_load(const Layer& l, const std::vector<RankSummary>& ranks) {
   // Rows each expert received, summed over ranks (and over both EP groups with TP).
   std::vector<int64_t> routed(static_cast<size_t>(l.E_active), 0);
-  int64_t shared = 0;
-  for (const RankState& st : ranks) {
-    const DispatchResult& d = st.dispatched;
-    if (l.is_shared_rank(st.ep_rank)) {
-      shared += own_rows(l, st, d);
-    } else if (l.tp == 2) {
-      routed[static_cast<size_t>(st.ep_rank - l.Sr)] += own_rows(l, st, d);  // one expert per rank
-    } else {
-      for (int64_t e = 0; e < d.expert_token_nums.numel(); ++e)
-        routed[static_cast<size_t>((st.ep_rank - l.Sr) * l.L + e)] += d.expert_token_nums.data_as<int64_t>()[e];
+  int64_t shared = 0, zero = 0, copy = 0, constant = 0;
+  for (const RankSummary& s : ranks) {
+    if (s.status != RankSummary::Status::kOk) continue;
+    zero += s.zero;
+    copy += s.copy;
+    constant += s.constant;
+    if (l.is_shared_rank(s.ep_rank)) {
+      for (int64_t r : s.rows) shared += r;
+      continue;
+    }
+    const int64_t first = l.tp == 2 ? s.ep_rank - l.Sr : (s.ep_rank - l.Sr) * l.L;  // TP: one expert per rank
+    for (size_t e = 0; e < s.rows.size(); ++e) {
+      const int64_t g = first + static_cast<int64_t>(e);
+      if (g >= 0 && g < l.E_active) routed[static_cast<size_t>(g)] += s.rows[e];
     }
   }
-  int64_t zero = 0, copy = 0, constant = 0;
-  const int64_t zero_end = l.E + l.opt.zero, copy_end = zero_end + l.opt.copy;
-  for (const RankState& st : ranks)
-    for (int64_t i = 0; i < l.active_tokens * l.K; ++i) {
-      const int64_t id = st.expert_ids[static_cast<size_t>(i)];
-      if (id < l.E) continue;
-      if (id < zero_end)
-        ++zero;
-      else if (id < copy_end)
-        ++copy;
-      else
-        ++constant;
-    }
 
   const int64_t total = std::accumulate(routed.begin(), routed.end(), int64_t{0});
   std::printf("expert load (rows received per routed expert, all ranks; %lld rows in total):\n", static_cast<long long>(total));
@@ -934,13 +1109,18 @@ void print_load(const Layer& l, const std::vector<RankState>& ranks) {
                 static_cast<long long>(copy), static_cast<long long>(constant));
 }
 
-void print_times(const std::vector<RankState>& ranks) {
-  std::printf("phase times, ms (median / max over %zu ranks; each phase starts on all ranks together):\n", ranks.size());
+void print_times(const std::vector<RankSummary>& ranks, bool processes) {
+  std::vector<const RankSummary*> ran;
+  for (const RankSummary& s : ranks)
+    if (s.status == RankSummary::Status::kOk) ran.push_back(&s);
+  if (ran.empty()) return;
+  std::printf("phase times, ms (median / max over %zu ranks; each phase starts on all ranks together%s):\n", ran.size(),
+              processes ? ", after a shared-memory barrier" : "");
   const std::pair<const char*, double PhaseTimes::*> phases[] = {
       {"gating", &PhaseTimes::gating}, {"dispatch", &PhaseTimes::dispatch}, {"expert FFN", &PhaseTimes::experts}, {"combine", &PhaseTimes::combine}};
   for (const auto& [name, field] : phases) {
     std::vector<double> t;
-    for (const RankState& st : ranks) t.push_back(st.times.*field);
+    for (const RankSummary* s : ran) t.push_back(s->times.*field);
     std::sort(t.begin(), t.end());
     const size_t n = t.size();
     const double median = n % 2 ? t[n / 2] : (t[n / 2 - 1] + t[n / 2]) / 2;
@@ -960,43 +1140,272 @@ int fail(const std::string& why) {
   return 1;
 }
 
-int run_demo(const DemoOptions& o) {
-  const Layer l = make_layer(o);
-  print_header(l);
-  std::fflush(stdout);
-
-  std::vector<RankState> ranks;
-  for (int q = 0; q < l.tp; ++q)
-    for (int64_t r = 0; r < l.active_ranks; ++r) ranks.push_back(make_rank(l, q, r));
-  {
-    GroupRegistration groups(l);
-    const std::string error = run_ranks(l, ranks);
-    if (!error.empty()) {
-      std::printf("error: %s\n", error.c_str());
-      return fail("a rank failed");
+// Prints everything after the header and the verdict; returns the exit code. `launcher_code` is the
+// exit status of the rank processes (0 in thread mode).
+int report(const Layer& l, const std::vector<RankSummary>& ranks, bool processes, int launcher_code) {
+  // Failures in two rounds: first the ranks that failed on their own (or died), then the ones whose
+  // error came from the transport (TransportError, Timeout), which usually names the first ones.
+  int failed = 0, transport_failed = 0;
+  for (int round = 0; round < 2; ++round)
+    for (const RankSummary& s : ranks) {
+      const std::string who = rank_name(l, s.tp_rank, s.ep_rank);
+      if (s.status == RankSummary::Status::kMissing && round == 0) {
+        std::printf("error: %s: no result (its process died or was stopped before reporting)\n", who.c_str());
+        ++failed;
+      } else if (s.status == RankSummary::Status::kError && s.transport_error == (round == 1)) {
+        std::printf("error: %s: %s\n", who.c_str(), s.error.c_str());
+        ++(round == 0 ? failed : transport_failed);
+      }
     }
+  if (failed + transport_failed > 0) {
+    if (failed == 0) return fail(transport_failed == 1 ? "a rank failed" : cat(transport_failed, " ranks failed"));
+    std::string why = failed == 1 ? "a rank failed" : cat(failed, " ranks failed");
+    if (transport_failed) why += cat(", ", transport_failed, " more stopped with transport errors");
+    return fail(why);
   }
 
   print_load(l, ranks);
-  print_times(ranks);
+  print_times(ranks, processes);
 
-  const Accuracy acc = compare_with_dense(l, ranks, dense_layer(l, ranks));
+  Accuracy acc;
+  std::string ref_diff, combine_diff;
+  for (const RankSummary& s : ranks) {
+    if (s.status != RankSummary::Status::kOk) continue;
+    acc.merge(s.accuracy);
+    if (ref_diff.empty()) ref_diff = s.dispatch_diff;
+    if (combine_diff.empty()) combine_diff = s.combine_diff;
+  }
+  if (ref_diff.empty()) ref_diff = combine_diff;  // dispatch differences first: combine's follow from them
   const double tol = tolerance(l);
   const bool accurate = acc.non_finite == 0 && acc.rel_err() < tol;
   std::printf("dense fp32 check%s: max abs err %.3e, rel err %.3e (max abs err / max |dense| = %.3e), tolerance rel err < %.0e: %s\n",
-              o.quant == 2 ? " (dense inputs int8-quantized like dispatch)" : "", acc.max_abs_err, acc.rel_err(), acc.max_abs_dense, tol,
+              l.opt.quant == 2 ? " (dense inputs int8-quantized like dispatch)" : "", acc.max_abs_err, acc.rel_err(), acc.max_abs_dense, tol,
               accurate ? "ok" : "EXCEEDED");
   if (acc.non_finite) std::printf("  %lld non-finite output values\n", static_cast<long long>(acc.non_finite));
-
-  const std::string ref_diff = compare_with_reference(l, ranks);
   std::printf("bit-exact vs reference: %s\n", ref_diff.empty() ? "yes" : ("no (" + ref_diff + ")").c_str());
 
   if (!accurate && !ref_diff.empty()) return fail("dense check and reference check");
   if (!accurate) return fail(acc.non_finite ? "non-finite output" : "error above tolerance");
   if (!ref_diff.empty()) return fail("not bit-exact vs reference");
+  if (launcher_code != 0) return fail(cat("the rank processes exited with code ", launcher_code));
   std::printf("moedist demo: PASS\n");
   std::fflush(stdout);
   return 0;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Thread mode: every rank is a thread of this process; the checks see every rank's state directly.
+
+int run_threads(const DemoOptions& o) {
+  const Layer l = make_layer(o);
+  print_header(l, false);
+  std::fflush(stdout);
+
+  std::vector<RankState> ranks;
+  for (int q = 0; q < l.tp; ++q)
+    for (int64_t r = 0; r < l.active_ranks; ++r) ranks.push_back(make_rank(l, q, r));
+  const std::string error = run_ranks(l, ranks);
+  if (!error.empty()) {
+    std::printf("error: %s\n", error.c_str());
+    return fail("a rank failed");
+  }
+
+  std::vector<RankSummary> summaries(ranks.size());
+  std::vector<size_t> all(ranks.size());
+  std::iota(all.begin(), all.end(), size_t{0});
+  const std::vector<std::vector<float>> dense = dense_layer(l, ranks, all);
+  std::vector<DispatchArgs> dispatch_calls;
+  std::vector<CombineArgs> combine_calls;
+  for (const RankState& st : ranks) {
+    dispatch_calls.push_back(st.dispatch_args);
+    combine_calls.push_back(st.combine_args);
+  }
+  const std::vector<DispatchResult> want = reference::dispatch_v2(dispatch_calls);
+  const std::vector<Tensor> want_out = reference::combine_v2(combine_calls);
+  for (size_t i = 0; i < ranks.size(); ++i) {
+    summarize_run(l, ranks[i], summaries[i]);
+    summaries[i].accuracy = compare_with_dense(l, ranks[i], dense[i]);
+    summaries[i].dispatch_diff = compare_dispatch(l, ranks[i], want[i]);
+    summaries[i].combine_diff = compare_combine(l, ranks[i], want_out[i]);
+  }
+  return report(l, summaries, false, 0);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Process mode: every rank is a process. Global rank p (0 <= p < tp * W) is EP rank p % W of the EP
+// group of TP index p / W ("moedist-demo-ep<p / W>"); with --tp 2, ranks p and p + W form the TP group
+// "moedist-demo-tp<p % W>". So ranks 0..W-1 are the first EP group, W..2W-1 the second, in the order of
+// the thread mode. The ranks that call the ops (all but the ones --elastic removes, which join their
+// EP group and stop) also join "moedist-demo-all", the phase barrier, as member tp_index * (active
+// ranks) + ep_rank (== p).
+
+constexpr const char* kAllGroup = "moedist-demo-all";
+
+// The checks of rank `me` in a rank process: every other rank's arguments are rebuilt from the seed
+// (inputs, gating, and expert outputs computed from the reference's dispatch rows, which is what the
+// rank itself computes when its dispatch is bit-exact), so the reference can run all ranks' calls.
+void check_own_rank(const Layer& l, std::vector<RankState>& ranks, size_t me, RankSummary& s) {
+  for (size_t i = 0; i < ranks.size(); ++i)
+    if (i != me) gate(l, ranks[i]);
+  std::vector<DispatchArgs> dispatch_calls;
+  for (const RankState& st : ranks) dispatch_calls.push_back(st.dispatch_args);
+  std::vector<DispatchResult> want = reference::dispatch_v2(dispatch_calls);
+  s.dispatch_diff = compare_dispatch(l, ranks[me], want[me]);
+
+  std::vector<CombineArgs> combine_calls;
+  for (size_t i = 0; i < ranks.size(); ++i) {
+    RankState& st = ranks[i];
+    if (i != me) {
+      std::vector<ExpertWeights> weights;
+      for (const ExpertKey& key : hosted_experts(l, st.ep_rank)) weights.push_back(make_expert_weights(l, key));
+      st.dispatched = std::move(want[i]);
+      run_experts(l, st, weights);
+      st.combine_args = make_combine_args(l, st);
+    }
+    combine_calls.push_back(st.combine_args);
+  }
+  const std::vector<Tensor> want_out = reference::combine_v2(combine_calls);
+  s.combine_diff = compare_combine(l, ranks[me], want_out[me]);
+
+  s.accuracy = compare_with_dense(l, ranks[me], dense_layer(l, ranks, {me})[me]);
+}
+
+// One rank process: joins its groups, runs its rank, checks it. Never throws: a failure is the
+// summary's error.
+RankSummary run_process_rank(const Layer& l, int p) {
+  RankSummary s;
+  s.tp_rank = static_cast<int>(p / l.W);
+  s.ep_rank = p % l.W;
+  try {
+    GroupRegistration groups;
+    const GroupOptions options = group_options(l);
+    const std::string ep_group = l.ep_group(s.tp_rank);
+    groups.add(ep_group, {make_shm_group(ep_group, static_cast<int>(l.W), static_cast<int>(s.ep_rank), options)});
+    if (s.ep_rank >= l.active_ranks) {  // removed by elastic scale-down: does not call the ops
+      s.status = RankSummary::Status::kRemoved;
+      return s;
+    }
+    if (l.tp == 2) {
+      const std::string tp_group = l.tp_group(s.ep_rank);
+      groups.add(tp_group, {make_shm_group(tp_group, 2, s.tp_rank, options)});
+    }
+    const size_t me = static_cast<size_t>(s.tp_rank * l.active_ranks + s.ep_rank);
+    ShmBarrier barrier(make_shm_group(kAllGroup, static_cast<int>(l.calling_ranks()), static_cast<int>(me), options));
+
+    std::vector<RankState> ranks;
+    for (int q = 0; q < l.tp; ++q)
+      for (int64_t r = 0; r < l.active_ranks; ++r) ranks.push_back(make_rank(l, q, r));
+    run_rank(l, ranks[me], [&] { barrier.arrive_and_wait(); });
+    barrier.arrive_and_wait();  // the checks below do not load the CPUs while a peer is still timing
+    summarize_run(l, ranks[me], s);
+    check_own_rank(l, ranks, me, s);
+  } catch (const std::exception& e) {
+    s.status = RankSummary::Status::kError;
+    s.error = e.what();
+    s.transport_error = dynamic_cast<const TransportError*>(&e) != nullptr;
+  }
+  return s;
+}
+
+std::string temp_root() {
+  const char* t = std::getenv("TMPDIR");
+  return t && *t ? t : "/tmp";
+}
+
+// Under an outside launcher: a directory per job, the same in every rank.
+std::string job_report_dir(const std::string& job) {
+  std::string name;
+  for (char c : job.empty() ? std::string("nojob") : job) name += std::isalnum(static_cast<unsigned char>(c)) ? c : '_';
+  return cat(temp_root(), "/moedist-demo-", name);
+}
+
+// Rank 0 under an outside launcher: waits for every rank's file; a rank with none after
+// --timeout-ms without news is reported missing.
+std::vector<RankSummary> collect_summaries(const Layer& l, const std::string& dir, int processes, bool wait) {
+  std::vector<RankSummary> out(static_cast<size_t>(processes));
+  std::vector<bool> have(static_cast<size_t>(processes), false);
+  for (int p = 0; p < processes; ++p) {
+    out[static_cast<size_t>(p)].tp_rank = static_cast<int>(p / l.W);
+    out[static_cast<size_t>(p)].ep_rank = p % l.W;
+  }
+  auto last_news = Clock::now();
+  for (;;) {
+    int missing = 0;
+    for (int p = 0; p < processes; ++p) {
+      if (have[static_cast<size_t>(p)]) continue;
+      if (read_summary(summary_path(dir, p), out[static_cast<size_t>(p)])) {
+        have[static_cast<size_t>(p)] = true;
+        last_news = Clock::now();
+      } else {
+        ++missing;
+      }
+    }
+    if (!missing || !wait || Clock::now() - last_news > std::chrono::milliseconds(l.opt.timeout_ms)) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  return out;
+}
+
+// This process is one rank of a job (started by this demo's parent with --report-dir, or by
+// `moedist launch`, torchrun or mpirun; then rank 0 prints the report).
+int run_rank_process(const DemoOptions& o, const LaunchEnv& env) {
+  const Layer l = make_layer(o);
+  const int processes = static_cast<int>(l.tp * l.W);
+  const bool collect = o.report_dir.empty();
+  if (env.world_size != processes) {
+    if (env.rank == 0)
+      std::fprintf(stderr, "moedist demo: started as rank %d of %d by the %s launcher, but --ranks %d%s needs %d processes\n", env.rank,
+                   env.world_size, env.launcher.c_str(), o.ranks, l.tp == 2 ? " --tp 2" : "", processes);
+    return 2;
+  }
+  const std::string dir = collect ? job_report_dir(env.job) : o.report_dir;
+  if (collect && env.rank == 0) {
+    print_header(l, true);
+    std::fflush(stdout);
+    // Files of an earlier job with the same id go before this rank joins its first group, so before
+    // any rank of this job can have written one.
+    remove_report_dir(dir, processes);
+    mkdir(dir.c_str(), 0700);
+  }
+  const RankSummary s = run_process_rank(l, env.rank);
+  const bool written = write_summary(dir, env.rank, s);
+  if (!written) std::fprintf(stderr, "moedist demo: rank %d: cannot write its result to %s\n", env.rank, dir.c_str());
+  if (collect && s.status == RankSummary::Status::kError) std::fprintf(stderr, "moedist demo: rank %d: %s\n", env.rank, s.error.c_str());
+  const int code = s.status == RankSummary::Status::kError || !written ? 1 : 0;
+  if (!collect || env.rank != 0) return code;
+  const std::vector<RankSummary> summaries = collect_summaries(l, dir, processes, true);
+  remove_report_dir(dir, processes);
+  return report(l, summaries, true, 0);
+}
+
+std::string self_exe() {
+  char path[4096];
+  const ssize_t n = readlink("/proc/self/exe", path, sizeof(path) - 1);
+  return n > 0 ? std::string(path, static_cast<size_t>(n)) : std::string("/proc/self/exe");
+}
+
+// Started directly: starts the rank processes through `moedist launch` (which stops the others when
+// one fails and removes the job's shared-memory segments), each with these arguments plus
+// --report-dir, then reads their results.
+int run_parent(const DemoOptions& o, const std::vector<std::string>& args) {
+  const Layer l = make_layer(o);
+  const int processes = static_cast<int>(l.tp * l.W);
+  print_header(l, true);
+  std::fflush(stdout);
+
+  std::string dir = temp_root() + "/moedist-demo-XXXXXX";
+  if (!mkdtemp(dir.data())) throw std::runtime_error(cat("cannot create a directory ", dir, ": ", std::strerror(errno)));
+  std::vector<std::string> launch_args = {"-n", std::to_string(processes), "--", self_exe(), "demo"};
+  launch_args.insert(launch_args.end(), args.begin(), args.end());
+  launch_args.insert(launch_args.end(), {"--report-dir", dir});
+  std::vector<char*> argv;
+  for (std::string& a : launch_args) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  const int code = launch_main(static_cast<int>(launch_args.size()), argv.data());
+
+  const std::vector<RankSummary> summaries = collect_summaries(l, dir, processes, false);
+  remove_report_dir(dir, processes);
+  return report(l, summaries, true, code);
 }
 
 }  // namespace
@@ -1004,9 +1413,14 @@ int run_demo(const DemoOptions& o) {
 void print_demo_help(std::ostream& os) {
   os << "usage: moedist demo [options]\n"
         "\n"
-        "Runs one MoE layer on N ranks that are threads of this process: a seeded router (softmax, top-k),\n"
-        "dispatch_v2, per-expert SwiGLU FFNs, combine_v2. Checks the output against the same layer\n"
-        "computed densely in fp32 and, bit for bit, against moedist::reference on the same arguments.\n"
+        "Runs one MoE layer on N ranks: a seeded router (softmax, top-k), dispatch_v2, per-expert SwiGLU\n"
+        "FFNs, combine_v2. Checks the output against the same layer computed densely in fp32 and, bit for\n"
+        "bit, against moedist::reference on the same arguments.\n"
+        "By default the ranks are processes on this host over shared memory: the demo starts N of them\n"
+        "(2N with --tp 2) like `moedist launch` and reports. Started under a launcher (`moedist launch -n N\n"
+        "-- moedist demo ...`, torchrun, mpirun) with that many processes, each process is one rank and\n"
+        "rank 0 reports. Global rank p is EP rank p % N of TP index p / N. --threads runs the ranks as\n"
+        "threads of this one process instead.\n"
         "The last line is 'moedist demo: PASS' (exit 0) or 'moedist demo: FAIL ...' (exit 1).\n"
         "\n"
         "options (value as '--opt V' or '--opt=V'):\n"
@@ -1020,31 +1434,47 @@ void print_demo_help(std::ostream& os) {
         "  --quant 0|2        dispatch quant_mode: 2 = dynamic per-token int8 (default 0)\n"
         "  --comm-quant 0|2   combine comm_quant_mode: 2 = int8 communication (default 0)\n"
         "  --shared-ranks Sr  shared-expert ranks hosting one shared expert (default 0)\n"
-        "  --tp 0|2           2: two EP groups paired into TP groups (2N threads), row-parallel FFN;\n"
+        "  --tp 0|2           2: two EP groups paired into TP groups (2N ranks), row-parallel FFN;\n"
         "                     needs E = N - Sr (default 0)\n"
         "  --zero Z           zero experts (default 0)\n"
         "  --copy C           copy experts (default 0)\n"
         "  --const Q          const experts (default 0)\n"
-        "  --elastic R        remove the R highest ranks by elastic scale-down (default 0)\n"
+        "  --elastic R        remove the R highest ranks by elastic scale-down (default 0); their\n"
+        "                     processes join the EP group but do not call the ops\n"
         "  --mask             1-D x_active_mask: the last BS/4 tokens of each rank are inactive\n"
         "  --seed S           seed of every random value (default 1)\n"
-        "  --timeout-ms T     deadline of every wait inside the ops (default 20000)\n"
+        "  --timeout-ms T     deadline of every wait inside the ops and groups (default 20000)\n"
+        "  --threads          ranks are threads of this process (thread groups), not processes\n"
+        "  --report-dir DIR   (internal) set by the demo for its rank processes: write the rank's result\n"
+        "                     to DIR and leave the report to the parent\n"
         "  --help             this help\n";
 }
 
 int demo_main(const std::vector<std::string>& args) {
   DemoOptions options;
+  LaunchEnv env;
   try {
     if (!parse_options(args, options)) {
       print_demo_help(std::cout);
       return 0;
     }
+    env = launch_env();
+    if (options.threads && env.found && env.world_size > 1)
+      throw UsageError(cat("--threads runs every rank in this one process, but it was started as rank ", env.rank, " of ", env.world_size,
+                           " by the ", env.launcher, " launcher (leave out --threads, or start it directly)"));
+    if (!options.report_dir.empty() && (options.threads || !env.found))
+      throw UsageError("--report-dir is internal: the demo sets it for the rank processes it starts");
   } catch (const UsageError& e) {
     std::fprintf(stderr, "moedist demo: %s\n(see 'moedist demo --help')\n", e.what());
     return 2;
+  } catch (const std::exception& e) {  // launch_env(): malformed launcher variables
+    std::fprintf(stderr, "moedist demo: %s\n", e.what());
+    return 2;
   }
   try {
-    return run_demo(options);
+    if (options.threads) return run_threads(options);
+    if (env.found) return run_rank_process(options, env);
+    return run_parent(options, args);
   } catch (const std::exception& e) {  // moedist::Error from the reference, or out of memory
     std::printf("error: %s\n", e.what());
     return fail("error");

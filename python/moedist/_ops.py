@@ -1,0 +1,169 @@
+"""The two operators as torch custom operators, and the public functions with the Ascend signatures.
+
+torch.ops.moedist.npu_moe_distribute_dispatch_v2 / npu_moe_distribute_combine_v2 are registered with
+torch.library.custom_op: their real implementation calls the C++ core, their fake implementation gives
+the output shapes from the integer arguments and input shapes (moedist._shapes), so torch.compile
+(fullgraph=True) traces a model that calls them into one graph, as torchair does on Ascend.
+The public functions moedist.npu_moe_distribute_dispatch_v2 / _combine_v2 take exactly the arguments of
+torch_npu's functions (names, order, keyword-only marker, defaults) and call the custom operators.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _C
+from ._convert import from_capsule, view
+from ._shapes import combine_shape, dispatch_shapes
+
+_DISPATCH = "npu_moe_distribute_dispatch_v2"
+_COMBINE = "npu_moe_distribute_combine_v2"
+
+
+def _dispatch_kwargs(x, expert_ids, group_ep, ep_world_size, ep_rank_id, moe_expert_num, scales, x_active_mask,
+                     expert_scales, elastic_info, group_tp, tp_world_size, tp_rank_id, expert_shard_type,
+                     shared_expert_num, shared_expert_rank_num, quant_mode, global_bs, expert_token_nums_type,
+                     comm_alg, zero_expert_num, copy_expert_num, const_expert_num) -> dict:
+    op = _DISPATCH
+    return dict(
+        x=view(x, "x", op), expert_ids=view(expert_ids, "expert_ids", op), group_ep=group_ep,
+        ep_world_size=ep_world_size, ep_rank_id=ep_rank_id, moe_expert_num=moe_expert_num,
+        scales=view(scales, "scales", op), x_active_mask=view(x_active_mask, "x_active_mask", op),
+        expert_scales=view(expert_scales, "expert_scales", op), elastic_info=view(elastic_info, "elastic_info", op),
+        group_tp=group_tp, tp_world_size=tp_world_size, tp_rank_id=tp_rank_id, expert_shard_type=expert_shard_type,
+        shared_expert_num=shared_expert_num, shared_expert_rank_num=shared_expert_rank_num, quant_mode=quant_mode,
+        global_bs=global_bs, expert_token_nums_type=expert_token_nums_type, comm_alg=comm_alg,
+        zero_expert_num=zero_expert_num, copy_expert_num=copy_expert_num, const_expert_num=const_expert_num)
+
+
+def _combine_kwargs(expand_x, expert_ids, assist_info_for_combine, ep_send_counts, expert_scales, group_ep,
+                    ep_world_size, ep_rank_id, moe_expert_num, tp_send_counts, x_active_mask, expand_scales,
+                    shared_expert_x, elastic_info, ori_x, const_expert_alpha_1, const_expert_alpha_2, const_expert_v,
+                    group_tp, tp_world_size, tp_rank_id, expert_shard_type, shared_expert_num,
+                    shared_expert_rank_num, global_bs, comm_quant_mode, comm_alg, zero_expert_num, copy_expert_num,
+                    const_expert_num) -> dict:
+    op = _COMBINE
+    return dict(
+        expand_x=view(expand_x, "expand_x", op), expert_ids=view(expert_ids, "expert_ids", op),
+        assist_info_for_combine=view(assist_info_for_combine, "assist_info_for_combine", op),
+        ep_send_counts=view(ep_send_counts, "ep_send_counts", op), expert_scales=view(expert_scales, "expert_scales", op),
+        group_ep=group_ep, ep_world_size=ep_world_size, ep_rank_id=ep_rank_id, moe_expert_num=moe_expert_num,
+        tp_send_counts=view(tp_send_counts, "tp_send_counts", op), x_active_mask=view(x_active_mask, "x_active_mask", op),
+        expand_scales=view(expand_scales, "expand_scales", op), shared_expert_x=view(shared_expert_x, "shared_expert_x", op),
+        elastic_info=view(elastic_info, "elastic_info", op), ori_x=view(ori_x, "ori_x", op),
+        const_expert_alpha_1=view(const_expert_alpha_1, "const_expert_alpha_1", op),
+        const_expert_alpha_2=view(const_expert_alpha_2, "const_expert_alpha_2", op),
+        const_expert_v=view(const_expert_v, "const_expert_v", op),
+        group_tp=group_tp, tp_world_size=tp_world_size, tp_rank_id=tp_rank_id, expert_shard_type=expert_shard_type,
+        shared_expert_num=shared_expert_num, shared_expert_rank_num=shared_expert_rank_num, global_bs=global_bs,
+        comm_quant_mode=comm_quant_mode, comm_alg=comm_alg, zero_expert_num=zero_expert_num,
+        copy_expert_num=copy_expert_num, const_expert_num=const_expert_num)
+
+
+# ---- custom operators ----
+
+@torch.library.custom_op("moedist::npu_moe_distribute_dispatch_v2", mutates_args=())
+def _dispatch_op(x: Tensor, expert_ids: Tensor, group_ep: str, ep_world_size: int, ep_rank_id: int,
+                 moe_expert_num: int, scales: Optional[Tensor], x_active_mask: Optional[Tensor],
+                 expert_scales: Optional[Tensor], elastic_info: Optional[Tensor], group_tp: str, tp_world_size: int,
+                 tp_rank_id: int, expert_shard_type: int, shared_expert_num: int, shared_expert_rank_num: int,
+                 quant_mode: int, global_bs: int, expert_token_nums_type: int, comm_alg: str, zero_expert_num: int,
+                 copy_expert_num: int, const_expert_num: int
+                 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    args = _dispatch_kwargs(x, expert_ids, group_ep, ep_world_size, ep_rank_id, moe_expert_num, scales,
+                            x_active_mask, expert_scales, elastic_info, group_tp, tp_world_size, tp_rank_id,
+                            expert_shard_type, shared_expert_num, shared_expert_rank_num, quant_mode, global_bs,
+                            expert_token_nums_type, comm_alg, zero_expert_num, copy_expert_num, const_expert_num)
+    return tuple(from_capsule(c) for c in _C.dispatch_v2(args))
+
+
+@_dispatch_op.register_fake
+def _dispatch_fake(x, expert_ids, group_ep, ep_world_size, ep_rank_id, moe_expert_num, scales, x_active_mask,
+                   expert_scales, elastic_info, group_tp, tp_world_size, tp_rank_id, expert_shard_type,
+                   shared_expert_num, shared_expert_rank_num, quant_mode, global_bs, expert_token_nums_type, comm_alg,
+                   zero_expert_num, copy_expert_num, const_expert_num):
+    s = dispatch_shapes(x.shape, expert_ids.shape, ep_world_size, ep_rank_id, moe_expert_num,
+                        has_elastic_info=elastic_info is not None, tp_world_size=tp_world_size,
+                        shared_expert_num=shared_expert_num, shared_expert_rank_num=shared_expert_rank_num,
+                        global_bs=global_bs)
+    return (
+        x.new_empty(s.expand_x, dtype=torch.int8 if quant_mode == 2 else x.dtype),
+        x.new_empty(s.dynamic_scales, dtype=torch.float32),
+        x.new_empty(s.assist_info_for_combine, dtype=torch.int32),
+        x.new_empty(s.expert_token_nums, dtype=torch.int64),
+        x.new_empty(s.ep_recv_counts, dtype=torch.int32),
+        x.new_empty(s.tp_recv_counts, dtype=torch.int32),
+        x.new_empty(s.expand_scales, dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("moedist::npu_moe_distribute_combine_v2", mutates_args=())
+def _combine_op(expand_x: Tensor, expert_ids: Tensor, assist_info_for_combine: Tensor, ep_send_counts: Tensor,
+                expert_scales: Tensor, group_ep: str, ep_world_size: int, ep_rank_id: int, moe_expert_num: int,
+                tp_send_counts: Optional[Tensor], x_active_mask: Optional[Tensor], expand_scales: Optional[Tensor],
+                shared_expert_x: Optional[Tensor], elastic_info: Optional[Tensor], ori_x: Optional[Tensor],
+                const_expert_alpha_1: Optional[Tensor], const_expert_alpha_2: Optional[Tensor],
+                const_expert_v: Optional[Tensor], group_tp: str, tp_world_size: int, tp_rank_id: int,
+                expert_shard_type: int, shared_expert_num: int, shared_expert_rank_num: int, global_bs: int,
+                comm_quant_mode: int, comm_alg: str, zero_expert_num: int, copy_expert_num: int,
+                const_expert_num: int) -> Tensor:
+    args = _combine_kwargs(expand_x, expert_ids, assist_info_for_combine, ep_send_counts, expert_scales, group_ep,
+                           ep_world_size, ep_rank_id, moe_expert_num, tp_send_counts, x_active_mask, expand_scales,
+                           shared_expert_x, elastic_info, ori_x, const_expert_alpha_1, const_expert_alpha_2,
+                           const_expert_v, group_tp, tp_world_size, tp_rank_id, expert_shard_type, shared_expert_num,
+                           shared_expert_rank_num, global_bs, comm_quant_mode, comm_alg, zero_expert_num,
+                           copy_expert_num, const_expert_num)
+    return from_capsule(_C.combine_v2(args))
+
+
+@_combine_op.register_fake
+def _combine_fake(expand_x, expert_ids, assist_info_for_combine, ep_send_counts, expert_scales, *args):
+    return expand_x.new_empty(combine_shape(expand_x.shape, expert_ids.shape))
+
+
+# ---- the public functions: torch_npu's signatures ----
+
+def npu_moe_distribute_dispatch_v2(x, expert_ids, group_ep, ep_world_size, ep_rank_id, moe_expert_num, *,
+                                   scales=None, x_active_mask=None, expert_scales=None, elastic_info=None,
+                                   group_tp="", tp_world_size=0, tp_rank_id=0, expert_shard_type=0,
+                                   shared_expert_num=1, shared_expert_rank_num=0, quant_mode=0, global_bs=0,
+                                   expert_token_nums_type=1, comm_alg="", zero_expert_num=0, copy_expert_num=0,
+                                   const_expert_num=0):
+    """Sends every token to the ranks of its top-k experts (and to the shared-expert ranks).
+
+    A collective over the EP group ``group_ep`` (and the TP group ``group_tp`` when tp_world_size == 2):
+    every active rank calls it. Group names come from :func:`moedist.get_comm_name`.
+    Returns (expand_x, dynamic_scales, assist_info_for_combine, expert_token_nums, ep_recv_counts,
+    tp_recv_counts, expand_scales), as torch_npu.npu_moe_distribute_dispatch_v2 does. Rows of expand_x past
+    the received count, and assist_info_for_combine past 3 * own rows, are unspecified.
+    Raises ValueError for invalid arguments (naming the parameter), NotImplementedError for what is not
+    supported, RuntimeError when the communication fails (a peer rejected its call, died or timed out).
+    """
+    return torch.ops.moedist.npu_moe_distribute_dispatch_v2(
+        x, expert_ids, group_ep, ep_world_size, ep_rank_id, moe_expert_num, scales, x_active_mask, expert_scales,
+        elastic_info, group_tp, tp_world_size, tp_rank_id, expert_shard_type, shared_expert_num,
+        shared_expert_rank_num, quant_mode, global_bs, expert_token_nums_type, comm_alg, zero_expert_num,
+        copy_expert_num, const_expert_num)
+
+
+def npu_moe_distribute_combine_v2(expand_x, expert_ids, assist_info_for_combine, ep_send_counts, expert_scales,
+                                  group_ep, ep_world_size, ep_rank_id, moe_expert_num, *, tp_send_counts=None,
+                                  x_active_mask=None, expand_scales=None, shared_expert_x=None, elastic_info=None,
+                                  ori_x=None, const_expert_alpha_1=None, const_expert_alpha_2=None,
+                                  const_expert_v=None, group_tp="", tp_world_size=0, tp_rank_id=0,
+                                  expert_shard_type=0, shared_expert_num=1, shared_expert_rank_num=0, global_bs=0,
+                                  comm_quant_mode=0, comm_alg="", zero_expert_num=0, copy_expert_num=0,
+                                  const_expert_num=0):
+    """Brings the expert outputs back along dispatch's paths and sums them with the gating weights.
+
+    Returns (BS, H) in expand_x's dtype; rows of inactive tokens (x_active_mask) are zeros. Errors as for
+    :func:`npu_moe_distribute_dispatch_v2`.
+    """
+    return torch.ops.moedist.npu_moe_distribute_combine_v2(
+        expand_x, expert_ids, assist_info_for_combine, ep_send_counts, expert_scales, group_ep, ep_world_size,
+        ep_rank_id, moe_expert_num, tp_send_counts, x_active_mask, expand_scales, shared_expert_x, elastic_info,
+        ori_x, const_expert_alpha_1, const_expert_alpha_2, const_expert_v, group_tp, tp_world_size, tp_rank_id,
+        expert_shard_type, shared_expert_num, shared_expert_rank_num, global_bs, comm_quant_mode, comm_alg,
+        zero_expert_num, copy_expert_num, const_expert_num)

@@ -1,0 +1,348 @@
+// moedist._C: the C++ API for Python, without libtorch.
+//  - Inputs come as (data_ptr, dtype code, shape, strides) tuples (strides in elements, as torch's
+//    Tensor.stride()); None is an absent optional tensor. The Python layer keeps the tensors alive.
+//  - Outputs (owning moedist::Tensor) go out as DLPack capsules ("dltensor"): the DLManagedTensor owns
+//    the moedist::Tensor and its deleter releases it, so memory carved from a shared-memory window stays
+//    valid until torch drops the last reference.
+//  - moedist's typed errors become Python exceptions: InvalidArgument -> moedist.InvalidArgument
+//    (a ValueError), Unsupported -> moedist.Unsupported (NotImplementedError), TransportError ->
+//    moedist.TransportError (RuntimeError), Timeout -> moedist.Timeout (a TransportError); messages kept.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <chrono>
+#include <cstdint>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "moedist/moedist.h"
+
+namespace py = pybind11;
+
+namespace {
+
+// ---- DLPack (the public ABI, v0.8: DLManagedTensor, capsule name "dltensor") ----
+extern "C" {
+struct DLDevice {
+  int32_t device_type;  // kDLCPU = 1
+  int32_t device_id;
+};
+struct DLDataType {
+  uint8_t code;  // kDLInt 0, kDLUInt 1, kDLFloat 2, kDLBfloat 4, kDLBool 6
+  uint8_t bits;
+  uint16_t lanes;
+};
+struct DLTensor {
+  void* data;
+  DLDevice device;
+  int32_t ndim;
+  DLDataType dtype;
+  int64_t* shape;
+  int64_t* strides;
+  uint64_t byte_offset;
+};
+struct DLManagedTensor {
+  DLTensor dl_tensor;
+  void* manager_ctx;
+  void (*deleter)(DLManagedTensor* self);
+};
+}
+
+constexpr uint8_t kDLInt = 0, kDLFloat = 2, kDLBfloat = 4, kDLBool = 6;
+
+DLDataType dl_dtype(moedist::DType dt) {
+  switch (dt) {
+    case moedist::DType::kBFloat16: return {kDLBfloat, 16, 1};
+    case moedist::DType::kFloat16: return {kDLFloat, 16, 1};
+    case moedist::DType::kFloat32: return {kDLFloat, 32, 1};
+    case moedist::DType::kInt8: return {kDLInt, 8, 1};
+    case moedist::DType::kInt32: return {kDLInt, 32, 1};
+    case moedist::DType::kInt64: return {kDLInt, 64, 1};
+    case moedist::DType::kBool: return {kDLBool, 8, 1};
+  }
+  throw moedist::Error("moedist: unknown dtype");
+}
+
+struct Managed {
+  moedist::Tensor tensor;
+  std::vector<int64_t> shape, strides;
+  DLManagedTensor dl{};
+};
+
+alignas(64) unsigned char g_empty[64];  // data pointer of tensors without elements (never read)
+
+void managed_deleter(DLManagedTensor* self) { delete static_cast<Managed*>(self->manager_ctx); }
+
+void capsule_destructor(PyObject* capsule) {
+  // A consumer renames the capsule to "used_dltensor" and calls the deleter itself.
+  if (PyCapsule_IsValid(capsule, "used_dltensor")) return;
+  auto* m = static_cast<DLManagedTensor*>(PyCapsule_GetPointer(capsule, "dltensor"));
+  if (m == nullptr) {
+    PyErr_Clear();
+    return;
+  }
+  m->deleter(m);
+}
+
+py::object to_dlpack(moedist::Tensor t) {
+  auto* m = new Managed;
+  m->tensor = std::move(t);
+  m->shape = m->tensor.shape();
+  m->strides.assign(m->shape.size(), 1);
+  for (size_t i = m->shape.size(); i-- > 1;) m->strides[i - 1] = m->strides[i] * std::max<int64_t>(m->shape[i], 1);
+  DLTensor& d = m->dl.dl_tensor;
+  d.data = m->tensor.data() ? m->tensor.data() : g_empty;
+  d.device = {1, 0};
+  d.ndim = static_cast<int32_t>(m->shape.size());
+  d.dtype = dl_dtype(m->tensor.dtype());
+  d.shape = m->shape.data();
+  d.strides = m->strides.data();
+  d.byte_offset = 0;
+  m->dl.manager_ctx = m;
+  m->dl.deleter = managed_deleter;
+  PyObject* cap = PyCapsule_New(&m->dl, "dltensor", capsule_destructor);
+  if (cap == nullptr) {
+    delete m;
+    throw py::error_already_set();
+  }
+  return py::reinterpret_steal<py::object>(cap);
+}
+
+// ---- inputs ----
+moedist::DType dtype_from_code(int64_t code, const std::string& name) {
+  if (code < 0 || code > static_cast<int64_t>(moedist::DType::kBool))
+    throw moedist::InvalidArgument("moedist: " + name + " has an unknown dtype code " + std::to_string(code));
+  return static_cast<moedist::DType>(code);
+}
+
+// (data_ptr, dtype code, shape, strides) or None.
+moedist::TensorView to_view(const py::handle& h, const std::string& name) {
+  if (h.is_none()) return {};
+  auto t = h.cast<py::tuple>();
+  if (t.size() != 4) throw moedist::InvalidArgument("moedist: " + name + ": expected (data_ptr, dtype, shape, strides)");
+  const auto ptr = t[0].cast<uintptr_t>();
+  const auto dt = dtype_from_code(t[1].cast<int64_t>(), name);
+  auto shape = t[2].cast<std::vector<int64_t>>();
+  auto strides = t[3].cast<std::vector<int64_t>>();
+  if (!strides.empty() && strides.size() != shape.size())
+    throw moedist::InvalidArgument("moedist: " + name + ": " + std::to_string(strides.size()) + " strides for " +
+                                   std::to_string(shape.size()) + " dimensions");
+  return moedist::TensorView(reinterpret_cast<const void*>(ptr), dt, std::move(shape), std::move(strides));
+}
+
+// Reads a dict of arguments; every key must be known (typos are errors, not silently defaults).
+class Reader {
+ public:
+  Reader(py::dict d, const char* op) : d_(std::move(d)), op_(op) {}
+  moedist::TensorView tensor(const char* key) {
+    seen_.insert(key);
+    return d_.contains(key) ? to_view(d_[key], key) : moedist::TensorView{};
+  }
+  template <typename T>
+  void get(const char* key, T& out) {
+    seen_.insert(key);
+    if (d_.contains(key)) {
+      py::object v = d_[key];
+      if (v.is_none()) throw moedist::InvalidArgument(std::string(op_) + ": " + key + " is None");
+      out = v.cast<T>();
+    }
+  }
+  void finish() const {
+    for (auto item : d_) {
+      const auto k = item.first.cast<std::string>();
+      if (!seen_.count(k)) throw moedist::InvalidArgument(std::string(op_) + ": unexpected argument '" + k + "'");
+    }
+  }
+
+ private:
+  py::dict d_;
+  const char* op_;
+  std::set<std::string> seen_;
+};
+
+moedist::DispatchArgs dispatch_args(const py::dict& d) {
+  Reader r(d, "npu_moe_distribute_dispatch_v2");
+  moedist::DispatchArgs a;
+  a.x = r.tensor("x");
+  a.expert_ids = r.tensor("expert_ids");
+  r.get("group_ep", a.group_ep);
+  r.get("ep_world_size", a.ep_world_size);
+  r.get("ep_rank_id", a.ep_rank_id);
+  r.get("moe_expert_num", a.moe_expert_num);
+  a.scales = r.tensor("scales");
+  a.x_active_mask = r.tensor("x_active_mask");
+  a.expert_scales = r.tensor("expert_scales");
+  a.elastic_info = r.tensor("elastic_info");
+  r.get("group_tp", a.group_tp);
+  r.get("tp_world_size", a.tp_world_size);
+  r.get("tp_rank_id", a.tp_rank_id);
+  r.get("expert_shard_type", a.expert_shard_type);
+  r.get("shared_expert_num", a.shared_expert_num);
+  r.get("shared_expert_rank_num", a.shared_expert_rank_num);
+  r.get("quant_mode", a.quant_mode);
+  r.get("global_bs", a.global_bs);
+  r.get("expert_token_nums_type", a.expert_token_nums_type);
+  r.get("comm_alg", a.comm_alg);
+  r.get("zero_expert_num", a.zero_expert_num);
+  r.get("copy_expert_num", a.copy_expert_num);
+  r.get("const_expert_num", a.const_expert_num);
+  r.get("profile", a.profile);
+  r.finish();
+  return a;
+}
+
+moedist::CombineArgs combine_args(const py::dict& d) {
+  Reader r(d, "npu_moe_distribute_combine_v2");
+  moedist::CombineArgs a;
+  a.expand_x = r.tensor("expand_x");
+  a.expert_ids = r.tensor("expert_ids");
+  a.assist_info_for_combine = r.tensor("assist_info_for_combine");
+  a.ep_send_counts = r.tensor("ep_send_counts");
+  a.expert_scales = r.tensor("expert_scales");
+  r.get("group_ep", a.group_ep);
+  r.get("ep_world_size", a.ep_world_size);
+  r.get("ep_rank_id", a.ep_rank_id);
+  r.get("moe_expert_num", a.moe_expert_num);
+  a.tp_send_counts = r.tensor("tp_send_counts");
+  a.x_active_mask = r.tensor("x_active_mask");
+  a.expand_scales = r.tensor("expand_scales");
+  a.shared_expert_x = r.tensor("shared_expert_x");
+  a.elastic_info = r.tensor("elastic_info");
+  a.ori_x = r.tensor("ori_x");
+  a.const_expert_alpha_1 = r.tensor("const_expert_alpha_1");
+  a.const_expert_alpha_2 = r.tensor("const_expert_alpha_2");
+  a.const_expert_v = r.tensor("const_expert_v");
+  r.get("group_tp", a.group_tp);
+  r.get("tp_world_size", a.tp_world_size);
+  r.get("tp_rank_id", a.tp_rank_id);
+  r.get("expert_shard_type", a.expert_shard_type);
+  r.get("shared_expert_num", a.shared_expert_num);
+  r.get("shared_expert_rank_num", a.shared_expert_rank_num);
+  r.get("global_bs", a.global_bs);
+  r.get("comm_quant_mode", a.comm_quant_mode);
+  r.get("comm_alg", a.comm_alg);
+  r.get("zero_expert_num", a.zero_expert_num);
+  r.get("copy_expert_num", a.copy_expert_num);
+  r.get("const_expert_num", a.const_expert_num);
+  r.get("profile", a.profile);
+  r.finish();
+  return a;
+}
+
+py::tuple dispatch_result(moedist::DispatchResult&& r) {
+  return py::make_tuple(to_dlpack(std::move(r.expand_x)), to_dlpack(std::move(r.dynamic_scales)),
+                        to_dlpack(std::move(r.assist_info_for_combine)), to_dlpack(std::move(r.expert_token_nums)),
+                        to_dlpack(std::move(r.ep_recv_counts)), to_dlpack(std::move(r.tp_recv_counts)),
+                        to_dlpack(std::move(r.expand_scales)));
+}
+
+moedist::GroupOptions group_options(int64_t timeout_ms, int ranks_per_server) {
+  moedist::GroupOptions o;
+  o.timeout = std::chrono::milliseconds(timeout_ms);
+  o.ranks_per_server = ranks_per_server;
+  return o;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "moedist C++ core (dispatch_v2 / combine_v2, groups, reference); use the package moedist";
+  m.attr("__version__") = MOEDIST_VERSION_STRING;
+
+  // Base classes first: pybind11 tries the translators registered last first.
+  auto& err = py::register_exception<moedist::Error>(m, "Error", PyExc_RuntimeError);
+  (void)err;
+  auto& transport = py::register_exception<moedist::TransportError>(m, "TransportError", PyExc_RuntimeError);
+  py::register_exception<moedist::Timeout>(m, "Timeout", transport.ptr());
+  py::register_exception<moedist::InvalidArgument>(m, "InvalidArgument", PyExc_ValueError);
+  py::register_exception<moedist::Unsupported>(m, "Unsupported", PyExc_NotImplementedError);
+
+  m.def(
+      "dispatch_v2",
+      [](const py::dict& args) {
+        moedist::DispatchArgs a = dispatch_args(args);
+        moedist::DispatchResult r;
+        {
+          py::gil_scoped_release nogil;
+          r = moedist::dispatch_v2(a);
+        }
+        return dispatch_result(std::move(r));
+      },
+      py::arg("args"), "dispatch_v2 over a registered group: dict of arguments -> 7 DLPack capsules");
+  m.def(
+      "combine_v2",
+      [](const py::dict& args) {
+        moedist::CombineArgs a = combine_args(args);
+        moedist::Tensor out;
+        {
+          py::gil_scoped_release nogil;
+          out = moedist::combine_v2(a);
+        }
+        return to_dlpack(std::move(out));
+      },
+      py::arg("args"), "combine_v2 over a registered group: dict of arguments -> DLPack capsule");
+  m.def(
+      "reference_dispatch_v2",
+      [](const py::list& calls, int ranks_per_server) {
+        std::vector<moedist::DispatchArgs> a;
+        for (auto c : calls) a.push_back(dispatch_args(c.cast<py::dict>()));
+        std::vector<moedist::DispatchResult> r;
+        {
+          py::gil_scoped_release nogil;
+          r = moedist::reference::dispatch_v2(a, {ranks_per_server});
+        }
+        py::list out;
+        for (auto& x : r) out.append(dispatch_result(std::move(x)));
+        return out;
+      },
+      py::arg("calls"), py::arg("ranks_per_server") = 0);
+  m.def(
+      "reference_combine_v2",
+      [](const py::list& calls, int ranks_per_server) {
+        std::vector<moedist::CombineArgs> a;
+        for (auto c : calls) a.push_back(combine_args(c.cast<py::dict>()));
+        std::vector<moedist::Tensor> r;
+        {
+          py::gil_scoped_release nogil;
+          r = moedist::reference::combine_v2(a, {ranks_per_server});
+        }
+        py::list out;
+        for (auto& x : r) out.append(to_dlpack(std::move(x)));
+        return out;
+      },
+      py::arg("calls"), py::arg("ranks_per_server") = 0);
+
+  m.def(
+      "init_shm_group",
+      [](const std::string& name, int world_size, int rank, const std::string& job, int64_t timeout_ms, int ranks_per_server) {
+        std::shared_ptr<moedist::Transport> t;
+        {
+          py::gil_scoped_release nogil;
+          t = moedist::make_shm_group(name, world_size, rank, group_options(timeout_ms, ranks_per_server), job);
+        }
+        moedist::register_group(name, {t});
+      },
+      py::arg("name"), py::arg("world_size"), py::arg("rank"), py::arg("job"), py::arg("timeout_ms") = 0,
+      py::arg("ranks_per_server") = 0,
+      "Collective over `world_size` processes on this host: joins the shared-memory group and registers it as `name`");
+  m.def(
+      "init_thread_group",
+      [](const std::string& name, int world_size, int64_t timeout_ms, int ranks_per_server) {
+        moedist::register_group(name, moedist::make_thread_group(world_size, group_options(timeout_ms, ranks_per_server)));
+      },
+      py::arg("name"), py::arg("world_size"), py::arg("timeout_ms") = 0, py::arg("ranks_per_server") = 0,
+      "Registers `name` for `world_size` ranks that are threads of this process");
+  m.def("unregister_group", &moedist::unregister_group, py::arg("name"));
+  m.def("group_registered", &moedist::group_registered, py::arg("name"));
+  m.def("group_info", [](const std::string& name, int64_t rank) {
+    auto t = moedist::resolve_group(name, rank, "group_info");
+    return py::dict(py::arg("transport") = t->name(), py::arg("rank") = t->rank(), py::arg("world_size") = t->world_size(),
+                    py::arg("ranks_per_server") = t->ranks_per_server(), py::arg("timeout_ms") = t->timeout().count());
+  });
+  m.def("launch_env", []() {
+    moedist::LaunchEnv e = moedist::launch_env();
+    return py::dict(py::arg("found") = e.found, py::arg("rank") = e.rank, py::arg("world_size") = e.world_size,
+                    py::arg("local_rank") = e.local_rank, py::arg("job") = e.job, py::arg("launcher") = e.launcher);
+  });
+}

@@ -1,0 +1,119 @@
+"""The torch surface on CPU processes (spawn + gloo, moedist's shared-memory communicator), against the
+reference bit for bit, on world sizes 2, 3 and 4 and the operators' features."""
+import pytest
+
+# (world size, configuration overrides of _scenarios.DEFAULTS)
+CASES = {
+    "plain-w2": (2, {}),
+    "plain-w3": (3, {}),
+    "plain-w4-repeat": (4, dict(repeat=3)),
+    "bs0-w2": (2, dict(BS=0)),
+    "fp16-w2": (2, dict(dtype="fp16", K=3)),
+    "fp16-w4-etn0": (4, dict(dtype="fp16", etn_type=0, L=3)),
+    "quant-w3": (3, dict(quant=2)),
+    "quant-smooth-w4": (4, dict(quant=2, smooth=True)),
+    "shared-w3": (3, dict(Sr=1)),
+    "shared2-w4-quant": (4, dict(Sr=2, shared_num=2, quant=2, smooth=True)),
+    "shared_expert_x-w2": (2, dict(shared_x=True)),
+    "mask1d-w3": (3, dict(mask="1d", BS=8)),
+    "mask2d-w4-shared": (4, dict(mask="2d", Sr=1)),
+    "special-w3": (3, dict(Z=1, C=1, Q=2, K=3)),
+    "special-fp16-w2": (2, dict(dtype="fp16", Z=2, C=1, Q=1, K=4)),
+    "tp2-w4": (4, dict(tp=2, L=1)),
+    "tp2-w4-quant": (4, dict(tp=2, L=1, quant=2, smooth=True)),
+    "tp2-w4-shared": (4, dict(tp=2, Sr=1, shared_num=1, E=1, K=1)),
+    "elastic-w4": (4, dict(removed=[2])),
+    "elastic-w4-shared-special": (4, dict(removed=[3], Sr=1, Z=1, C=1, Q=1, K=3)),
+    "elastic-noop-w3": (3, dict(elastic_noop=True)),
+    "noncontig-w3": (3, dict(noncontig=True, quant=2, smooth=True, mask="2d")),
+    "noncontig-w4-special-fp16": (4, dict(noncontig=True, dtype="fp16", Z=1, C=1, Q=2, K=3, Sr=1, mask="1d")),
+    "noncontig-w2-shared_x": (2, dict(noncontig=True, shared_x=True)),
+    "ragged-global_bs-w3": (3, dict(ragged=True)),
+    "comm_quant-w3": (3, dict(comm_quant=2)),
+    "hierarchy-w4": (4, dict(comm_alg="hierarchy", rps=2)),
+}
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("case", list(CASES))
+def test_roundtrip_matches_reference(pools, case):
+    world, over = CASES[case]
+    results = pools.get(world).run("roundtrip", **over)
+    called = [r for r in results if r["called"]]
+    if over.get("removed"):
+        assert len(called) == world - len(over["removed"])
+    else:
+        assert len(called) == world
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_bad_expert_id_maps_to_value_error_and_peers_to_runtime_error(pools, world):
+    bad = 1
+    res = pools.get(world).run("bad_expert_id", bad_rank=bad)
+    for r, x in enumerate(res):
+        assert x["after"] == "ok"
+        if r == bad:
+            assert x["value_error"], x
+            assert "expert_ids[1][0]" in x["message"] and "out of range" in x["message"], x["message"]
+            assert x["raised"] == "InvalidArgument"
+        else:
+            assert x["runtime_error"] and not x["value_error"], x
+            assert f"rank {bad} rejected its call" in x["message"], x["message"]
+            assert "expert_ids" in x["message"]
+            assert x["raised"] == "TransportError"
+
+
+@pytest.mark.timeout(120)
+def test_parameter_mismatch_is_value_error_on_every_rank(pools):
+    res = pools.get(3).run("mismatch")
+    for x in res:
+        assert x["value_error"], x
+        assert "moe_expert_num" in x["message"], x["message"]
+
+
+@pytest.mark.timeout(120)
+def test_unsupported_maps_to_not_implemented_error(pools):
+    res = pools.get(3).run("unsupported")
+    for r, x in enumerate(res):
+        if r == 2:
+            assert x["raised"] == "skipped"
+            continue
+        assert x["not_implemented"], x
+        assert "hierarchy" in x["message"]
+
+
+@pytest.mark.timeout(120)
+def test_missing_peer_times_out_with_runtime_error_naming_it(pools):
+    world = 3
+    res = pools.get(world).run("timeout", seconds=1.5)
+    for r, x in enumerate(res[:-1]):
+        assert x["runtime_error"] and x["is_timeout"], x
+        assert f"rank {world - 1}" in x["message"] and "timed out" in x["message"], x["message"]
+        assert 1.0 < x["waited"] < 30
+    assert res[-1]["raised"] == "skipped"
+
+
+@pytest.mark.timeout(120)
+def test_group_spanning_hosts_is_not_implemented(pools):
+    for x in pools.get(2).run("two_hosts"):
+        assert x["not_implemented"], x
+        assert "other-host" in x["message"] and "one host" in x["message"], x["message"]
+
+
+@pytest.mark.timeout(120)
+def test_get_comm_name_is_idempotent_and_checks_rank(pools):
+    res = pools.get(2).run("comm_name_idempotent")
+    assert res[0]["name"] == res[1]["name"]
+    for r, x in enumerate(res):
+        assert x["same"]
+        assert x["rank_error"] and "global rank" in x["rank_error"]
+        assert x["info"]["transport"] == "shm" and x["info"]["rank"] == r and x["info"]["world_size"] == 2
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("world,over", [(2, dict(quant=2, smooth=True)), (4, dict(tp=2, L=1, mask="2d"))],
+                         ids=["w2-quant", "w4-tp2-mask"])
+def test_torch_compile_fullgraph_matches_eager(pools, world, over):
+    res = pools.get(world).run("compiled", timeout=150, backend="aot_eager", **over)
+    assert len(res) == world
