@@ -9,17 +9,21 @@ def main() -> int:
     rows = json.loads(Path(sys.argv[1]).read_text())
     out = Path(sys.argv[2])
     lines = [
-        "| ranks | tokens | H | K | experts | quant | moedist dispatch us | moedist combine us | moedist round us (p10-p90) "
-        "| MPI round us | speedup | moedist algbw GB/s | memcpy GB/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| ranks | hosts | transport | comm_alg | tokens | H | K | experts | quant | moedist dispatch us | moedist combine us "
+        "| moedist round us (p10-p90) | MPI round us | speedup | moedist algbw GB/s | bytes across hosts per round: moedist "
+        "| MPI | memcpy GB/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         m, b = r["moedist"], r["mpi_alltoallv"]
         lines.append(
-            f"| {r['ranks']} | {r['tokens']} | {r['hidden']} | {r['topk']} | {r['experts']} | {r['quant_mode']} "
+            f"| {r['ranks']} | {r.get('hosts', 1)} | {r.get('transport', 'shm')} | {r.get('comm_alg', 'fullmesh')} "
+            f"| {r['tokens']} | {r['hidden']} | {r['topk']} | {r['experts']} | {r['quant_mode']} "
             f"| {m['dispatch_us']['median']:.1f} | {m['combine_us']['median']:.1f} "
             f"| {m['round_us']['median']:.1f} ({m['round_us']['p10']:.0f}-{m['round_us']['p90']:.0f}) "
-            f"| {b['round_us']['median']:.1f} | {r['speedup_round']:.2f}x | {m['algbw_GBps']:.2f} | {r['memcpy_GBps']:.1f} |"
+            f"| {b['round_us']['median']:.1f} | {r['speedup_round']:.2f}x | {m['algbw_GBps']:.2f} "
+            f"| {m.get('bytes_inter_host_per_round', 0):.0f} | {b.get('bytes_inter_host_per_round', 0):.0f} "
+            f"| {r['memcpy_GBps']:.1f} |"
         )
     table = "\n".join(lines) + "\n"
     (out / "bench.md").write_text(table)
@@ -34,12 +38,13 @@ def main() -> int:
         return 0
     groups = {}
     for r in rows:
-        groups.setdefault((r["ranks"], r["hidden"], r["experts"], r["quant_mode"]), []).append(r)
+        key = (r["ranks"], r["hidden"], r["experts"], r["quant_mode"], r.get("transport", "shm"), r.get("comm_alg", "fullmesh"))
+        groups.setdefault(key, []).append(r)
     fig, ax = plt.subplots(figsize=(9, 6))
-    for (ranks, hidden, experts, quant), rs in sorted(groups.items()):
+    for (ranks, hidden, experts, quant, transport, alg), rs in sorted(groups.items()):
         rs.sort(key=lambda r: r["tokens"])
         x = [r["tokens"] for r in rs]
-        label = f"W={ranks} H={hidden} E={experts} q={quant}"
+        label = f"W={ranks} H={hidden} E={experts} q={quant} {transport}/{alg}"
         line = ax.plot(x, [r["moedist"]["round_us"]["median"] for r in rs], marker="o", label="moedist " + label)[0]
         ax.plot(x, [r["mpi_alltoallv"]["round_us"]["median"] for r in rs], marker="x", linestyle="--",
                 color=line.get_color(), label="MPI_Alltoallv " + label)
@@ -47,7 +52,7 @@ def main() -> int:
     ax.set_yscale("log")
     ax.set_xlabel("tokens per rank")
     ax.set_ylabel("dispatch + combine round, median us")
-    ax.set_title("moedist (shared memory) vs MPI_Alltoallv pipeline")
+    ax.set_title("moedist vs MPI_Alltoallv pipeline")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()

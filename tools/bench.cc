@@ -1,7 +1,16 @@
 // moedist bench. The orchestrator (`moedist bench ...`) runs, for each rank count of the sweep,
-// `mpirun -np W moedist bench-worker ...`; every worker rank runs moedist over shared memory and the
-// MPI_Alltoallv baseline on the same inputs, with a barrier before each timed iteration; rank 0 prints
-// one JSON object per configuration. The orchestrator prints the table, writes JSON and the plot.
+// `mpirun -np W moedist bench-worker ...`; every worker rank runs moedist and the MPI_Alltoallv
+// baseline on the same inputs, with a barrier before each timed iteration; rank 0 prints one JSON
+// object per configuration and comm_alg. The orchestrator prints the table, writes JSON and the plot.
+//
+// Transports (--transport): shm (processes of one host, the default), mpi (MPI between every pair of
+// ranks), hybrid (shared memory inside a host, MPI between hosts). Several hosts: pass mpirun's
+// options through (--hostfile FILE, --mpirun-args "..."), or start the workers yourself:
+//   mpirun -np 8 --hostfile hosts moedist bench-worker --transport hybrid --comm-alg fullmesh,hierarchy
+// Hosts are those MPI reports (MPI_COMM_TYPE_SHARED, network namespace) unless --ranks-per-host sets
+// them; comm_alg "hierarchy" uses them as its servers. For each configuration the JSON has, next to
+// the latencies, the bytes that crossed between hosts per round (dispatch + combine, all ranks), for
+// moedist (Transport::stats) and for the baseline (its Alltoallv counts to ranks on other hosts).
 //
 // Bytes per rank and round (the algorithmic bandwidth's numerator): each token row is sent to K
 // experts and comes back once per expert:
@@ -30,6 +39,8 @@
 #define MPICH_SKIP_MPICXX 1
 #include <mpi.h>
 
+#include "moedist/mpi.h"
+
 #include "core/half.h"
 #include "core/quant.h"
 #endif
@@ -45,7 +56,7 @@ std::vector<int> parse_list(const std::string& s) {
   return v;
 }
 
-std::string join(const std::vector<int>& v) {
+[[maybe_unused]] std::string join(const std::vector<int>& v) {
   std::string s;
   for (size_t i = 0; i < v.size(); ++i) s += (i ? "," : "") + std::to_string(v[i]);
   return s;
@@ -61,19 +72,41 @@ struct Sweep {
   int iters = 30;
   int warmup = 5;
   std::string out = "bench-results";
+  std::string transport = "shm";
+  std::vector<std::string> algs = {"fullmesh"};
+  int ranks_per_host = 0;
+  std::string mpirun_args;  // passed to mpirun as they are (hostfile, --mca ...)
 };
 
-int bench_usage() {
+std::vector<std::string> parse_words(const std::string& s, char sep) {
+  std::vector<std::string> v;
+  std::stringstream ss(s);
+  std::string item;
+  while (std::getline(ss, item, sep))
+    if (!item.empty()) v.push_back(item);
+  return v;
+}
+
+[[maybe_unused]] int bench_usage() {
   std::fprintf(stderr,
                "usage: moedist bench [--ranks 2,4,8] [--tokens 1,8,32,128,512] [--hidden 7168] [--experts 16,64]\n"
                "                     [--quant 0,2] [--topk 8] [--iters 30] [--warmup 5] [--out DIR] [--quick]\n"
-               "  Runs each configuration under mpirun on this host: moedist (shared memory) and the\n"
-               "  MPI_Alltoallv pipeline baseline side by side, plus memcpy bandwidth. Writes DIR/bench.json,\n"
-               "  DIR/bench.md and DIR/latency.png (the plot needs python3 with matplotlib).\n");
+               "                     [--transport shm|mpi|hybrid] [--comm-alg fullmesh,hierarchy] [--ranks-per-host N]\n"
+               "                     [--hostfile FILE] [--mpirun-args \"ARGS\"]\n"
+               "  Runs each configuration under mpirun: moedist and the MPI_Alltoallv pipeline baseline side by\n"
+               "  side, plus memcpy bandwidth, and the bytes that crossed between hosts per round for both.\n"
+               "  --transport: shm (processes of this host, default), mpi (MPI between all ranks), hybrid\n"
+               "  (shared memory inside a host, MPI between hosts). --comm-alg: the algorithms to time\n"
+               "  (hierarchy: servers = hosts). --ranks-per-host: consecutive blocks of N ranks are hosts\n"
+               "  (default: as MPI reports them). --hostfile / --mpirun-args go to mpirun (several hosts:\n"
+               "  --hostfile hosts --mpirun-args \"--mca btl tcp,self\"). Writes DIR/bench.json, DIR/bench.md\n"
+               "  and DIR/latency.png (the plot needs python3 with matplotlib).\n"
+               "  The worker can be started directly: mpirun -np 8 --hostfile hosts moedist bench-worker [options]\n"
+               "  prints one JSON object per configuration.\n");
   return 2;
 }
 
-bool parse_sweep(int argc, char** argv, Sweep& s) {
+[[maybe_unused]] bool parse_sweep(int argc, char** argv, Sweep& s) {
   for (int i = 0; i < argc; ++i) {
     const std::string a = argv[i];
     auto next = [&]() -> std::string { return i + 1 < argc ? argv[++i] : ""; };
@@ -86,6 +119,11 @@ bool parse_sweep(int argc, char** argv, Sweep& s) {
     else if (a == "--iters") s.iters = std::atoi(next().c_str());
     else if (a == "--warmup") s.warmup = std::atoi(next().c_str());
     else if (a == "--out") s.out = next();
+    else if (a == "--transport") s.transport = next();
+    else if (a == "--comm-alg") s.algs = parse_words(next(), ',');
+    else if (a == "--ranks-per-host") s.ranks_per_host = std::atoi(next().c_str());
+    else if (a == "--hostfile") s.mpirun_args += " --hostfile '" + next() + "'";
+    else if (a == "--mpirun-args") s.mpirun_args += " " + next();
     else if (a == "--quick") {
       s.ranks = {2, 3};
       s.tokens = {1, 8};
@@ -99,6 +137,19 @@ bool parse_sweep(int argc, char** argv, Sweep& s) {
       std::fprintf(stderr, "moedist bench: unknown option %s\n", a.c_str());
       return false;
     }
+  }
+  if (s.transport != "shm" && s.transport != "mpi" && s.transport != "hybrid") {
+    std::fprintf(stderr, "moedist bench: --transport takes shm, mpi or hybrid, got '%s'\n", s.transport.c_str());
+    return false;
+  }
+  for (const auto& a : s.algs)
+    if (a != "fullmesh" && a != "hierarchy") {
+      std::fprintf(stderr, "moedist bench: --comm-alg takes fullmesh and/or hierarchy, got '%s'\n", a.c_str());
+      return false;
+    }
+  if (s.algs.empty() || s.ranks_per_host < 0) {
+    std::fprintf(stderr, "moedist bench: empty --comm-alg or negative --ranks-per-host\n");
+    return false;
   }
   for (int q : s.quant)
     if (q != 0 && q != 2) {
@@ -171,10 +222,12 @@ Inputs make_inputs(int W, int rank, int BS, int H, int K, int E, int quant) {
 
 struct Timing {
   std::vector<double> dispatch, combine, round;
+  uint64_t bytes_inter = 0, bytes_all = 0;  // this rank's sends over the timed iterations
 };
 
-Timing run_moedist(const Inputs& in, int warmup, int iters) {
+Timing run_moedist(const Inputs& in, int warmup, int iters, const std::string& alg, moedist::Transport& t) {
   using namespace moedist;
+  const bool hier = alg == "hierarchy";
   DispatchArgs d;
   d.x = TensorView(in.x.data(), DType::kBFloat16, {in.BS, in.H});
   d.expert_ids = TensorView(in.ids.data(), DType::kInt32, {in.BS, in.K});
@@ -183,6 +236,8 @@ Timing run_moedist(const Inputs& in, int warmup, int iters) {
   d.ep_rank_id = in.rank;
   d.moe_expert_num = in.E;
   d.quant_mode = in.quant;
+  d.comm_alg = alg;
+  if (hier) d.expert_scales = TensorView(in.w.data(), DType::kFloat32, {in.BS, in.K});  // hierarchy carries the weights
   DispatchResult r = dispatch_v2(d);
   // The experts' output stands in as a fixed bf16 buffer of the dispatched rows.
   Tensor expert_out(DType::kBFloat16, {r.expand_x.size(0), in.H});
@@ -194,30 +249,37 @@ Timing run_moedist(const Inputs& in, int warmup, int iters) {
   c.ep_world_size = in.W;
   c.ep_rank_id = in.rank;
   c.moe_expert_num = in.E;
-  Timing t;
+  c.comm_alg = alg;
+  Timing tm;
+  TransportStats s0{};
   for (int it = 0; it < warmup + iters; ++it) {
     MPI_Barrier(MPI_COMM_WORLD);
+    if (it == warmup) s0 = t.stats();
     const auto t0 = Clock::now();
     r = dispatch_v2(d);
     const double td = seconds_since(t0);
     c.assist_info_for_combine = r.assist_info_for_combine;
     c.ep_send_counts = r.ep_recv_counts;
+    if (hier) c.expand_scales = r.expand_scales;
     const auto t1 = Clock::now();
     Tensor out = combine_v2(c);
     const double tc = seconds_since(t1);
     if (it >= warmup) {
-      t.dispatch.push_back(td);
-      t.combine.push_back(tc);
-      t.round.push_back(td + tc);
+      tm.dispatch.push_back(td);
+      tm.combine.push_back(tc);
+      tm.round.push_back(td + tc);
     }
   }
-  return t;
+  const TransportStats s1 = t.stats();
+  tm.bytes_inter = s1.bytes_sent_inter_host - s0.bytes_sent_inter_host;
+  tm.bytes_all = s1.bytes_sent - s0.bytes_sent;
+  return tm;
 }
 
 // The pipeline a user would write with MPI: permute rows by destination, exchange counts, Alltoallv,
 // regroup by local expert; back: permute to arrival order, Alltoallv, weighted sum. Buffers are
 // allocated once; rows carry their local expert (and scale) in a small header.
-Timing run_baseline(const Inputs& in, int warmup, int iters) {
+Timing run_baseline(const Inputs& in, int warmup, int iters, const std::vector<int>& host_of) {
   const int W = in.W, BS = in.BS, H = in.H, K = in.K, L = in.E / W;
   const bool q = in.quant == 2;
   const size_t payload = static_cast<size_t>(H) * (q ? 1 : 2);
@@ -255,6 +317,15 @@ Timing run_baseline(const Inputs& in, int warmup, int iters) {
       std::memcpy(r + 4, &scale, 4);
     }
     MPI_Alltoall(cnt_rows.data(), 1, MPI_INT, rcnt_rows.data(), 1, MPI_INT, MPI_COMM_WORLD);
+    // Bytes this rank sends to other ranks (counts, rows out, rows back), and to other hosts.
+    if (it >= warmup)
+      for (int p = 0; p < W; ++p) {
+        if (p == in.rank) continue;
+        const uint64_t b = 4 + static_cast<uint64_t>(cnt_rows[static_cast<size_t>(p)]) * rec +
+                           static_cast<uint64_t>(rcnt_rows[static_cast<size_t>(p)]) * ret;
+        t.bytes_all += b;
+        if (host_of[static_cast<size_t>(p)] != host_of[static_cast<size_t>(in.rank)]) t.bytes_inter += b;
+      }
     int total = 0;
     for (int p = 0; p < W; ++p) {
       scount[static_cast<size_t>(p)] = cnt_rows[static_cast<size_t>(p)] * static_cast<int>(rec);
@@ -355,7 +426,22 @@ int bench_worker_main(int argc, char** argv) {
   MPI_Comm_rank(MPI_COMM_WORLD, &rank);
   int rc = 0;
   try {
-    moedist::register_group("bench", {moedist::make_shm_group("bench", W, rank)});
+    moedist::GroupOptions opt;
+    moedist::MpiOptions mo;
+    mo.ranks_per_host = s.ranks_per_host;
+    std::shared_ptr<moedist::Transport> group;
+    if (s.transport == "shm") {
+      opt.ranks_per_server = s.ranks_per_host;  // hierarchy's servers; all ranks share this host
+      group = moedist::make_shm_group("bench", W, rank, opt);
+    } else if (s.transport == "mpi") {
+      group = moedist::make_mpi_group(MPI_COMM_WORLD, opt, mo);
+    } else {
+      group = moedist::make_hybrid_group(MPI_COMM_WORLD, opt, mo);
+    }
+    moedist::register_group("bench", {group});
+    std::vector<int> host_of = moedist::mpi_hosts(*group);
+    if (host_of.empty()) host_of.assign(static_cast<size_t>(W), 0);
+    const int nhosts = *std::max_element(host_of.begin(), host_of.end()) + 1;
     const double mem = rank == 0 ? memcpy_gbps() : 0.0;
     for (int H : s.hidden)
       for (int E : s.experts)
@@ -363,22 +449,34 @@ int bench_worker_main(int argc, char** argv) {
           for (int BS : s.tokens) {
             if (E % W != 0 || s.topk > E) continue;
             const Inputs in = make_inputs(W, rank, BS, H, s.topk, E, q);
-            const Timing m = run_moedist(in, s.warmup, s.iters);
-            const Timing b = run_baseline(in, s.warmup, s.iters);
-            const auto md = max_over_ranks(m.dispatch), mc = max_over_ranks(m.combine), mr = max_over_ranks(m.round);
+            const Timing b = run_baseline(in, s.warmup, s.iters, host_of);
             const auto bd = max_over_ranks(b.dispatch), bc = max_over_ranks(b.combine), br = max_over_ranks(b.round);
-            if (rank == 0) {
-              const double bytes = static_cast<double>(BS) * s.topk * (H * (q ? 1.0 : 2.0) + (q ? 4.0 : 0.0) + H * 2.0);
-              const double algbw = bytes / stats_of(mr).median / 1e9;
-              std::printf("{\"ranks\":%d,\"tokens\":%d,\"hidden\":%d,\"topk\":%d,\"experts\":%d,\"quant_mode\":%d,"
-                          "\"moedist\":{%s,%s,%s,\"algbw_GBps\":%.3f},\"mpi_alltoallv\":{%s,%s,%s},"
-                          "\"speedup_round\":%.3f,\"memcpy_GBps\":%.2f}\n",
-                          W, BS, H, s.topk, E, q, json_stats("dispatch", md).c_str(), json_stats("combine", mc).c_str(),
-                          json_stats("round", mr).c_str(), algbw, json_stats("dispatch", bd).c_str(), json_stats("combine", bc).c_str(),
-                          json_stats("round", br).c_str(), stats_of(br).median / stats_of(mr).median, mem);
-              std::fflush(stdout);
+            uint64_t bb[2] = {b.bytes_inter, b.bytes_all}, bsum[2] = {};
+            MPI_Allreduce(bb, bsum, 2, MPI_UINT64_T, MPI_SUM, MPI_COMM_WORLD);
+            for (const std::string& alg : s.algs) {
+              const Timing m = run_moedist(in, s.warmup, s.iters, alg, *group);
+              const auto md = max_over_ranks(m.dispatch), mc = max_over_ranks(m.combine), mr = max_over_ranks(m.round);
+              uint64_t mb[2] = {m.bytes_inter, m.bytes_all}, msum[2] = {};
+              MPI_Allreduce(mb, msum, 2, MPI_UINT64_T, MPI_SUM, MPI_COMM_WORLD);
+              if (rank == 0) {
+                const double bytes = static_cast<double>(BS) * s.topk * (H * (q ? 1.0 : 2.0) + (q ? 4.0 : 0.0) + H * 2.0);
+                const double algbw = bytes / stats_of(mr).median / 1e9;
+                const double it = static_cast<double>(s.iters);
+                std::printf("{\"ranks\":%d,\"tokens\":%d,\"hidden\":%d,\"topk\":%d,\"experts\":%d,\"quant_mode\":%d,"
+                            "\"transport\":\"%s\",\"comm_alg\":\"%s\",\"hosts\":%d,"
+                            "\"moedist\":{%s,%s,%s,\"algbw_GBps\":%.3f,\"bytes_inter_host_per_round\":%.0f,\"bytes_per_round\":%.0f},"
+                            "\"mpi_alltoallv\":{%s,%s,%s,\"bytes_inter_host_per_round\":%.0f,\"bytes_per_round\":%.0f},"
+                            "\"speedup_round\":%.3f,\"memcpy_GBps\":%.2f}\n",
+                            W, BS, H, s.topk, E, q, s.transport.c_str(), alg.c_str(), nhosts, json_stats("dispatch", md).c_str(),
+                            json_stats("combine", mc).c_str(), json_stats("round", mr).c_str(), algbw, static_cast<double>(msum[0]) / it,
+                            static_cast<double>(msum[1]) / it, json_stats("dispatch", bd).c_str(), json_stats("combine", bc).c_str(),
+                            json_stats("round", br).c_str(), static_cast<double>(bsum[0]) / it, static_cast<double>(bsum[1]) / it,
+                            stats_of(br).median / stats_of(mr).median, mem);
+                std::fflush(stdout);
+              }
             }
           }
+    moedist::unregister_group("bench");
   } catch (const std::exception& e) {
     std::fprintf(stderr, "moedist bench-worker rank %d: %s\n", rank, e.what());
     rc = 1;
@@ -403,15 +501,21 @@ int bench_main(int argc, char** argv, const char* argv0) {
   if (!parse_sweep(argc, argv, s)) return bench_usage();
   std::string cmd_common = " --tokens " + join(s.tokens) + " --hidden " + join(s.hidden) + " --experts " + join(s.experts) +
                            " --quant " + join(s.quant) + " --topk " + std::to_string(s.topk) + " --iters " + std::to_string(s.iters) +
-                           " --warmup " + std::to_string(s.warmup);
+                           " --warmup " + std::to_string(s.warmup) + " --transport " + s.transport + " --comm-alg " +
+                           [&] {
+                             std::string a;
+                             for (const auto& x : s.algs) a += (a.empty() ? "" : ",") + x;
+                             return a;
+                           }() +
+                           " --ranks-per-host " + std::to_string(s.ranks_per_host);
   if (std::system(("mkdir -p '" + s.out + "'").c_str()) != 0) {
     std::fprintf(stderr, "moedist bench: cannot create %s\n", s.out.c_str());
     return 1;
   }
   std::vector<std::string> rows;
   for (int W : s.ranks) {
-    const std::string cmd = "mpirun --allow-run-as-root --oversubscribe --bind-to none -np " + std::to_string(W) + " '" + self +
-                            "' bench-worker" + cmd_common;
+    const std::string cmd = "mpirun --allow-run-as-root --oversubscribe --bind-to none" + s.mpirun_args + " -np " + std::to_string(W) +
+                            " '" + self + "' bench-worker" + cmd_common;
     std::fprintf(stderr, "moedist bench: %s\n", cmd.c_str());
     FILE* p = popen(cmd.c_str(), "r");
     if (!p) return 1;

@@ -37,6 +37,19 @@ std::vector<std::shared_ptr<Transport>> make_thread_group(int world_size, const 
 std::shared_ptr<Transport> make_shm_group(const std::string& group, int world_size, int rank, const GroupOptions& options = {},
                                           const std::string& job = "");
 
+// Ranks that are the processes of an MPI job (started by mpirun), without the program touching MPI:
+// collective over MPI_COMM_WORLD, which moedist initializes if the program has not (MPI_Init_thread,
+// and MPI_Finalize at exit). Ranks passing the same `color` form one group, ordered by `key` (-1: the
+// world rank), as MPI_Comm_split; a rank passing color < 0 takes part in the split but joins no group
+// (nullptr is returned). transport "mpi": MPI between all ranks; "hybrid": shared memory
+// between the ranks of one host, MPI between hosts (see moedist/mpi.h for hosts, make_mpi_group and
+// make_hybrid_group on a communicator of the program's own). Throws Unsupported if moedist was built
+// without MPI.
+std::shared_ptr<Transport> make_mpi_world_group(const GroupOptions& options = {}, const std::string& transport = "mpi", int color = 0,
+                                                int key = -1);
+// True if this build of moedist has the MPI transports.
+bool mpi_available();
+
 // Where this process stands in a job started by `moedist launch` (MOEDIST_RANK, MOEDIST_WORLD_SIZE,
 // MOEDIST_LOCAL_RANK, MOEDIST_JOB_ID), torchrun (RANK, WORLD_SIZE, LOCAL_RANK, TORCHELASTIC_RUN_ID or
 // MASTER_ADDR:MASTER_PORT) or Open MPI's mpirun (OMPI_COMM_WORLD_*, the job's namespace).

@@ -45,6 +45,24 @@ struct ExchangeSpec {
   std::function<void(PutWriter&)> produce;
 };
 
+// Traffic this endpoint sent to other ranks since it was created (cumulative; take differences around
+// a call to measure it). Receiving is not counted: the sum over ranks is the traffic of the group.
+//   bytes_sent: every byte this rank put on the way to another rank: control messages (counts,
+//     status), packing headers and payload. Writes into this rank's own memory are not counted.
+//   bytes_sent_inter_host: the part of bytes_sent that went to ranks on other hosts (MPI transports;
+//     0 where every rank is on one host).
+//   payload_bytes, payload_bytes_inter_host: only the bytes written through PutWriter::dest (rows,
+//     scales, records), without control messages and headers.
+//   messages: messages (MPI) or message slots (shared memory) sent to other ranks.
+struct TransportStats {
+  uint64_t bytes_sent = 0;
+  uint64_t bytes_sent_inter_host = 0;
+  uint64_t payload_bytes = 0;
+  uint64_t payload_bytes_inter_host = 0;
+  uint64_t messages = 0;
+  uint64_t exchanges = 0;  // exchange() calls
+};
+
 class Transport {
  public:
   virtual ~Transport() = default;
@@ -64,6 +82,8 @@ class Transport {
   // its last owner drops it; contents unspecified. Shared memory carves it from this rank's window.
   virtual std::shared_ptr<unsigned char> alloc(size_t bytes) = 0;
   virtual std::chrono::milliseconds timeout() const = 0;
+  // What this endpoint has sent so far; a transport that does not count returns zeros.
+  virtual TransportStats stats() const { return {}; }
 };
 
 }  // namespace moedist

@@ -51,8 +51,10 @@ class WindowWriter : public PutWriter {
     MOEDIST_ASSERT(region >= 0 && region < static_cast<int>(regs.size()), op_, ": region ", region, " of rank ", peer);
     MOEDIST_ASSERT(offset + bytes <= regs[static_cast<size_t>(region)].second, op_, ": write of ", bytes, " bytes at ", offset,
                    " past region ", region, " (", regs[static_cast<size_t>(region)].second, " bytes) of rank ", peer);
+    if (peer != me_) bytes_to_peers += bytes;
     return static_cast<unsigned char*>(regs[static_cast<size_t>(region)].first) + offset;
   }
+  uint64_t bytes_to_peers = 0;  // payload written into other ranks' regions
 
  private:
   const std::vector<int>& slot_of_;
@@ -140,14 +142,23 @@ void WindowEngine::exchange(const ExchangeSpec& spec) {
 
   // Payload, then wave 2: tell every member we are done writing into it (and whether we failed).
   std::exception_ptr local_error;
+  uint64_t payload = 0;
   if (spec.produce) {
+    WindowWriter writer(slot_of, regions, rank_, spec.op);
     try {
-      WindowWriter writer(slot_of, regions, rank_, spec.op);
       spec.produce(writer);
     } catch (...) {
       local_error = std::current_exception();
     }
+    payload = writer.bytes_to_peers;
   }
+  // Counted: a message slot (header + blob) and the payload per peer other than this rank.
+  const uint64_t others = n - 1;
+  exchanges_.store(exchanges_.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
+  messages_.store(messages_.load(std::memory_order_relaxed) + others, std::memory_order_relaxed);
+  payload_bytes_.store(payload_bytes_.load(std::memory_order_relaxed) + payload, std::memory_order_relaxed);
+  bytes_sent_.store(bytes_sent_.load(std::memory_order_relaxed) + payload + others * (sizeof(MsgHeader) + spec.blob_bytes),
+                    std::memory_order_relaxed);
   for (size_t i = 0; i < n; ++i) {
     const int p = members[i];
     PeerFlags* f = layout_.flags(ctrl_base(p), rank_);
@@ -165,6 +176,15 @@ void WindowEngine::exchange(const ExchangeSpec& spec) {
   if (failed_peer >= 0)
     throw TransportError(detail::str_cat("[rank ", rank_, "/", world_, "] ", spec.op, ": rank ", failed_peer,
                                          " failed while writing its data (its own error names the cause)"));
+}
+
+TransportStats WindowEngine::stats() const {
+  TransportStats s;
+  s.bytes_sent = bytes_sent_.load(std::memory_order_relaxed);
+  s.payload_bytes = payload_bytes_.load(std::memory_order_relaxed);
+  s.messages = messages_.load(std::memory_order_relaxed);
+  s.exchanges = exchanges_.load(std::memory_order_relaxed);
+  return s;
 }
 
 }  // namespace moedist::transport

@@ -60,6 +60,7 @@ class WindowEngine : public Transport {
   int world_size() const override { return world_; }
   std::chrono::milliseconds timeout() const override { return timeout_; }
   void exchange(const ExchangeSpec& spec) override;
+  TransportStats stats() const override;
 
  protected:
   virtual void* ctrl_base(int rank) = 0;                   // control block of `rank`
@@ -77,6 +78,8 @@ class WindowEngine : public Transport {
   int world_;
   std::chrono::milliseconds timeout_;
   std::vector<uint64_t> epoch_;  // per peer
+  // Traffic counters: written by this rank's thread only (relaxed), readable from any thread.
+  std::atomic<uint64_t> bytes_sent_{0}, payload_bytes_{0}, messages_{0}, exchanges_{0};
 };
 
 std::chrono::milliseconds default_timeout(std::chrono::milliseconds requested);
