@@ -49,10 +49,25 @@ down() {
   rm -rf "$dir"
 }
 
+# Hosts of an earlier `run` whose process is gone (killed with SIGKILL, e.g. by a test timeout, so its
+# EXIT trap never ran) are removed before new ones are made.
+reap_stale() {
+  local d pid
+  for d in /tmp/moedist-netns.*; do
+    [ -f "$d/owner" ] || continue
+    pid=$(cat "$d/owner")
+    if [[ "$pid" =~ ^[0-9]+$ ]] && ! kill -0 "$pid" 2>/dev/null; then
+      echo "netns-hosts: removing the hosts of an earlier run that was killed ($d, pid $pid)" >&2
+      down "$d"
+    fi
+  done
+}
+
 up() {
   local n=$1 dir=$2 slots=${MOEDIST_NETNS_SLOTS:-2}
   [[ "$n" =~ ^[0-9]+$ ]] && [ "$n" -ge 1 ] && [ "$n" -le 200 ] || die "N must be in [1, 200], got '$n'"
   check >&2 || exit 1
+  reap_stale
   mkdir -p "$dir"
   : >"$dir/state"
   # A /24 of 198.18.0.0/15 that no interface uses yet, chosen under a lock (parallel runs do not collide).
@@ -128,6 +143,7 @@ case "$cmd" in
     dir=$(mktemp -d /tmp/moedist-netns.XXXXXX)
     trap 'rc=$?; down "$dir"; exit $rc' EXIT
     trap 'exit 130' INT TERM
+    echo $$ >"$dir/owner"
     up "$n" "$dir"
     set +e
     MOEDIST_NETNS_DIR=$dir "$@"

@@ -11,20 +11,41 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 mpirun=${MPIRUN:-mpirun}
 
+# Every mpirun has a deadline (MOEDIST_NETNS_STEP_S, default 150 s, well inside ctest's 300 s): Open MPI
+# aborts the job when it passes and reports its processes' state, so a hang fails the test with a
+# diagnosis instead of being killed from outside (which would also skip removing the hosts).
+step_s=${MOEDIST_NETNS_STEP_S:-150}
+
+# on_hosts LABEL CMD...: runs CMD; on failure says which step failed and what was left running.
+on_hosts() {
+  local label=$1; shift
+  local start=$SECONDS rc=0
+  "$@" || rc=$?
+  echo "== $label: exit $rc after $((SECONDS - start)) s"
+  if [ $rc -ne 0 ]; then
+    echo "== processes in the host namespaces:"
+    while read -r kind name; do
+      [ "$kind" = ns ] || continue
+      echo "-- $name: $(ip netns pids "$name" 2>/dev/null | xargs -r ps -o pid=,stat=,etime=,args= -p 2>/dev/null | tr '\n' ';')"
+    done <"$MOEDIST_NETNS_DIR/state"
+  fi
+  return $rc
+}
+
 if [ "${1:-}" = "--inner" ]; then
   shift
   test_mpi=$1
   cli=${2:-}
   mapfile -t hostargs <"$MOEDIST_NETNS_DIR/mpirun-args"
-  run=("$mpirun" --allow-run-as-root --oversubscribe --bind-to none "${hostargs[@]}")
+  run=("$mpirun" --allow-run-as-root --oversubscribe --bind-to none --timeout "$step_s" --report-state-on-timeout "${hostargs[@]}")
   echo "== hosts: $(tr '\n' ' ' <"$MOEDIST_NETNS_DIR/hostfile")"
   echo "== test_mpi on 3 hosts x 2 ranks: ${run[*]} -np 6 ..."
-  "${run[@]}" -np 6 -x MOEDIST_TEST_DETECT_HOSTS=1 "$test_mpi" --gtest_color=no
+  on_hosts "test_mpi" "${run[@]}" -np 6 -x MOEDIST_TEST_DETECT_HOSTS=1 "$test_mpi" --gtest_color=no
   if [ -n "$cli" ]; then
     echo "== moedist bench on 2 hosts x 2 ranks (mpi and hybrid; fullmesh and hierarchy)"
     for transport in mpi hybrid; do
-      "$cli" bench --transport "$transport" --comm-alg fullmesh,hierarchy --ranks 4 --tokens 16 --hidden 512 --experts 16 \
-        --topk 4 --quant 0 --iters 5 --warmup 1 --out "$MOEDIST_NETNS_DIR/bench-$transport" \
+      on_hosts "bench $transport" timeout -k 5 "$step_s" "$cli" bench --transport "$transport" --comm-alg fullmesh,hierarchy --ranks 4 \
+        --tokens 16 --hidden 512 --experts 16 --topk 4 --quant 0 --iters 5 --warmup 1 --out "$MOEDIST_NETNS_DIR/bench-$transport" \
         --mpirun-args "$(tr '\n' ' ' <"$MOEDIST_NETNS_DIR/mpirun-args")"
     done
   fi

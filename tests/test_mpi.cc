@@ -438,6 +438,7 @@ TEST(MpiBytes, HierarchyCrossesHostsWithFewerBytesThanFullmesh) {
 
 int main(int argc, char** argv) {
   MPI_Init(&argc, &argv);
+  std::setvbuf(stdout, nullptr, _IOLBF, 0);  // under mpirun stdout is a pipe: show progress line by line
   MPI_Comm_rank(MPI_COMM_WORLD, &moedist::test::g_rank);
   MPI_Comm_size(MPI_COMM_WORLD, &moedist::test::g_world);
   ::testing::InitGoogleTest(&argc, argv);
