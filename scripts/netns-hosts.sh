@@ -6,7 +6,7 @@
 #
 #   scripts/netns-hosts.sh up N DIR     create N hosts; DIR receives:
 #                                         hostfile  (one line per host: "<address> slots=<SLOTS>")
-#                                         rsh-agent (plm_rsh_agent: runs the command in the host's namespace)
+#                                         rsh-agent (plm_rsh_agent: runs the command in the host's network namespace)
 #                                         mpirun-args (the options that make mpirun use them, one per line)
 #                                         state     (what to remove)
 #   scripts/netns-hosts.sh down DIR     remove everything `up` created (idempotent)
@@ -114,6 +114,10 @@ up() {
   {
     echo '  *) echo "rsh-agent: unknown host $host" >&2; exit 255 ;;'
     echo 'esac'
+    # nsenter joins only the network namespace; `ip netns exec` also makes a mount namespace and
+    # remounts /sys for every command, and an Open MPI daemon started that way was seen stuck in the
+    # kernel (state D) under load.
+    echo 'if command -v nsenter >/dev/null 2>&1; then exec nsenter --net="/run/netns/$ns" /bin/sh -c "$*"; fi'
     echo 'exec ip netns exec "$ns" /bin/sh -c "$*"'
   } >>"$dir/rsh-agent"
   chmod +x "$dir/rsh-agent"

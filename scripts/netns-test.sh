@@ -3,8 +3,8 @@
 # (scripts/netns-hosts.sh), 2 ranks on each, Open MPI over TCP between them (its shared-memory BTL is
 # left out: it fails between namespaces). Runs the conformance suite over make_mpi_group and
 # make_hybrid_group (shared memory inside a host, TCP across), the error tests and the bytes-across-
-# hosts test with the hosts detected, not configured; then, given the moedist program, its bench across
-# the hosts. The hosts are removed afterwards whatever happens.
+# hosts test with the hosts detected, not configured; then, given the moedist program, its demo and bench
+# across the hosts. The hosts are removed afterwards whatever happens.
 #   usage: scripts/netns-test.sh TEST_MPI [MOEDIST]     (as root; MPIRUN=path overrides `mpirun`)
 # Exits 77 (ctest: skipped) with the reason when namespaces cannot be made here.
 set -euo pipefail
@@ -42,6 +42,8 @@ if [ "${1:-}" = "--inner" ]; then
   echo "== test_mpi on 3 hosts x 2 ranks: ${run[*]} -np 6 ..."
   on_hosts "test_mpi" "${run[@]}" -np 6 -x MOEDIST_TEST_DETECT_HOSTS=1 "$test_mpi" --gtest_color=no
   if [ -n "$cli" ]; then
+    echo "== moedist demo on 3 hosts x 2 ranks (hybrid: shared memory inside a host, TCP between hosts)"
+    on_hosts "demo hybrid" "${run[@]}" -np 6 "$cli" demo --transport hybrid --ranks 6 --experts 12 --tokens 32
     echo "== moedist bench on 2 hosts x 2 ranks (mpi and hybrid; fullmesh and hierarchy)"
     for transport in mpi hybrid; do
       on_hosts "bench $transport" timeout -k 5 "$step_s" "$cli" bench --transport "$transport" --comm-alg fullmesh,hierarchy --ranks 4 \

@@ -1,5 +1,6 @@
 // `moedist demo`: one whole MoE layer (router, dispatch_v2, SwiGLU experts, combine_v2) on ranks that
-// are local processes over shared memory (default; make_shm_group) or threads of this process
+// are processes over shared memory (default; make_shm_group: one host), processes of an MPI job on one
+// host or several (mpirun, --transport mpi|hybrid; make_mpi_world_group) or threads of this process
 // (--threads; make_thread_group), checked two ways:
 //   1. numerically, against the same layer computed densely in one process in fp32 (every token times
 //      every expert it picked, no communication at all);
@@ -13,7 +14,6 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <cctype>
 #include <cerrno>
 #include <charconv>
 #include <chrono>
@@ -27,8 +27,10 @@
 #include <fstream>
 #include <functional>
 #include <iostream>
+#include <memory>
 #include <mutex>
 #include <numeric>
+#include <span>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -37,6 +39,9 @@
 
 #include "launch.h"
 #include "moedist/moedist.h"
+#ifdef MOEDIST_HAVE_MPI
+#include "moedist/mpi.h"  // mpi_hosts
+#endif
 
 namespace moedist::tools {
 namespace {
@@ -63,8 +68,9 @@ struct DemoOptions {
   bool mask = false;      // 1-D x_active_mask with the last BS/4 tokens inactive
   uint64_t seed = 1;
   int timeout_ms = 20000;
-  bool threads = false;    // ranks are threads of this process instead of processes
-  std::string report_dir;  // internal: set for the rank processes the demo starts
+  bool threads = false;       // ranks are threads of this process instead of processes
+  std::string transport = "shm";  // process mode: "shm", or under mpirun "mpi" / "hybrid"
+  std::string report_dir;     // internal: set for the rank processes the demo starts
 };
 
 class UsageError : public std::runtime_error {
@@ -168,6 +174,10 @@ bool parse_options(const std::vector<std::string>& args, DemoOptions& o) {
     } else if (name == "--report-dir") {
       o.report_dir = take_value();
       if (o.report_dir.empty()) throw UsageError("--report-dir needs a directory");
+    } else if (name == "--transport") {
+      o.transport = take_value();
+      if (o.transport != "shm" && o.transport != "mpi" && o.transport != "hybrid")
+        throw UsageError(cat("--transport '", o.transport, "' (must be shm, mpi or hybrid)"));
     } else if (name == "--dtype") {
       const std::string& v = take_value();
       if (v == "bf16" || v == "bfloat16")
@@ -645,11 +655,11 @@ class PhaseBarrier {
 };
 
 // Process mode: the same line-up across processes, as an empty exchange (no blob, no payload) on a
-// shared-memory group of every rank that calls the ops: it returns once all of them have arrived. A
-// dead or failed peer raises TransportError naming it, or Timeout, instead of hanging.
-class ShmBarrier {
+// group (shared memory, MPI or hybrid) of every rank that calls the ops: it returns once all of them
+// have arrived. A dead or failed peer raises TransportError naming it, or Timeout, instead of hanging.
+class GroupBarrier {
  public:
-  explicit ShmBarrier(std::shared_ptr<Transport> group) : group_(std::move(group)) {
+  explicit GroupBarrier(std::shared_ptr<Transport> group) : group_(std::move(group)) {
     for (int r = 0; r < group_->world_size(); ++r) members_.push_back(r);
   }
   void arrive_and_wait() {
@@ -908,7 +918,8 @@ std::string compare_combine(const Layer& l, const RankState& st, const Tensor& w
 
 // ---------------------------------------------------------------------------------------------------
 // Per-rank results: what a rank measured and checked, all the report needs. In process mode each rank
-// writes its own to a file that the reporting process reads.
+// sends its own, as text (summary_text), to rank 0 over a group (gather_texts), or writes it to a file
+// that the demo's parent reads (--report-dir).
 
 struct RankSummary {
   enum class Status { kMissing, kOk, kRemoved, kError };
@@ -966,34 +977,40 @@ const char* status_name(RankSummary::Status s) {
 
 std::string summary_path(const std::string& dir, int rank) { return cat(dir, "/rank", rank, ".txt"); }
 
+// A summary as text, one "key values" line per field, ending with "end"; parse_summary reads it back.
+std::string summary_text(const RankSummary& s) {
+  std::ostringstream f;
+  f.precision(17);
+  f << "status " << status_name(s.status) << "\n"
+    << "rank " << s.tp_rank << " " << s.ep_rank << "\n"
+    << "times " << s.times.gating << " " << s.times.dispatch << " " << s.times.experts << " " << s.times.combine << "\n"
+    << "rows " << s.rows.size();
+  for (int64_t r : s.rows) f << " " << r;
+  f << "\n"
+    << "special " << s.zero << " " << s.copy << " " << s.constant << "\n"
+    << "dense " << s.accuracy.max_abs_err << " " << s.accuracy.max_abs_dense << " " << s.accuracy.non_finite << "\n"
+    << "transport_error " << (s.transport_error ? 1 : 0) << "\n"
+    << "error " << one_line(s.error) << "\n"
+    << "dispatch_diff " << one_line(s.dispatch_diff) << "\n"
+    << "combine_diff " << one_line(s.combine_diff) << "\n"
+    << "end\n";
+  return f.str();
+}
+
 // Written to a temporary name, then renamed: a reader sees the whole file or none.
 bool write_summary(const std::string& dir, int rank, const RankSummary& s) {
-  mkdir(dir.c_str(), 0700);  // exists already, except under an outside launcher
+  mkdir(dir.c_str(), 0700);  // made by the demo's parent already
   const std::string tmp = cat(dir, "/.rank", rank, ".tmp");
   {
     std::ofstream f(tmp);
-    f.precision(17);
-    f << "status " << status_name(s.status) << "\n"
-      << "rank " << s.tp_rank << " " << s.ep_rank << "\n"
-      << "times " << s.times.gating << " " << s.times.dispatch << " " << s.times.experts << " " << s.times.combine << "\n"
-      << "rows " << s.rows.size();
-    for (int64_t r : s.rows) f << " " << r;
-    f << "\n"
-      << "special " << s.zero << " " << s.copy << " " << s.constant << "\n"
-      << "dense " << s.accuracy.max_abs_err << " " << s.accuracy.max_abs_dense << " " << s.accuracy.non_finite << "\n"
-      << "transport_error " << (s.transport_error ? 1 : 0) << "\n"
-      << "error " << one_line(s.error) << "\n"
-      << "dispatch_diff " << one_line(s.dispatch_diff) << "\n"
-      << "combine_diff " << one_line(s.combine_diff) << "\n"
-      << "end\n";
+    f << summary_text(s);
     if (!f.flush()) return false;
   }
   return std::rename(tmp.c_str(), summary_path(dir, rank).c_str()) == 0;
 }
 
-bool read_summary(const std::string& path, RankSummary& s) {
-  std::ifstream f(path);
-  if (!f) return false;
+// False (and `s` unchanged) unless `f` holds a whole summary.
+bool parse_summary(std::istream& f, RankSummary& s) {
   RankSummary r;
   bool complete = false;
   std::string line;
@@ -1035,6 +1052,11 @@ bool read_summary(const std::string& path, RankSummary& s) {
   return true;
 }
 
+bool read_summary(const std::string& path, RankSummary& s) {
+  std::ifstream f(path);
+  return f && parse_summary(f, s);
+}
+
 // Removes the rank files and the directory.
 void remove_report_dir(const std::string& dir, int processes) {
   for (int p = 0; p < processes; ++p) {
@@ -1047,13 +1069,22 @@ void remove_report_dir(const std::string& dir, int processes) {
 // ---------------------------------------------------------------------------------------------------
 // Report
 
-void print_header(const Layer& l, bool processes) {
+// How the rank processes talk (--transport), for the report.
+std::string transport_words(const DemoOptions& o) {
+  if (o.transport == "mpi") return "MPI";
+  if (o.transport == "hybrid") return "hybrid: shared memory within a host, MPI between hosts";
+  return "shared memory";
+}
+
+// `hosts`: the hosts the MPI job runs on (0: not known, or not an MPI transport).
+void print_header(const Layer& l, bool processes, int hosts = 0) {
   const DemoOptions& o = l.opt;
-  std::string how;
+  std::string how = transport_words(o);
+  if (hosts > 0) how += cat("; ", hosts, hosts == 1 ? " host" : " hosts");
   if (l.tp == 2)
-    how = cat(" x tp 2 = ", l.tp * l.W, processes ? " processes (shared memory)" : " threads");
+    how = cat(" x tp 2 = ", l.tp * l.W, processes ? cat(" processes (", how, ")") : std::string(" threads"));
   else
-    how = processes ? " (processes, shared memory)" : " (threads)";
+    how = processes ? cat(" (processes, ", how, ")") : std::string(" (threads)");
   std::printf("moedist demo (moedist %s): %d ranks%s, %d tokens/rank, hidden %d, top-%d of %d experts (%lld per rank), ffn %d, %s",
               MOEDIST_VERSION_STRING, o.ranks, how.c_str(), o.tokens,
               o.hidden, o.topk, o.experts, static_cast<long long>(l.L), o.ffn, short_dtype_name(o.dtype));
@@ -1109,13 +1140,14 @@ void print_load(const Layer& l, const std::vector<RankSummary>& ranks) {
                 static_cast<long long>(copy), static_cast<long long>(constant));
 }
 
-void print_times(const std::vector<RankSummary>& ranks, bool processes) {
+void print_times(const Layer& l, const std::vector<RankSummary>& ranks, bool processes) {
   std::vector<const RankSummary*> ran;
   for (const RankSummary& s : ranks)
     if (s.status == RankSummary::Status::kOk) ran.push_back(&s);
   if (ran.empty()) return;
-  std::printf("phase times, ms (median / max over %zu ranks; each phase starts on all ranks together%s):\n", ran.size(),
-              processes ? ", after a shared-memory barrier" : "");
+  std::string barrier;
+  if (processes) barrier = l.opt.transport == "shm" ? ", after a shared-memory barrier" : cat(", after a barrier over ", l.opt.transport);
+  std::printf("phase times, ms (median / max over %zu ranks; each phase starts on all ranks together%s):\n", ran.size(), barrier.c_str());
   const std::pair<const char*, double PhaseTimes::*> phases[] = {
       {"gating", &PhaseTimes::gating}, {"dispatch", &PhaseTimes::dispatch}, {"expert FFN", &PhaseTimes::experts}, {"combine", &PhaseTimes::combine}};
   for (const auto& [name, field] : phases) {
@@ -1165,7 +1197,7 @@ int report(const Layer& l, const std::vector<RankSummary>& ranks, bool processes
   }
 
   print_load(l, ranks);
-  print_times(ranks, processes);
+  print_times(l, ranks, processes);
 
   Accuracy acc;
   std::string ref_diff, combine_diff;
@@ -1237,9 +1269,86 @@ int run_threads(const DemoOptions& o) {
 // "moedist-demo-tp<p % W>". So ranks 0..W-1 are the first EP group, W..2W-1 the second, in the order of
 // the thread mode. The ranks that call the ops (all but the ones --elastic removes, which join their
 // EP group and stop) also join "moedist-demo-all", the phase barrier, as member tp_index * (active
-// ranks) + ep_rank (== p).
+// ranks) + ep_rank (== p), and, unless the demo's parent collects the results from files
+// (--report-dir), "moedist-demo-report", the same members again, over which rank 0 gathers the results.
+// --transport shm: every group is made by make_shm_group (one host). mpi, hybrid (under mpirun): by
+// make_mpi_world_group, collective over MPI_COMM_WORLD, so every process makes the same calls in the
+// same order, removed ranks included (they pass color -1 where they join no group): EP group (color
+// tp index, key EP rank), with --tp 2 the TP group (color EP rank, key tp index), the barrier group
+// and the report group (color 0, key member). The report group is plain MPI for both (it carries a few
+// kilobytes once).
 
 constexpr const char* kAllGroup = "moedist-demo-all";
+constexpr const char* kReportGroup = "moedist-demo-report";
+
+// The groups of one rank process; the EP and TP groups are registered under their names for the ops.
+struct ProcessGroups {
+  GroupRegistration registered;
+  std::shared_ptr<Transport> all;     // phase barrier; nullptr on a removed rank
+  std::shared_ptr<Transport> report;  // results to rank 0; nullptr on a removed rank, or with --report-dir
+};
+
+// The report group waits longer than the ops: its members arrive when their checks are done, which
+// takes each rank its own time, and a rank that failed early waits there for the ones still timing out.
+GroupOptions report_options(const Layer& l) {
+  GroupOptions options;
+  options.timeout = std::chrono::milliseconds(2 * static_cast<int64_t>(l.opt.timeout_ms) + 60000);
+  return options;
+}
+
+// Joins the groups of global rank p (with_report: the report group too).
+void join_groups(const Layer& l, int p, bool with_report, ProcessGroups& g) {
+  const int tp_rank = static_cast<int>(p / l.W), ep_rank = static_cast<int>(p % l.W);
+  const bool removed = ep_rank >= l.active_ranks;
+  const int member = removed ? -1 : static_cast<int>(tp_rank * l.active_ranks + ep_rank);
+  const int calling = static_cast<int>(l.calling_ranks());
+  const GroupOptions options = group_options(l);
+  const std::string ep_group = l.ep_group(tp_rank), tp_group = l.tp_group(ep_rank);
+  if (l.opt.transport == "shm") {
+    g.registered.add(ep_group, {make_shm_group(ep_group, static_cast<int>(l.W), ep_rank, options)});
+    if (removed) return;
+    if (l.tp == 2) g.registered.add(tp_group, {make_shm_group(tp_group, 2, tp_rank, options)});
+    g.all = make_shm_group(kAllGroup, calling, member, options);
+    if (with_report) g.report = make_shm_group(kReportGroup, calling, member, report_options(l));
+    return;
+  }
+  // After a call that failed here this process still makes the others, so that no process waits for it
+  // inside MPI_Comm_split; the first error is raised at the end.
+  std::exception_ptr error;
+  auto make = [&](const GroupOptions& opt, const std::string& transport, int color, int key) -> std::shared_ptr<Transport> {
+    try {
+      return make_mpi_world_group(opt, transport, color, key);
+    } catch (...) {
+      if (!error) error = std::current_exception();
+      return nullptr;
+    }
+  };
+  if (auto ep = make(options, l.opt.transport, tp_rank, ep_rank)) g.registered.add(ep_group, {ep});
+  if (l.tp == 2)
+    if (auto tp = make(options, l.opt.transport, removed ? -1 : ep_rank, tp_rank)) g.registered.add(tp_group, {tp});
+  g.all = make(options, l.opt.transport, removed ? -1 : 0, member);
+  if (with_report) g.report = make(report_options(l), "mpi", removed ? -1 : 0, member);
+  if (error) std::rethrow_exception(error);
+}
+
+// The hosts the ranks that call the ops run on, as the MPI transports see them; 0 for shared memory.
+int mpi_host_count(const ProcessGroups& g) {
+#ifdef MOEDIST_HAVE_MPI
+  if (g.all) {
+    const std::vector<int> hosts = mpi_hosts(*g.all);
+    if (!hosts.empty()) return *std::max_element(hosts.begin(), hosts.end()) + 1;
+  }
+#else
+  (void)g;
+#endif
+  return 0;
+}
+
+void record_error(RankSummary& s, const std::exception& e) {
+  s.status = RankSummary::Status::kError;
+  s.error = e.what();
+  s.transport_error = dynamic_cast<const TransportError*>(&e) != nullptr;
+}
 
 // The checks of rank `me` in a rank process: every other rank's arguments are rebuilt from the seed
 // (inputs, gating, and expert outputs computed from the reference's dispatch rows, which is what the
@@ -1270,28 +1379,16 @@ void check_own_rank(const Layer& l, std::vector<RankState>& ranks, size_t me, Ra
   s.accuracy = compare_with_dense(l, ranks[me], dense_layer(l, ranks, {me})[me]);
 }
 
-// One rank process: joins its groups, runs its rank, checks it. Never throws: a failure is the
-// summary's error.
-RankSummary run_process_rank(const Layer& l, int p) {
-  RankSummary s;
-  s.tp_rank = static_cast<int>(p / l.W);
-  s.ep_rank = p % l.W;
+// One rank process, once it joined its groups: runs its rank and checks it. Never throws: a failure is
+// the summary's error.
+void run_process_rank(const Layer& l, ProcessGroups& groups, RankSummary& s) {
+  if (s.ep_rank >= l.active_ranks) {  // removed by elastic scale-down: does not call the ops
+    s.status = RankSummary::Status::kRemoved;
+    return;
+  }
   try {
-    GroupRegistration groups;
-    const GroupOptions options = group_options(l);
-    const std::string ep_group = l.ep_group(s.tp_rank);
-    groups.add(ep_group, {make_shm_group(ep_group, static_cast<int>(l.W), static_cast<int>(s.ep_rank), options)});
-    if (s.ep_rank >= l.active_ranks) {  // removed by elastic scale-down: does not call the ops
-      s.status = RankSummary::Status::kRemoved;
-      return s;
-    }
-    if (l.tp == 2) {
-      const std::string tp_group = l.tp_group(s.ep_rank);
-      groups.add(tp_group, {make_shm_group(tp_group, 2, s.tp_rank, options)});
-    }
     const size_t me = static_cast<size_t>(s.tp_rank * l.active_ranks + s.ep_rank);
-    ShmBarrier barrier(make_shm_group(kAllGroup, static_cast<int>(l.calling_ranks()), static_cast<int>(me), options));
-
+    GroupBarrier barrier(groups.all);
     std::vector<RankState> ranks;
     for (int q = 0; q < l.tp; ++q)
       for (int64_t r = 0; r < l.active_ranks; ++r) ranks.push_back(make_rank(l, q, r));
@@ -1300,82 +1397,165 @@ RankSummary run_process_rank(const Layer& l, int p) {
     summarize_run(l, ranks[me], s);
     check_own_rank(l, ranks, me, s);
   } catch (const std::exception& e) {
-    s.status = RankSummary::Status::kError;
-    s.error = e.what();
-    s.transport_error = dynamic_cast<const TransportError*>(&e) != nullptr;
+    record_error(s, e);
   }
-  return s;
 }
 
-std::string temp_root() {
-  const char* t = std::getenv("TMPDIR");
-  return t && *t ? t : "/tmp";
-}
-
-// Under an outside launcher: a directory per job, the same in every rank.
-std::string job_report_dir(const std::string& job) {
-  std::string name;
-  for (char c : job.empty() ? std::string("nojob") : job) name += std::isalnum(static_cast<unsigned char>(c)) ? c : '_';
-  return cat(temp_root(), "/moedist-demo-", name);
-}
-
-// Rank 0 under an outside launcher: waits for every rank's file; a rank with none after
-// --timeout-ms without news is reported missing.
-std::vector<RankSummary> collect_summaries(const Layer& l, const std::string& dir, int processes, bool wait) {
-  std::vector<RankSummary> out(static_cast<size_t>(processes));
-  std::vector<bool> have(static_cast<size_t>(processes), false);
-  for (int p = 0; p < processes; ++p) {
-    out[static_cast<size_t>(p)].tp_rank = static_cast<int>(p / l.W);
-    out[static_cast<size_t>(p)].ep_rank = p % l.W;
+// Gathers every member's `text` to member 0 of `group` in two exchanges: first each member's length
+// (a small blob each, which every member receives), then the texts, each written at its offset into
+// member 0's one receive region (in the transport's scratch memory unless receive regions may be any
+// memory). Returns the texts in member order on member 0, nothing on the others. Every wait has the
+// group's timeout: a member that does not arrive raises Timeout naming it.
+std::vector<std::string> gather_texts(Transport& group, const std::string& text) {
+  struct SizeBlob {
+    uint64_t magic;
+    uint64_t bytes;
+  };
+  constexpr uint64_t kMagic = 0x6d6f656469737452ull;  // tells a result size from a peer's other exchange
+  constexpr uint64_t kMaxBytes = uint64_t{1} << 24;
+  const int n = group.world_size(), me = group.rank();
+  std::vector<int> members(static_cast<size_t>(n));
+  std::iota(members.begin(), members.end(), 0);
+  const SizeBlob mine{kMagic, text.size()};
+  std::vector<SizeBlob> sizes(static_cast<size_t>(n));
+  ExchangeSpec first;
+  first.op = "moedist demo result sizes";
+  first.members = members;
+  first.blob = &mine;
+  first.blob_bytes = sizeof(SizeBlob);
+  first.blobs_out = sizes.data();
+  group.exchange(first);
+  // Every member holds the same sizes, so every member decides the same here.
+  std::vector<size_t> offset(static_cast<size_t>(n) + 1, 0);
+  for (int r = 0; r < n; ++r) {
+    const SizeBlob& b = sizes[static_cast<size_t>(r)];
+    if (b.magic != kMagic || b.bytes > kMaxBytes) throw Error(cat("rank ", r, " sent no valid result size to the results gather"));
+    offset[static_cast<size_t>(r) + 1] = offset[static_cast<size_t>(r)] + static_cast<size_t>(b.bytes);
   }
-  auto last_news = Clock::now();
-  for (;;) {
-    int missing = 0;
-    for (int p = 0; p < processes; ++p) {
-      if (have[static_cast<size_t>(p)]) continue;
-      if (read_summary(summary_path(dir, p), out[static_cast<size_t>(p)])) {
-        have[static_cast<size_t>(p)] = true;
-        last_news = Clock::now();
-      } else {
-        ++missing;
-      }
+
+  std::vector<char> local;
+  RecvRegion region;
+  if (me == 0) {
+    region.bytes = offset.back();
+    if (group.recv_anywhere()) {
+      local.resize(region.bytes);
+      region.data = local.data();
+    } else {
+      region.data = group.scratch(0, region.bytes);
     }
-    if (!missing || !wait || Clock::now() - last_news > std::chrono::milliseconds(l.opt.timeout_ms)) break;
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  ExchangeSpec second;
+  second.op = "moedist demo results";
+  second.members = members;
+  if (me == 0) second.recv = std::span<const RecvRegion>(&region, 1);
+  second.produce = [&](PutWriter& w) {
+    if (me != 0 && !text.empty()) std::memcpy(w.dest(0, 0, offset[static_cast<size_t>(me)], text.size()), text.data(), text.size());
+  };
+  group.exchange(second);
+  if (me != 0) return {};
+  std::vector<std::string> texts(static_cast<size_t>(n));
+  texts[0] = text;
+  for (int r = 1; r < n; ++r)
+    texts[static_cast<size_t>(r)].assign(static_cast<const char*>(region.data) + offset[static_cast<size_t>(r)],
+                                         static_cast<size_t>(sizes[static_cast<size_t>(r)].bytes));
+  return texts;
+}
+
+// The demo's parent, after the rank processes ended: every rank's file, or a missing result.
+std::vector<RankSummary> collect_summaries(const Layer& l, const std::string& dir, int processes) {
+  std::vector<RankSummary> out(static_cast<size_t>(processes));
+  for (int p = 0; p < processes; ++p) {
+    RankSummary& s = out[static_cast<size_t>(p)];
+    s.tp_rank = static_cast<int>(p / l.W);
+    s.ep_rank = p % l.W;
+    read_summary(summary_path(dir, p), s);
   }
   return out;
 }
 
-// This process is one rank of a job (started by this demo's parent with --report-dir, or by
-// `moedist launch`, torchrun or mpirun; then rank 0 prints the report).
+// Rank 0 under an outside launcher: the results gathered over the report group, in global rank order.
+// The removed ranks (--elastic) are not in the group: their status is known.
+std::vector<RankSummary> gathered_summaries(const Layer& l, const std::vector<std::string>& texts) {
+  std::vector<RankSummary> out(static_cast<size_t>(l.tp * l.W));
+  for (size_t p = 0; p < out.size(); ++p) {
+    out[p].tp_rank = static_cast<int>(static_cast<int64_t>(p) / l.W);
+    out[p].ep_rank = static_cast<int64_t>(p) % l.W;
+    if (out[p].ep_rank >= l.active_ranks) out[p].status = RankSummary::Status::kRemoved;
+  }
+  for (size_t m = 0; m < texts.size(); ++m) {
+    const int64_t member = static_cast<int64_t>(m);
+    RankSummary& s = out[static_cast<size_t>(member / l.active_ranks * l.W + member % l.active_ranks)];
+    std::istringstream in(texts[m]);
+    if (!parse_summary(in, s)) {
+      s.status = RankSummary::Status::kError;
+      s.error = "its result could not be read";
+    }
+  }
+  return out;
+}
+
+// This process is one rank of a job: started by this demo's parent with --report-dir (it writes its
+// result there), or by `moedist launch`, torchrun or mpirun (then rank 0 gathers the results over the
+// report group and prints the report).
 int run_rank_process(const DemoOptions& o, const LaunchEnv& env) {
   const Layer l = make_layer(o);
   const int processes = static_cast<int>(l.tp * l.W);
-  const bool collect = o.report_dir.empty();
+  const bool gather = o.report_dir.empty();
   if (env.world_size != processes) {
     if (env.rank == 0)
       std::fprintf(stderr, "moedist demo: started as rank %d of %d by the %s launcher, but --ranks %d%s needs %d processes\n", env.rank,
                    env.world_size, env.launcher.c_str(), o.ranks, l.tp == 2 ? " --tp 2" : "", processes);
     return 2;
   }
-  const std::string dir = collect ? job_report_dir(env.job) : o.report_dir;
-  if (collect && env.rank == 0) {
-    print_header(l, true);
-    std::fflush(stdout);
-    // Files of an earlier job with the same id go before this rank joins its first group, so before
-    // any rank of this job can have written one.
-    remove_report_dir(dir, processes);
-    mkdir(dir.c_str(), 0700);
+  RankSummary s;
+  s.tp_rank = static_cast<int>(env.rank / l.W);
+  s.ep_rank = env.rank % l.W;
+  ProcessGroups groups;
+  try {
+    join_groups(l, env.rank, gather, groups);
+  } catch (const std::exception& e) {
+    record_error(s, e);
   }
-  const RankSummary s = run_process_rank(l, env.rank);
-  const bool written = write_summary(dir, env.rank, s);
-  if (!written) std::fprintf(stderr, "moedist demo: rank %d: cannot write its result to %s\n", env.rank, dir.c_str());
-  if (collect && s.status == RankSummary::Status::kError) std::fprintf(stderr, "moedist demo: rank %d: %s\n", env.rank, s.error.c_str());
-  const int code = s.status == RankSummary::Status::kError || !written ? 1 : 0;
-  if (!collect || env.rank != 0) return code;
-  const std::vector<RankSummary> summaries = collect_summaries(l, dir, processes, true);
-  remove_report_dir(dir, processes);
-  return report(l, summaries, true, 0);
+  if (gather && env.rank == 0) {
+    print_header(l, true, mpi_host_count(groups));
+    std::fflush(stdout);
+  }
+  if (s.status != RankSummary::Status::kError) run_process_rank(l, groups, s);
+  const int code = s.status == RankSummary::Status::kError ? 1 : 0;
+
+  if (!gather) {
+    const bool written = write_summary(o.report_dir, env.rank, s);
+    if (!written) std::fprintf(stderr, "moedist demo: rank %d: cannot write its result to %s\n", env.rank, o.report_dir.c_str());
+    return written ? code : 1;
+  }
+  if (s.status == RankSummary::Status::kError) std::fprintf(stderr, "moedist demo: rank %d: %s\n", env.rank, s.error.c_str());
+  if (!groups.report) {  // removed by --elastic, or it could not join the report group
+    if (env.rank != 0) return code;
+    std::printf("error: %s: %s\n", rank_name(l, s.tp_rank, s.ep_rank).c_str(), s.error.c_str());
+    return fail("rank 0 could not join its groups");
+  }
+  std::vector<std::string> texts;
+  try {
+    texts = gather_texts(*groups.report, summary_text(s));
+  } catch (const std::exception& e) {
+    if (env.rank != 0) {
+      std::fprintf(stderr, "moedist demo: rank %d: cannot send its result to rank 0: %s\n", env.rank, e.what());
+      return 1;
+    }
+    const std::string who = rank_name(l, s.tp_rank, s.ep_rank);
+    if (s.status == RankSummary::Status::kError) std::printf("error: %s: %s\n", who.c_str(), s.error.c_str());
+    std::printf("error: gathering the results on rank 0: %s\n", e.what());
+    return fail("the ranks' results could not be gathered");
+  }
+  // Rank 0 now has this rank's result, failure included, and its exit code tells: a rank exiting 1 here
+  // would make mpirun stop the job, rank 0 too, maybe before it printed the report.
+  if (env.rank != 0) return 0;
+  return report(l, gathered_summaries(l, texts), true, 0);
+}
+
+std::string temp_root() {
+  const char* t = std::getenv("TMPDIR");
+  return t && *t ? t : "/tmp";
 }
 
 std::string self_exe() {
@@ -1403,7 +1583,7 @@ int run_parent(const DemoOptions& o, const std::vector<std::string>& args) {
   argv.push_back(nullptr);
   const int code = launch_main(static_cast<int>(launch_args.size()), argv.data());
 
-  const std::vector<RankSummary> summaries = collect_summaries(l, dir, processes, false);
+  const std::vector<RankSummary> summaries = collect_summaries(l, dir, processes);
   remove_report_dir(dir, processes);
   return report(l, summaries, true, code);
 }
@@ -1419,8 +1599,10 @@ void print_demo_help(std::ostream& os) {
         "By default the ranks are processes on this host over shared memory: the demo starts N of them\n"
         "(2N with --tp 2) like `moedist launch` and reports. Started under a launcher (`moedist launch -n N\n"
         "-- moedist demo ...`, torchrun, mpirun) with that many processes, each process is one rank and\n"
-        "rank 0 reports. Global rank p is EP rank p % N of TP index p / N. --threads runs the ranks as\n"
-        "threads of this one process instead.\n"
+        "rank 0 gathers the results and reports. Global rank p is EP rank p % N of TP index p / N. Under\n"
+        "mpirun the ranks may be on several hosts with --transport mpi or hybrid, e.g.\n"
+        "  mpirun -np 8 --hostfile HOSTS moedist demo --transport hybrid --ranks 8\n"
+        "--threads runs the ranks as threads of this one process instead.\n"
         "The last line is 'moedist demo: PASS' (exit 0) or 'moedist demo: FAIL ...' (exit 1).\n"
         "\n"
         "options (value as '--opt V' or '--opt=V'):\n"
@@ -1443,7 +1625,12 @@ void print_demo_help(std::ostream& os) {
         "                     processes join the EP group but do not call the ops\n"
         "  --mask             1-D x_active_mask: the last BS/4 tokens of each rank are inactive\n"
         "  --seed S           seed of every random value (default 1)\n"
-        "  --timeout-ms T     deadline of every wait inside the ops and groups (default 20000)\n"
+        "  --timeout-ms T     deadline of every wait inside the ops and groups (default 20000; rank 0\n"
+        "                     waits 2T + 60 s for the results of the others)\n"
+        "  --transport T      how the rank processes talk (default shm):\n"
+        "                       shm     shared memory, every rank on this host\n"
+        "                       mpi     MPI between all ranks (only under mpirun; hosts: see mpirun)\n"
+        "                       hybrid  shared memory within a host, MPI between hosts (only under mpirun)\n"
         "  --threads          ranks are threads of this process (thread groups), not processes\n"
         "  --report-dir DIR   (internal) set by the demo for its rank processes: write the rank's result\n"
         "                     to DIR and leave the report to the parent\n"
@@ -1464,6 +1651,19 @@ int demo_main(const std::vector<std::string>& args) {
                            " by the ", env.launcher, " launcher (leave out --threads, or start it directly)"));
     if (!options.report_dir.empty() && (options.threads || !env.found))
       throw UsageError("--report-dir is internal: the demo sets it for the rank processes it starts");
+    if (options.transport != "shm") {
+      const std::string option = cat("--transport ", options.transport);
+      if (options.threads)
+        throw UsageError(cat(option, " is for rank processes started by mpirun, --threads runs the ranks as threads of this process "
+                             "(leave out one of them)"));
+      const std::string started = env.found ? cat("was started by the ", env.launcher, " launcher") : "was started directly";
+      if (env.launcher != "openmpi")
+        throw UsageError(cat(option, " needs rank processes started by mpirun (mpirun -np N moedist demo ", option,
+                             " ...), but this process ", started, ": here only --transport shm (the default) is allowed"));
+      if (!mpi_available())
+        throw UsageError(cat(option, ": this build of moedist has no MPI (install an MPI library, e.g. libopenmpi-dev, and rebuild): only "
+                             "--transport shm (the default) is allowed"));
+    }
   } catch (const UsageError& e) {
     std::fprintf(stderr, "moedist demo: %s\n(see 'moedist demo --help')\n", e.what());
     return 2;

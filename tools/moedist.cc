@@ -31,7 +31,7 @@ struct Subcommand {
 
 // The dispatch point of the subcommands.
 const Subcommand kSubcommands[] = {
-    {"demo", "run a whole MoE layer on local ranks (processes; --threads) and check it (dense and reference)",
+    {"demo", "run a whole MoE layer on ranks (local processes; --threads; mpirun: --transport mpi|hybrid) and check it",
      [](int argc, char** argv, const char*) { return moedist::tools::demo_main(std::vector<std::string>(argv, argv + argc)); },
      moedist::tools::print_demo_help},
     {"bench", "latency and bandwidth vs an MPI_Alltoallv pipeline and memcpy (local processes, mpirun)", bench_main},
