@@ -1,5 +1,6 @@
 // Unit tests of the core building blocks: bf16/fp16 conversions (bit exact, round to nearest even),
-// the two int8 quantizations of the spec (hand-checked rows), and TensorView / Tensor basics.
+// the two int8 quantizations of the spec (hand-checked rows), the combine reduction kernel against
+// the plain rounding sequence, and TensorView / Tensor basics.
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -10,6 +11,7 @@
 
 #include "core/config.h"
 #include "core/half.h"
+#include "core/kernels.h"
 #include "core/quant.h"
 #include "moedist/tensor.h"
 
@@ -482,6 +484,63 @@ TEST(CommQuant, RoundTripErrorBound) {
 
 // ---------------------------------------------------------------------------------------------
 // TensorView / Tensor
+
+// ---------------------------------------------------------------------------------------------
+// The combine reduction kernel (vectorized, with explicit AVX-512 where the CPU has it) against the
+// spec's sequence written plainly: acc = 0; per term acc = acc + float(y) * w (weighted) or
+// acc = acc + float(y); out = round(acc). Lengths around the vector widths, 0 to 11 terms, values
+// from normal rows and from raw bit patterns (subnormals, infinities, NaNs).
+
+uint16_t reduce_model(DType dt, const std::vector<RowTerm>& terms, int64_t h) {
+  float acc = 0.f;
+  for (const RowTerm& t : terms) {
+    const float y = half_to_float(dt, t.row[h]);
+    if (t.weighted) {
+      const volatile float prod = y * t.w;  // rounded to fp32 on its own, never fused
+      acc = acc + prod;
+    } else {
+      acc = acc + y;
+    }
+  }
+  return float_to_half(dt, acc);
+}
+
+bool half_is_nan(DType dt, uint16_t h) { return std::isnan(half_to_float(dt, h)); }
+
+TEST(ReduceTerms, MatchesPlainRoundingSequence) {
+  std::mt19937 rng(7);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  for (DType dt : {DType::kBFloat16, DType::kFloat16}) {
+    for (int64_t H : {1, 15, 16, 31, 32, 33, 63, 100, 129, 1024, 7168}) {
+      for (int n : {0, 1, 2, 5, 8, 11}) {
+        for (bool raw_bits : {false, true}) {
+          std::vector<std::vector<uint16_t>> rows(static_cast<size_t>(n), std::vector<uint16_t>(static_cast<size_t>(H)));
+          std::vector<RowTerm> terms;
+          for (int i = 0; i < n; ++i) {
+            for (auto& v : rows[static_cast<size_t>(i)]) v = raw_bits ? static_cast<uint16_t>(rng()) : float_to_half(dt, nd(rng) * 4.f);
+            terms.push_back({rows[static_cast<size_t>(i)].data(), nd(rng), i % 3 != 2});
+          }
+          std::vector<uint16_t> out(static_cast<size_t>(H), 0xdead);
+          if (dt == DType::kBFloat16)
+            reduce_terms_bf16(out.data(), terms.data(), n, H);
+          else
+            reduce_terms_fp16(out.data(), terms.data(), n, H);
+          int bad = 0;
+          for (int64_t h = 0; h < H && bad < 3; ++h) {
+            const uint16_t want = reduce_model(dt, terms, h), got = out[static_cast<size_t>(h)];
+            // A NaN's payload depends on operand order; only NaN-ness is specified.
+            const bool same = half_is_nan(dt, want) ? half_is_nan(dt, got) : got == want;
+            if (!same) {
+              ++bad;
+              ADD_FAILURE() << dtype_name(dt) << " H=" << H << " terms=" << n << (raw_bits ? " raw bits" : "") << " element " << h
+                            << ": got 0x" << std::hex << got << ", want 0x" << want;
+            }
+          }
+        }
+      }
+    }
+  }
+}
 
 TEST(Tensor, DtypeSizeAndName) {
   const std::pair<DType, std::pair<size_t, const char*>> all[] = {
