@@ -36,25 +36,34 @@ def main() -> int:
     except ImportError:
         print("(no matplotlib: plot skipped; pip install matplotlib)", file=sys.stderr)
         return 0
-    groups = {}
+    # One panel per (transport/alg, ranks, hidden); in each, one line per (experts, quant) for moedist
+    # (solid) and the MPI_Alltoallv pipeline (dashed, same colour).
+    panels = {}
     for r in rows:
-        key = (r["ranks"], r["hidden"], r["experts"], r["quant_mode"], r.get("transport", "shm"), r.get("comm_alg", "fullmesh"))
-        groups.setdefault(key, []).append(r)
-    fig, ax = plt.subplots(figsize=(9, 6))
-    for (ranks, hidden, experts, quant, transport, alg), rs in sorted(groups.items()):
-        rs.sort(key=lambda r: r["tokens"])
-        x = [r["tokens"] for r in rs]
-        label = f"W={ranks} H={hidden} E={experts} q={quant} {transport}/{alg}"
-        line = ax.plot(x, [r["moedist"]["round_us"]["median"] for r in rs], marker="o", label="moedist " + label)[0]
-        ax.plot(x, [r["mpi_alltoallv"]["round_us"]["median"] for r in rs], marker="x", linestyle="--",
-                color=line.get_color(), label="MPI_Alltoallv " + label)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
-    ax.set_xlabel("tokens per rank")
-    ax.set_ylabel("dispatch + combine round, median us")
-    ax.set_title("moedist vs MPI_Alltoallv pipeline")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=6, ncol=2)
+        key = (r.get("transport", "shm"), r.get("comm_alg", "fullmesh"), r["ranks"], r["hidden"])
+        panels.setdefault(key, {}).setdefault((r["experts"], r["quant_mode"]), []).append(r)
+    keys = sorted(panels)
+    cols = min(3, len(keys))
+    nrows = (len(keys) + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(5.2 * cols, 4.2 * nrows), squeeze=False)
+    for ax in axes.flat[len(keys):]:
+        ax.set_visible(False)
+    for ax, key in zip(axes.flat, keys):
+        transport, alg, ranks, hidden = key
+        for (experts, quant), rs in sorted(panels[key].items()):
+            rs.sort(key=lambda r: r["tokens"])
+            x = [r["tokens"] for r in rs]
+            label = f"E={experts} quant={quant}"
+            line = ax.plot(x, [r["moedist"]["round_us"]["median"] for r in rs], marker="o", label="moedist " + label)[0]
+            ax.plot(x, [r["mpi_alltoallv"]["round_us"]["median"] for r in rs], marker="x", linestyle="--",
+                    color=line.get_color(), label="MPI_Alltoallv " + label)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("tokens per rank")
+        ax.set_ylabel("round (dispatch + combine), median us")
+        ax.set_title(f"{ranks} ranks, H={hidden}, {transport}/{alg}", fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(out / "latency.png", dpi=110)
     print(f"plot: {out / 'latency.png'}")
