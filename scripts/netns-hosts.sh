@@ -2,7 +2,8 @@
 # Separate "hosts" on this machine for multi-host tests: network namespaces joined by veth pairs to a
 # bridge in the root namespace, each with its own address in 198.18.0.0/15 (the range reserved for
 # network benchmarks, RFC 2544). Open MPI reaches them through an rsh agent that runs the command inside
-# the host's namespace (`ip netns exec`), so ranks on different hosts talk TCP for real.
+# the host's network namespace (nsenter --net; `ip netns exec` where nsenter is missing), so ranks on
+# different hosts talk TCP for real.
 #
 #   scripts/netns-hosts.sh up N DIR     create N hosts; DIR receives:
 #                                         hostfile  (one line per host: "<address> slots=<SLOTS>")
@@ -70,7 +71,7 @@ up() {
   reap_stale
   mkdir -p "$dir"
   : >"$dir/state"
-  # A /24 of 198.18.0.0/15 that no interface uses yet, chosen under a lock (parallel runs do not collide).
+  # A /24 of 198.18.0.0/16 (inside 198.18.0.0/15) that no interface uses yet, chosen under a lock (parallel runs do not collide).
   exec 9>/tmp/moedist-netns.lock
   flock 9
   local used sub="" tag

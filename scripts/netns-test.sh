@@ -11,7 +11,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 mpirun=${MPIRUN:-mpirun}
 
-# Every mpirun has a deadline (MOEDIST_NETNS_STEP_S, default 150 s, well inside ctest's 300 s): Open MPI
+# Every mpirun has a deadline (MOEDIST_NETNS_STEP_S, default 150 s; the ctest allows 600 s): Open MPI
 # aborts the job when it passes and reports its processes' state, so a hang fails the test with a
 # diagnosis instead of being killed from outside (which would also skip removing the hosts).
 step_s=${MOEDIST_NETNS_STEP_S:-150}

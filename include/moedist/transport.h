@@ -1,5 +1,5 @@
 // The transport interface: how ranks of one communicator exchange data. The ops (dispatch_v2,
-// combine_v2) are written once against it; backends (thread, shm, later mpi/cuda) implement it.
+// combine_v2) are written once against it; backends (thread, shm, mpi, hybrid; later cuda) implement it.
 //
 // The one collective is `exchange`, a counts-before-data step in two waves:
 //   1. every member publishes a small blob (counts, status) and where its receive regions are;
