@@ -542,6 +542,37 @@ TEST(ReduceTerms, MatchesPlainRoundingSequence) {
   }
 }
 
+// The ops' quantization (vectorized) against the plain formula the reference uses: every byte and
+// the scale, for rows of normal values, raw bit patterns (NaN, inf, subnormals), all-zero rows, with
+// and without smooth scales, lengths on and off the vector width.
+TEST(DynamicQuantFast, MatchesPlainFormula) {
+  std::mt19937 rng(11);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  for (DType dt : {DType::kBFloat16, DType::kFloat16}) {
+    for (int64_t H : {1, 15, 16, 17, 32, 48, 100, 1024, 7168}) {
+      for (int kind = 0; kind < 4; ++kind) {  // 0 normal, 1 raw bits, 2 zeros, 3 normal with one huge value
+        for (bool with_smooth : {false, true}) {
+          std::vector<uint16_t> x(static_cast<size_t>(H));
+          for (auto& v : x)
+            v = kind == 1 ? static_cast<uint16_t>(rng()) : kind == 2 ? uint16_t{0} : float_to_half(dt, nd(rng) * 3.f);
+          if (kind == 3) x[static_cast<size_t>(H / 2)] = float_to_half(dt, 60000.f);
+          std::vector<float> smooth(static_cast<size_t>(H));
+          for (auto& v : smooth) v = with_smooth && kind == 1 ? bits_float(static_cast<uint32_t>(rng())) : nd(rng);
+          const float* sm = with_smooth ? smooth.data() : nullptr;
+          std::vector<int8_t> want(static_cast<size_t>(H)), got(static_cast<size_t>(H), 99);
+          float want_scale = -1.f, got_scale = -2.f;
+          dynamic_quant_row(dt, x.data(), sm, H, want.data(), &want_scale);
+          dynamic_quant_row_fast(dt, x.data(), sm, H, got.data(), &got_scale);
+          const std::string what = std::string(dtype_name(dt)) + " H=" + std::to_string(H) + " kind=" + std::to_string(kind) +
+                                   (with_smooth ? " smooth" : "");
+          EXPECT_EQ(float_bits(got_scale), float_bits(want_scale)) << what;
+          EXPECT_EQ(got, want) << what;
+        }
+      }
+    }
+  }
+}
+
 TEST(Tensor, DtypeSizeAndName) {
   const std::pair<DType, std::pair<size_t, const char*>> all[] = {
       {DType::kBFloat16, {2, "bfloat16"}}, {DType::kFloat16, {2, "float16"}}, {DType::kFloat32, {4, "float32"}},

@@ -277,6 +277,15 @@ Timing run_moedist(const Inputs& in, int warmup, int iters, const std::string& a
   return tm;
 }
 
+// displs[p] = counts[0] + ... + counts[p - 1]
+void exclusive_sums(const std::vector<int>& counts, std::vector<int>& displs) {
+  int sum = 0;
+  for (size_t p = 0; p < counts.size(); ++p) {
+    displs[p] = sum;
+    sum += counts[p];
+  }
+}
+
 // The pipeline a user would write with MPI: permute rows by destination, exchange counts, Alltoallv,
 // regroup by local expert; back: permute to arrival order, Alltoallv, weighted sum. Buffers are
 // allocated once; rows carry their local expert (and scale) in a small header.
@@ -293,6 +302,8 @@ Timing run_baseline(const Inputs& in, int warmup, int iters, const std::vector<i
   std::vector<size_t> where;          // received row -> its row in the expert-major buffer
   std::vector<uint16_t> out(static_cast<size_t>(BS) * H);
   std::vector<moedist::core::RowTerm> terms(static_cast<size_t>(K));
+  std::vector<int8_t> qx(q ? static_cast<size_t>(BS) * H : 0);
+  std::vector<float> qscale(q ? static_cast<size_t>(BS) : 0);
   Timing t;
   for (int it = 0; it < warmup + iters; ++it) {
     MPI_Barrier(MPI_COMM_WORLD);
@@ -302,6 +313,11 @@ Timing run_baseline(const Inputs& in, int warmup, int iters, const std::vector<i
     for (size_t i = 0; i < n_send; ++i) ++cnt_rows[static_cast<size_t>(in.ids[i] / L)];
     std::vector<int> pos(W, 0);
     for (int p = 1; p < W; ++p) pos[static_cast<size_t>(p)] = pos[static_cast<size_t>(p - 1)] + cnt_rows[static_cast<size_t>(p - 1)];
+    // quant_mode 2: each token quantized once (moedist's vectorized kernel), then copied like bf16 rows
+    if (q)
+      for (int tk = 0; tk < BS; ++tk)
+        moedist::core::dynamic_quant_row_fast(moedist::DType::kBFloat16, in.x.data() + static_cast<size_t>(tk) * H, nullptr, H,
+                                              qx.data() + static_cast<size_t>(tk) * H, &qscale[static_cast<size_t>(tk)]);
     for (size_t i = 0; i < n_send; ++i) {
       const int g = in.ids[i];
       const size_t at = static_cast<size_t>(pos[static_cast<size_t>(g / L)]++);
@@ -309,12 +325,12 @@ Timing run_baseline(const Inputs& in, int warmup, int iters, const std::vector<i
       unsigned char* r = sendbuf.data() + at * rec;
       const int32_t e = g % L;
       std::memcpy(r, &e, 4);
-      const uint16_t* xr = in.x.data() + (i / static_cast<size_t>(K)) * static_cast<size_t>(H);
-      float scale = 0.f;
+      const size_t tk = i / static_cast<size_t>(K);
+      const float scale = q ? qscale[tk] : 0.f;
       if (q)
-        moedist::core::dynamic_quant_row(moedist::DType::kBFloat16, xr, nullptr, H, reinterpret_cast<int8_t*>(r + 8), &scale);
+        std::memcpy(r + 8, qx.data() + tk * static_cast<size_t>(H), payload);
       else
-        std::memcpy(r + 8, xr, payload);
+        std::memcpy(r + 8, in.x.data() + tk * static_cast<size_t>(H), payload);
       std::memcpy(r + 4, &scale, 4);
     }
     MPI_Alltoall(cnt_rows.data(), 1, MPI_INT, rcnt_rows.data(), 1, MPI_INT, MPI_COMM_WORLD);
@@ -331,10 +347,10 @@ Timing run_baseline(const Inputs& in, int warmup, int iters, const std::vector<i
     for (int p = 0; p < W; ++p) {
       scount[static_cast<size_t>(p)] = cnt_rows[static_cast<size_t>(p)] * static_cast<int>(rec);
       rcount[static_cast<size_t>(p)] = rcnt_rows[static_cast<size_t>(p)] * static_cast<int>(rec);
-      sdispl[static_cast<size_t>(p)] = p ? sdispl[static_cast<size_t>(p - 1)] + scount[static_cast<size_t>(p - 1)] : 0;
-      rdispl[static_cast<size_t>(p)] = p ? rdispl[static_cast<size_t>(p - 1)] + rcount[static_cast<size_t>(p - 1)] : 0;
       total += rcnt_rows[static_cast<size_t>(p)];
     }
+    exclusive_sums(scount, sdispl);
+    exclusive_sums(rcount, rdispl);
     recvbuf.resize(static_cast<size_t>(total) * rec);
     MPI_Alltoallv(sendbuf.data(), scount.data(), sdispl.data(), MPI_BYTE, recvbuf.data(), rcount.data(), rdispl.data(), MPI_BYTE,
                   MPI_COMM_WORLD);
@@ -367,9 +383,9 @@ Timing run_baseline(const Inputs& in, int warmup, int iters, const std::vector<i
     for (int p = 0; p < W; ++p) {
       scount[static_cast<size_t>(p)] = rcnt_rows[static_cast<size_t>(p)] * static_cast<int>(ret);
       rcount[static_cast<size_t>(p)] = cnt_rows[static_cast<size_t>(p)] * static_cast<int>(ret);
-      sdispl[static_cast<size_t>(p)] = p ? sdispl[static_cast<size_t>(p - 1)] + scount[static_cast<size_t>(p - 1)] : 0;
-      rdispl[static_cast<size_t>(p)] = p ? rdispl[static_cast<size_t>(p - 1)] + rcount[static_cast<size_t>(p - 1)] : 0;
     }
+    exclusive_sums(scount, sdispl);
+    exclusive_sums(rcount, rdispl);
     MPI_Alltoallv(backsend.data(), scount.data(), sdispl.data(), MPI_BYTE, backrecv.data(), rcount.data(), rdispl.data(), MPI_BYTE,
                   MPI_COMM_WORLD);
     // position of (t, k) in backrecv: the inverse of `order`

@@ -1,5 +1,9 @@
 #include "core/kernels.h"
 
+#include <cstring>
+
+#include "core/quant.h"
+
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__) && !defined(__SANITIZE_THREAD__)
 #define MOEDIST_X86_KERNELS 1
 #include <immintrin.h>
@@ -106,6 +110,46 @@ __attribute__((target("avx512f,avx512bw"))) int64_t reduce_terms_avx512(uint16_t
   return h0;
 }
 
+// xf of dynamic_quant_row for elements [h, h + 16): widened, times the smooth scale (rounded, not fused).
+__attribute__((target("avx512f,avx512bw"))) inline __m512 quant_input_512(DType dt, const uint16_t* x, const float* smooth, int64_t h) {
+  __m512 v = dt == DType::kBFloat16 ? widen_bf16_512(x + h) : widen_fp16_512(x + h);
+  if (smooth) v = _mm512_mul_ps(v, _mm512_loadu_ps(smooth + h));
+  return v;
+}
+
+// dynamic_quant_row, 16 elements at a time: amax with max (NaN lanes never raise it, like the plain
+// `if (a > amax)`; the lanes are non-negative, so the order of the horizontal max does not matter),
+// then q = rint_even(xf * m) with NaN -> 0 and saturation. Returns false (nothing done) when H is not
+// a multiple of 16; the caller then runs the plain version.
+__attribute__((target("avx512f,avx512bw"))) bool dynamic_quant_avx512(DType dt, const uint16_t* x, const float* smooth, int64_t H,
+                                                                     int8_t* q, float* scale) {
+  if (H % 16 != 0) return false;
+  __m512 vmax = _mm512_setzero_ps();
+  for (int64_t h = 0; h < H; h += 16) vmax = _mm512_max_ps(_mm512_abs_ps(quant_input_512(dt, x, smooth, h)), vmax);  // NaN: keeps vmax
+  alignas(64) float lanes[16];
+  _mm512_store_ps(lanes, vmax);
+  float amax = 0.f;
+  for (float a : lanes)
+    if (a > amax) amax = a;
+  if (amax == 0.f) {
+    std::memset(q, 0, static_cast<size_t>(H));
+    *scale = 0.f;
+    return true;
+  }
+  const float m = 127.0f / amax;
+  const __m512 vm = _mm512_set1_ps(m), lo = _mm512_set1_ps(-128.f), hi = _mm512_set1_ps(127.f);
+  for (int64_t h = 0; h < H; h += 16) {
+    const __m512 v = _mm512_mul_ps(quant_input_512(dt, x, smooth, h), vm);
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    __m512 r = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    r = _mm512_min_ps(_mm512_max_ps(r, lo), hi);
+    const __m512i i = _mm512_maskz_mov_epi32(static_cast<__mmask16>(~nan), _mm512_cvtps_epi32(r));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + h), _mm512_cvtsepi32_epi8(i));
+  }
+  *scale = 1.0f / m;
+  return true;
+}
+
 bool have_avx512() {
   static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
   return yes;
@@ -142,6 +186,13 @@ void reduce_terms_fp16(uint16_t* out, const RowTerm* terms, int n, int64_t H) {
   if (have_avx512()) done = reduce_terms_avx512<DType::kFloat16>(out, terms, n, H);
 #endif
   if (done < H) reduce_terms_portable_fp16(out, terms, n, done, H);
+}
+
+void dynamic_quant_row_fast(DType dt, const uint16_t* x, const float* smooth, int64_t H, int8_t* q, float* scale) {
+#ifdef MOEDIST_X86_KERNELS
+  if (have_avx512() && dynamic_quant_avx512(dt, x, smooth, H, q, scale)) return;
+#endif
+  dynamic_quant_row(dt, x, smooth, H, q, scale);
 }
 
 }  // namespace moedist::core

@@ -7,6 +7,7 @@
 #include <cstring>
 
 #include "core/half.h"
+#include "moedist/tensor.h"
 
 namespace moedist::core {
 
@@ -53,5 +54,9 @@ struct RowTerm {
 // accumulator stays in registers. The order of the terms is the order of summation.
 void reduce_terms_bf16(uint16_t* out, const RowTerm* terms, int n, int64_t H);
 void reduce_terms_fp16(uint16_t* out, const RowTerm* terms, int n, int64_t H);
+
+// dispatch quant_mode 2 for the ops: the same bits as core::dynamic_quant_row (quant.h, the spec's
+// formula written plainly, which the reference uses), vectorized where the CPU has AVX-512.
+void dynamic_quant_row_fast(DType dt, const uint16_t* x, const float* smooth, int64_t H, int8_t* q, float* scale);
 
 }  // namespace moedist::core

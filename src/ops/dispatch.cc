@@ -5,6 +5,7 @@
 #include <exception>
 
 #include "core/half.h"
+#include "core/kernels.h"
 #include "core/quant.h"
 #include "moedist/ops.h"
 #include "ops/algorithms.h"
@@ -16,7 +17,7 @@ void DispatchCtx::make_row(int64_t t, int64_t scale_row, unsigned char* dst, flo
   const int64_t H = cfg.H;
   const uint16_t* xr = x + t * H;
   if (quant) {
-    core::dynamic_quant_row(cfg.dtype, xr, smooth ? smooth + scale_row * H : nullptr, H, reinterpret_cast<int8_t*>(dst), scale);
+    core::dynamic_quant_row_fast(cfg.dtype, xr, smooth ? smooth + scale_row * H : nullptr, H, reinterpret_cast<int8_t*>(dst), scale);
   } else {
     std::memcpy(dst, xr, static_cast<size_t>(H) * 2);
     *scale = 0.f;

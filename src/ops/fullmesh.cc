@@ -49,11 +49,26 @@ DispatchCounts fullmesh_dispatch(const DispatchCtx& d, const RowSinks& sinks) {
         }
       // off <= the destination's A: validation bounds every BS by global_bs / W.
     }
+    // Without smooth scales a token quantizes the same for every expert: once, then copies.
+    const bool reuse = d.quant && !d.smooth;
+    std::vector<unsigned char> qrow(reuse ? d.row_bytes : 0);
+    float qscale = 0.f;
+    int64_t qtoken = -1;
     auto emit = [&](int64_t dst, int64_t e, int64_t t, int64_t kk, int64_t scale_row, float wgt) {
       const int peer = c.phys(dst);
       const size_t pos = static_cast<size_t>(next[static_cast<size_t>(dst * L + e)]++);
       float scale;
-      d.make_row(t, scale_row, static_cast<unsigned char*>(w.dest(peer, 0, pos * d.row_bytes, d.row_bytes)), &scale);
+      auto* row = static_cast<unsigned char*>(w.dest(peer, 0, pos * d.row_bytes, d.row_bytes));
+      if (reuse) {
+        if (qtoken != t) {
+          d.make_row(t, scale_row, qrow.data(), &qscale);
+          qtoken = t;
+        }
+        std::memcpy(row, qrow.data(), d.row_bytes);
+        scale = qscale;
+      } else {
+        d.make_row(t, scale_row, row, &scale);
+      }
       std::memcpy(w.dest(peer, 1, pos * 4, 4), &scale, 4);
       const int32_t tri[3] = {static_cast<int32_t>(c.rank), static_cast<int32_t>(t), static_cast<int32_t>(kk)};
       std::memcpy(w.dest(peer, 2, pos * 12, 12), tri, 12);
