@@ -24,8 +24,16 @@ std::chrono::milliseconds default_timeout(std::chrono::milliseconds requested) {
   return std::chrono::milliseconds(60000);
 }
 
+// CPUs this process may run on.
+static int usable_cpus() {
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::max(1, CPU_COUNT(&set));
+  return 1;
+}
+
 WindowEngine::WindowEngine(int rank, int world, size_t blob_max, std::chrono::milliseconds timeout)
-    : rank_(rank), world_(world), timeout_(default_timeout(timeout)), epoch_(static_cast<size_t>(world), 0) {
+    : rank_(rank), world_(world), timeout_(default_timeout(timeout)), epoch_(static_cast<size_t>(world), 0),
+      spin_(world > usable_cpus() ? 8 : 512) {
   layout_.world = world;
   layout_.blob_max = blob_max;
 }
@@ -65,8 +73,9 @@ class WindowWriter : public PutWriter {
 }  // namespace
 
 void WindowEngine::wait_flag(const std::atomic<uint64_t>& flag, uint64_t epoch, int peer, const char* op, const char* what) {
-  // Spin briefly, then yield (more ranks than cores must still progress), then sleep a little.
-  for (int i = 0; i < 512; ++i) {
+  // Spin briefly, then yield, then sleep a little. With more ranks than CPUs the peer awaited may
+  // need this very CPU, so spinning only delays it: yield almost at once.
+  for (int i = 0; i < spin_; ++i) {
     if (flag.load(std::memory_order_acquire) >= epoch) return;
     cpu_relax();
   }

@@ -78,6 +78,7 @@ class WindowEngine : public Transport {
   int world_;
   std::chrono::milliseconds timeout_;
   std::vector<uint64_t> epoch_;  // per peer
+  int spin_;                     // polls before the first yield: fewer when ranks outnumber CPUs
   // Traffic counters: written by this rank's thread only (relaxed), readable from any thread.
   std::atomic<uint64_t> bytes_sent_{0}, payload_bytes_{0}, messages_{0}, exchanges_{0};
 };
