@@ -124,7 +124,7 @@ up() {
   chmod +x "$dir/rsh-agent"
   local net="198.18.$sub.0/24"
   printf '%s\n' --hostfile "$dir/hostfile" --mca plm_rsh_agent "$dir/rsh-agent" --mca plm_rsh_no_tree_spawn 1 \
-    --mca btl tcp,self --mca btl_tcp_if_include "$net" --mca oob_tcp_if_include "$net" >"$dir/mpirun-args"
+    --mca btl tcp,self --mca btl_tcp_if_include "$net" --mca oob_tcp_if_include "$net" --mca orte_startup_timeout 30 >"$dir/mpirun-args"
   echo "$net" >"$dir/subnet"
   # Every host reaches the launcher at 198.18.$sub.1 (a refused connection proves the route).
   for i in $(seq 1 "$n"); do
