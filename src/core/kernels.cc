@@ -173,20 +173,24 @@ MOEDIST_CLONES void reduce_terms_portable_fp16(uint16_t* out, const RowTerm* ter
 }
 }  // namespace
 
-void reduce_terms_bf16(uint16_t* out, const RowTerm* terms, int n, int64_t H) {
+namespace {
+// The vector kernel for as many leading elements as it takes, the portable code for the rest.
+template <DType kDt>
+void reduce_terms(uint16_t* out, const RowTerm* terms, int n, int64_t H) {
   int64_t done = 0;
 #ifdef MOEDIST_X86_KERNELS
-  if (have_avx512()) done = reduce_terms_avx512<DType::kBFloat16>(out, terms, n, H);
+  if (have_avx512()) done = reduce_terms_avx512<kDt>(out, terms, n, H);
 #endif
-  if (done < H) reduce_terms_portable_bf16(out, terms, n, done, H);
+  if (done >= H) return;
+  if (kDt == DType::kBFloat16)
+    reduce_terms_portable_bf16(out, terms, n, done, H);
+  else
+    reduce_terms_portable_fp16(out, terms, n, done, H);
 }
-void reduce_terms_fp16(uint16_t* out, const RowTerm* terms, int n, int64_t H) {
-  int64_t done = 0;
-#ifdef MOEDIST_X86_KERNELS
-  if (have_avx512()) done = reduce_terms_avx512<DType::kFloat16>(out, terms, n, H);
-#endif
-  if (done < H) reduce_terms_portable_fp16(out, terms, n, done, H);
-}
+}  // namespace
+
+void reduce_terms_bf16(uint16_t* out, const RowTerm* terms, int n, int64_t H) { reduce_terms<DType::kBFloat16>(out, terms, n, H); }
+void reduce_terms_fp16(uint16_t* out, const RowTerm* terms, int n, int64_t H) { reduce_terms<DType::kFloat16>(out, terms, n, H); }
 
 void dynamic_quant_row_fast(DType dt, const uint16_t* x, const float* smooth, int64_t H, int8_t* q, float* scale) {
 #ifdef MOEDIST_X86_KERNELS
