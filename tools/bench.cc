@@ -102,6 +102,8 @@ std::vector<std::string> parse_words(const std::string& s, char sep) {
                "  (default: as MPI reports them). --hostfile / --mpirun-args go to mpirun (several hosts:\n"
                "  --hostfile hosts --mpirun-args \"--mca btl tcp,self\"). Writes DIR/bench.json, DIR/bench.md\n"
                "  and DIR/latency.png (the plot needs python3 with matplotlib).\n"
+               "  With quant 0 and fullmesh, one more untimed round whose experts return their input rows checks\n"
+               "  that moedist and the baseline combine to the same bits; a difference fails the run.\n"
                "  The worker can be started directly: mpirun -np 8 --hostfile hosts moedist bench-worker [options]\n"
                "  prints one JSON object per configuration.\n");
   return 2;
@@ -224,6 +226,10 @@ Inputs make_inputs(int W, int rank, int BS, int H, int K, int E, int quant) {
 struct Timing {
   std::vector<double> dispatch, combine, round;
   uint64_t bytes_inter = 0, bytes_all = 0;  // this rank's sends over the timed iterations
+  // quant_mode 0: the combined output of one more, untimed round whose experts return their input
+  // rows, so that moedist and the baseline can be checked against each other (bit for bit: the same
+  // rows summed in the same order by the same kernel); empty with quant_mode 2.
+  std::vector<uint16_t> check_out;
 };
 
 Timing run_moedist(const Inputs& in, int warmup, int iters, const std::string& alg, moedist::Transport& t) {
@@ -274,6 +280,16 @@ Timing run_moedist(const Inputs& in, int warmup, int iters, const std::string& a
   const TransportStats s1 = t.stats();
   tm.bytes_inter = s1.bytes_sent_inter_host - s0.bytes_sent_inter_host;
   tm.bytes_all = s1.bytes_sent - s0.bytes_sent;
+  if (in.quant == 0) {  // the check round: each expert returns the rows it received
+    MPI_Barrier(MPI_COMM_WORLD);
+    r = dispatch_v2(d);
+    c.expand_x = r.expand_x;
+    c.assist_info_for_combine = r.assist_info_for_combine;
+    c.ep_send_counts = r.ep_recv_counts;
+    if (hier) c.expand_scales = r.expand_scales;
+    const Tensor out = combine_v2(c);
+    tm.check_out.assign(out.data_as<uint16_t>(), out.data_as<uint16_t>() + out.numel());
+  }
   return tm;
 }
 
@@ -305,7 +321,9 @@ Timing run_baseline(const Inputs& in, int warmup, int iters, const std::vector<i
   std::vector<int8_t> qx(q ? static_cast<size_t>(BS) * H : 0);
   std::vector<float> qscale(q ? static_cast<size_t>(BS) : 0);
   Timing t;
-  for (int it = 0; it < warmup + iters; ++it) {
+  const int check = q ? 0 : 1;  // quant_mode 0: one more, untimed round with experts returning their input
+  for (int it = 0; it < warmup + iters + check; ++it) {
+    const bool checking = it == warmup + iters;
     MPI_Barrier(MPI_COMM_WORLD);
     const auto t0 = Clock::now();
     // dispatch: permute by destination rank
@@ -335,7 +353,7 @@ Timing run_baseline(const Inputs& in, int warmup, int iters, const std::vector<i
     }
     MPI_Alltoall(cnt_rows.data(), 1, MPI_INT, rcnt_rows.data(), 1, MPI_INT, MPI_COMM_WORLD);
     // Bytes this rank sends to other ranks (counts, rows out, rows back), and to other hosts.
-    if (it >= warmup)
+    if (it >= warmup && !checking)
       for (int p = 0; p < W; ++p) {
         if (p == in.rank) continue;
         const uint64_t b = 4 + static_cast<uint64_t>(cnt_rows[static_cast<size_t>(p)]) * rec +
@@ -376,6 +394,7 @@ Timing run_baseline(const Inputs& in, int warmup, int iters, const std::vector<i
 
     // combine: the experts' output (a fixed bf16 buffer), back in arrival order, Alltoallv, weighted sum
     expert_out.resize(static_cast<size_t>(total) * ret);
+    if (checking) std::memcpy(expert_out.data(), expand.data(), static_cast<size_t>(total) * ret);  // payload == ret
     const auto t1 = Clock::now();
     backsend.resize(static_cast<size_t>(total) * ret);
     for (int i = 0; i < total; ++i)
@@ -400,7 +419,8 @@ Timing run_baseline(const Inputs& in, int warmup, int iters, const std::vector<i
       moedist::core::reduce_terms_bf16(out.data() + static_cast<size_t>(tk) * H, terms.data(), K, H);
     }
     const double tc = seconds_since(t1);
-    if (it >= warmup) {
+    if (checking) t.check_out = out;
+    if (it >= warmup && !checking) {
       t.dispatch.push_back(td);
       t.combine.push_back(tc);
       t.round.push_back(td + tc);
@@ -470,6 +490,17 @@ int bench_worker_main(int argc, char** argv) {
             MPI_Allreduce(bb, bsum, 2, MPI_UINT64_T, MPI_SUM, MPI_COMM_WORLD);
             for (const std::string& alg : s.algs) {
               const Timing m = run_moedist(in, s.warmup, s.iters, alg, *group);
+              // fullmesh sums a token's terms in k order, as the baseline does; hierarchy pre-sums per server.
+              const bool comparable = q == 0 && alg != "hierarchy";
+              int mismatch = comparable && m.check_out != b.check_out ? 1 : 0, mismatches = 0;
+              MPI_Allreduce(&mismatch, &mismatches, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
+              const char* check = !comparable ? "not compared" : mismatches ? "MISMATCH" : "bit-identical";
+              if (mismatches) {
+                if (rank == 0)
+                  std::fprintf(stderr, "moedist bench-worker: %d of %d ranks got a different combine output from moedist and the baseline "
+                               "(W %d, BS %d, H %d, E %d, %s)\n", mismatches, W, W, BS, H, E, alg.c_str());
+                rc = 1;
+              }
               const auto md = max_over_ranks(m.dispatch), mc = max_over_ranks(m.combine), mr = max_over_ranks(m.round);
               uint64_t mb[2] = {m.bytes_inter, m.bytes_all}, msum[2] = {};
               MPI_Allreduce(mb, msum, 2, MPI_UINT64_T, MPI_SUM, MPI_COMM_WORLD);
@@ -481,12 +512,12 @@ int bench_worker_main(int argc, char** argv) {
                             "\"transport\":\"%s\",\"comm_alg\":\"%s\",\"hosts\":%d,"
                             "\"moedist\":{%s,%s,%s,\"algbw_GBps\":%.3f,\"bytes_inter_host_per_round\":%.0f,\"bytes_per_round\":%.0f},"
                             "\"mpi_alltoallv\":{%s,%s,%s,\"bytes_inter_host_per_round\":%.0f,\"bytes_per_round\":%.0f},"
-                            "\"speedup_round\":%.3f,\"memcpy_GBps\":%.2f}\n",
+                            "\"speedup_round\":%.3f,\"memcpy_GBps\":%.2f,\"outputs_vs_baseline\":\"%s\"}\n",
                             W, BS, H, s.topk, E, q, s.transport.c_str(), alg.c_str(), nhosts, json_stats("dispatch", md).c_str(),
                             json_stats("combine", mc).c_str(), json_stats("round", mr).c_str(), algbw, static_cast<double>(msum[0]) / it,
                             static_cast<double>(msum[1]) / it, json_stats("dispatch", bd).c_str(), json_stats("combine", bc).c_str(),
                             json_stats("round", br).c_str(), static_cast<double>(bsum[0]) / it, static_cast<double>(bsum[1]) / it,
-                            stats_of(br).median / stats_of(mr).median, mem);
+                            stats_of(br).median / stats_of(mr).median, mem, check);
                 std::fflush(stdout);
               }
             }
