@@ -30,6 +30,11 @@ class Timeout : public TransportError {
  public:
   using TransportError::TransportError;
 };
+// A wait for peers cut short on this rank (see set_interrupt_check in group.h). Python: KeyboardInterrupt.
+class Interrupted : public TransportError {
+ public:
+  using TransportError::TransportError;
+};
 
 namespace detail {
 template <typename... Args>
@@ -38,6 +43,9 @@ std::string str_cat(const Args&... args) {
   (os << ... << args);
   return os.str();
 }
+// True when a wait should end now: the check set by set_interrupt_check() says so, or SIGINT / SIGTERM
+// is pending while this thread blocks it.
+bool interrupt_requested();
 [[noreturn]] void internal_error(const char* file, int line, const char* cond, const std::string& msg);
 }  // namespace detail
 

@@ -18,6 +18,17 @@ struct GroupOptions {
   int ranks_per_server = 0;
 };
 
+// Waiting for peers can be cut short. While a call waits (for a peer to arrive or to finish writing),
+// moedist asks about every 20 ms whether to give up: it calls `check` (if set) and looks for a SIGINT or
+// SIGTERM that is pending because the program blocks it (e.g. to read it from a signalfd). Either ends
+// the call on this rank with moedist::Interrupted; its peers then fail within about 20 ms, naming it,
+// and the group can no longer be used. A SIGINT with the default action ends the process, which its
+// peers notice as a dead rank just as fast. The Python package installs a check that runs Python's
+// signal handlers, so Ctrl-C raises KeyboardInterrupt within about 20 ms. `check` must be cheap and
+// thread-safe; nullptr removes it.
+using InterruptCheck = bool (*)();
+void set_interrupt_check(InterruptCheck check);
+
 // Registers the endpoints of a communicator under `name`. For in-process ranks (threads) all
 // endpoints are registered at once; a process of a multi-process job registers its own endpoint.
 // Throws InvalidArgument if the name is empty, 128 characters or longer, or already registered.

@@ -63,9 +63,22 @@ struct TransportStats {
   uint64_t exchanges = 0;  // exchange() calls
 };
 
+// What the ops remember per endpoint between calls; transports do not use it.
+//   calls: collective steps run on this endpoint; each step carries its number, so ranks that disagree on
+//     which call they are in (one skipped a call, or called combine while the others dispatch) are told.
+//   dispatch_digests: digests of the metadata the latest dispatches returned on this endpoint; combine
+//     checks that its metadata is one of them.
+struct CallState {
+  uint64_t calls = 0;
+  static constexpr int kDigests = 16;
+  uint64_t dispatch_digests[kDigests] = {};
+  unsigned next_digest = 0;
+};
+
 class Transport {
  public:
   virtual ~Transport() = default;
+  CallState& call_state() { return call_state_; }
   virtual int rank() const = 0;
   virtual int world_size() const = 0;
   virtual std::string name() const = 0;  // "thread", "shm", "mpi"
@@ -84,6 +97,9 @@ class Transport {
   virtual std::chrono::milliseconds timeout() const = 0;
   // What this endpoint has sent so far; a transport that does not count returns zeros.
   virtual TransportStats stats() const { return {}; }
+
+ private:
+  CallState call_state_;
 };
 
 }  // namespace moedist

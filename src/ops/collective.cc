@@ -1,6 +1,8 @@
 #include "ops/collective.h"
 
 #include <algorithm>
+#include <cstdio>
+#include <cstring>
 
 #include "moedist/error.h"
 
@@ -12,9 +14,20 @@ size_t Step::index_of(int phys_rank) const {
   return static_cast<size_t>(it - members.begin());
 }
 
+namespace {
+thread_local uint64_t t_steps = 0;
+
+std::string call_name(const BlobHeader& h) { return std::string(h.call, strnlen(h.call, sizeof(h.call))); }
+}  // namespace
+
+uint64_t steps_started() { return t_steps; }
+
 void Step::run(const char* op, const std::string& self_label, const std::string* failure,
                const std::function<void(PutWriter&)>& produce) {
+  ++t_steps;
   BlobHeader hdr;
+  std::snprintf(hdr.call, sizeof(hdr.call), "%s%s%s", op, *phase ? " " : "", phase);
+  hdr.seq = ++transport->call_state().calls;
   if (failure) {
     hdr.status = 1;
     std::strncpy(hdr.message, failure->c_str(), sizeof(hdr.message) - 1);
@@ -41,6 +54,28 @@ void Step::run(const char* op, const std::string& self_label, const std::string*
   spec.blobs_out = blobs.data();
   spec.recv = recv;
   spec.produce = [&](PutWriter& w) {
+    // Same call on every member? Otherwise nothing else in the blobs can be trusted.
+    bool agree = true;
+    for (size_t i = 0; i < members.size() && agree; ++i) {
+      BlobHeader ph;
+      std::memcpy(&ph, blobs.data() + i * bb, sizeof(ph));
+      agree = ph.seq == hdr.seq && std::strncmp(ph.call, hdr.call, sizeof(hdr.call)) == 0;
+    }
+    if (!agree) {
+      std::string calls;
+      for (size_t i = 0; i < members.size(); ++i) {
+        if (i == 16) {
+          calls += ", ...";
+          break;
+        }
+        BlobHeader ph;
+        std::memcpy(&ph, blobs.data() + i * bb, sizeof(ph));
+        calls += detail::str_cat(i ? ", " : "", "rank ", members[i], " ", call_name(ph), " #", ph.seq);
+      }
+      throw InvalidArgument(detail::str_cat(self_label, op, ": the ranks of the group are not in the same call (", calls,
+                                            "; #n counts the steps each rank ran on this group): every rank must make the same calls in ",
+                                            "the same order"));
+    }
     for (size_t i = 0; i < members.size(); ++i) {
       BlobHeader ph;
       std::memcpy(&ph, blobs.data() + i * bb, sizeof(ph));
@@ -62,6 +97,76 @@ void Step::run(const char* op, const std::string& self_label, const std::string*
     if (produce) produce(w);
   };
   transport->exchange(spec);
+}
+
+void reject_step(const std::shared_ptr<Transport>& t, std::vector<int> members, const char* op, const char* phase,
+                 const std::string& label, const std::string& msg) {
+  Step step;
+  step.transport = t;
+  step.members = std::move(members);
+  step.phase = phase;
+  try {
+    step.run(op, label, &msg, nullptr);
+  } catch (...) {
+  }
+}
+
+namespace {
+// Four independent multiply-xor lanes over 64-bit words: a few GB/s, far below a round's cost.
+class Digest {
+ public:
+  void add(const void* p, size_t bytes) {
+    const auto* b = static_cast<const unsigned char*>(p);
+    size_t i = 0;
+    for (; i + 32 <= bytes; i += 32)
+      for (int l = 0; l < 4; ++l) mix(l, load(b + i + 8 * l));
+    for (; i + 8 <= bytes; i += 8) mix(0, load(b + i));
+    uint64_t tail = 0;
+    std::memcpy(&tail, b + i, bytes - i);
+    mix(1, tail ^ (bytes << 56));
+  }
+  void add(int64_t v) { mix(2, static_cast<uint64_t>(v)); }
+  uint64_t value() const {
+    uint64_t h = 0;
+    for (uint64_t l : lane_) h = (h ^ l) * 0x9e3779b97f4a7c15ull + (h >> 29);
+    return h;
+  }
+
+ private:
+  static uint64_t load(const unsigned char* p) {
+    uint64_t v;
+    std::memcpy(&v, p, 8);
+    return v;
+  }
+  void mix(int l, uint64_t v) { lane_[l] = (lane_[l] ^ v) * 0xff51afd7ed558ccdull + 0x632be59bd9b4e019ull; }
+  uint64_t lane_[4] = {1, 2, 3, 4};
+};
+}  // namespace
+
+uint64_t metadata_digest(const core::EpConfig& c, const int32_t* assist, int64_t rows, const int32_t* counts, int64_t n_counts,
+                         const int32_t* tp_counts) {
+  Digest d;
+  d.add(rows);
+  d.add(assist, static_cast<size_t>(rows) * 3 * sizeof(int32_t));
+  d.add(n_counts);
+  d.add(counts, static_cast<size_t>(n_counts) * sizeof(int32_t));
+  d.add(c.BS);
+  d.add(c.ids.data(), c.ids.size() * sizeof(c.ids[0]));
+  d.add(c.entry_on.data(), c.entry_on.size());
+  if (tp_counts) d.add(tp_counts, 2 * sizeof(int32_t));
+  return d.value();
+}
+
+void remember_dispatch(Transport& t, uint64_t digest) {
+  CallState& s = t.call_state();
+  s.dispatch_digests[s.next_digest++ % CallState::kDigests] = digest;
+}
+
+bool was_dispatched(Transport& t, uint64_t digest) {
+  const CallState& s = t.call_state();
+  for (uint64_t d : s.dispatch_digests)
+    if (d == digest && digest != 0) return true;
+  return false;
 }
 
 std::shared_ptr<Transport> lookup(const std::string& group, int64_t rank, int64_t world, const char* op, const char* what,

@@ -18,6 +18,8 @@ namespace moedist::ops {
 constexpr int kMaxUniform = 24;
 
 struct BlobHeader {
+  char call[32] = {};  // the operation (and step) this rank is in
+  uint64_t seq = 0;    // its number among the steps this rank ran on this endpoint
   int32_t status = 0;  // 0 ok, else this rank failed before sending (message follows)
   int32_t n_uniform = 0;
   int64_t payload_bytes = 0;
@@ -26,10 +28,12 @@ struct BlobHeader {
 };
 
 // Runs one exchange whose blob is [BlobHeader | payload]. Before produce() runs, every member's header
-// is checked: a failed member raises TransportError naming it; a uniform parameter that differs raises
-// InvalidArgument naming the parameter and both values.
+// is checked: members in another operation or step, or at another step number, raise InvalidArgument
+// listing what each member called; a failed member raises TransportError naming it; a uniform parameter
+// that differs raises InvalidArgument naming the parameter and both values.
 struct Step {
   std::shared_ptr<Transport> transport;
+  const char* phase = "";  // tells apart the steps of one operation ("TP all-gather")
   std::vector<int> members;  // physical ranks, ascending
   const core::EpConfig* cfg = nullptr;  // for uniform params and messages; null: no uniform check
   std::vector<std::pair<const char*, int64_t>> extra_uniform;
@@ -43,6 +47,23 @@ struct Step {
   // Runs the exchange. failure: this rank's own error (null if none); produce runs only when all ok.
   void run(const char* op, const std::string& self_label, const std::string* failure, const std::function<void(PutWriter&)>& produce);
 };
+
+// Runs `members`' step as a rejected call (this rank's error in `msg`): its peers fail at once, naming it.
+// Never throws.
+void reject_step(const std::shared_ptr<Transport>& t, std::vector<int> members, const char* op, const char* phase,
+                 const std::string& label, const std::string& msg);
+
+// The routing metadata a dispatch returned to this rank, as combine must be given it back: the
+// assist triples of its `rows` rows, its ep counts (`n_counts`), the expert ids and mask of its tokens
+// and, with TP, the TP counts. A digest, so that combine can tell metadata that is in range but not
+// from a dispatch on this group (which would read rows nothing wrote).
+uint64_t metadata_digest(const core::EpConfig& c, const int32_t* assist, int64_t rows, const int32_t* counts, int64_t n_counts,
+                         const int32_t* tp_counts);
+void remember_dispatch(Transport& t, uint64_t digest);
+bool was_dispatched(Transport& t, uint64_t digest);
+
+// Exchange steps this thread has started (an op that fails before its first step must tell its peers).
+uint64_t steps_started();
 
 // The endpoint of `group` for `rank`, checked to have `world` ranks; `label` prefixes errors.
 std::shared_ptr<Transport> lookup(const std::string& group, int64_t rank, int64_t world, const char* op, const char* what,

@@ -12,14 +12,24 @@ namespace moedist::ops {
 
 namespace {
 void fail_step(const std::shared_ptr<Transport>& t, std::vector<int> members, const char* op, const std::string& label,
-               const std::string& msg) {
-  Step step;
-  step.transport = t;
-  step.members = std::move(members);
-  try {
-    step.run(op, label, &msg, nullptr);
-  } catch (...) {
-  }
+               const std::string& msg, const char* phase = "") {
+  reject_step(t, std::move(members), op, phase, label, msg);
+}
+
+// The combine metadata must be what a dispatch on this group returned to this rank.
+void check_metadata(Transport& ep, const core::EpConfig& c, const CombineArgs& a, const core::CombineCounts& counts, const std::string& label) {
+  const int64_t need = c.W * c.local_experts();
+  std::vector<int32_t> assist(static_cast<size_t>(3 * counts.own_rows)), cnt(static_cast<size_t>(need)), tp(2);
+  for (int64_t i = 0; i < 3 * counts.own_rows; ++i) assist[static_cast<size_t>(i)] = core::at1<int32_t>(a.assist_info_for_combine, i);
+  for (int64_t i = 0; i < need; ++i) cnt[static_cast<size_t>(i)] = core::at1<int32_t>(a.ep_send_counts, i);
+  if (c.tp == 2)
+    for (int64_t i = 0; i < 2; ++i) tp[static_cast<size_t>(i)] = core::at1<int32_t>(a.tp_send_counts, i);
+  const uint64_t d = metadata_digest(c, assist.data(), counts.own_rows, cnt.data(), need, c.tp == 2 ? tp.data() : nullptr);
+  if (!was_dispatched(ep, d))
+    throw InvalidArgument(detail::str_cat(label, "combine_v2: assist_info_for_combine, ep_send_counts", c.tp == 2 ? ", tp_send_counts" : "",
+                                          ", expert_ids and x_active_mask are not those of any of the last ", CallState::kDigests,
+                                          " dispatch_v2 calls of this rank on group \"", a.group_ep, "\" (pass dispatch_v2's outputs and ",
+                                          "the same expert_ids and mask unchanged; otherwise combine would read rows nothing wrote)"));
 }
 }  // namespace
 
@@ -36,9 +46,10 @@ Tensor combine_v2(const CombineArgs& a) {
   try {
     c = core::resolve_combine(a);
     counts = core::combine_counts(c, a);
+    check_metadata(*ep, c, a, counts, label);
   } catch (const Error& e) {
     const std::exception_ptr original = std::current_exception();
-    if (tpt) fail_step(tpt, {0, 1}, op, label, e.what());
+    if (tpt) fail_step(tpt, {0, 1}, op, label, e.what(), "TP");
     fail_step(ep, fallback_members(a.elastic_info, a.ep_world_size), op, label, e.what());
     std::rethrow_exception(original);
   }
@@ -58,13 +69,16 @@ Tensor combine_v2(const CombineArgs& a) {
     Step t;
     t.transport = tpt;
     t.members = {0, 1};
+    t.phase = "TP";
     t.extra_uniform = {{"ep_rank_id (TP peers share it)", a.ep_rank_id}};
     put_pod<int64_t>(t.payload, counts.own_rows);
     put_pod<int64_t>(t.payload, counts.peer_rows);
-    auto* recv = static_cast<uint16_t*>(tpt->scratch(5, static_cast<size_t>(counts.own_rows) * row));
-    t.recv = {RecvRegion{recv, static_cast<size_t>(counts.own_rows) * row}};
     const int peer = static_cast<int>(1 - c.tp_rank);
+    uint16_t* recv = nullptr;
+    const uint64_t tp_steps0 = steps_started();
     try {
+      recv = static_cast<uint16_t*>(tpt->scratch(5, static_cast<size_t>(counts.own_rows) * row));
+      t.recv = {RecvRegion{recv, static_cast<size_t>(counts.own_rows) * row}};
       t.run(op, label, nullptr, [&](PutWriter& w) {
         int64_t p[2];
         std::memcpy(p, t.payload_of(t.index_of(peer)), sizeof(p));
@@ -76,6 +90,7 @@ Tensor combine_v2(const CombineArgs& a) {
                       static_cast<size_t>(counts.peer_rows) * row);
       });
     } catch (const std::exception& e) {
+      if (steps_started() == tp_steps0) fail_step(tpt, {0, 1}, op, label, e.what(), "TP");
       fail_step(ep, c.members(), op, label, detail::str_cat("its TP step failed: ", e.what()));
       throw;
     }
@@ -83,15 +98,22 @@ Tensor combine_v2(const CombineArgs& a) {
     cc.tp_partial = partial.data();
   }
 
-  Tensor out(c.dtype, {c.BS, c.H}, ep->alloc(static_cast<size_t>(c.BS * c.H) * 2));
-  // Inactive tokens' rows are zeros; every active row is written by the algorithm.
-  for (int64_t t = 0; t < c.BS; ++t)
-    if (!c.token_on[static_cast<size_t>(t)]) std::memset(out.data_as<uint16_t>() + t * c.H, 0, row);
-  if (c.alg == core::Alg::kHierarchy)
-    hierarchy_combine(cc, out.data_as<uint16_t>());
-  else
-    fullmesh_combine(cc, out.data_as<uint16_t>());
-  return out;
+  const uint64_t steps0 = steps_started();
+  try {
+    Tensor out(c.dtype, {c.BS, c.H}, ep->alloc(static_cast<size_t>(c.BS * c.H) * 2));
+    // Inactive tokens' rows are zeros; every active row is written by the algorithm.
+    for (int64_t t = 0; t < c.BS; ++t)
+      if (!c.token_on[static_cast<size_t>(t)]) std::memset(out.data_as<uint16_t>() + t * c.H, 0, row);
+    if (c.alg == core::Alg::kHierarchy)
+      hierarchy_combine(cc, out.data_as<uint16_t>());
+    else
+      fullmesh_combine(cc, out.data_as<uint16_t>());
+    return out;
+  } catch (const std::exception& e) {
+    // Failed before its exchange (e.g. out of memory): the peers must hear of it, not wait for it.
+    if (steps_started() == steps0) fail_step(ep, c.members(), op, label, e.what());
+    throw;
+  }
 }
 
 }  // namespace moedist::ops

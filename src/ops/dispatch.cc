@@ -70,24 +70,8 @@ DispatchResult dispatch_v2(const DispatchArgs& a) {
     c = core::resolve_dispatch(a);
   } catch (const Error& e) {
     const std::exception_ptr original = std::current_exception();
-    const std::string msg = e.what();
-    Step step;
-    step.transport = ep;
-    step.members = fallback_members(a.elastic_info, a.ep_world_size);
-    try {
-      step.payload.clear();
-      step.run(op, label, &msg, nullptr);
-    } catch (...) {
-    }
-    if (tpt) {
-      Step tstep;
-      tstep.transport = tpt;
-      tstep.members = {0, 1};
-      try {
-        tstep.run(op, label, &msg, nullptr);
-      } catch (...) {
-      }
-    }
+    reject_step(ep, fallback_members(a.elastic_info, a.ep_world_size), op, "", label, e.what());
+    if (tpt) reject_step(tpt, {0, 1}, op, "TP", label, e.what());
     std::rethrow_exception(original);
   }
 
@@ -109,31 +93,24 @@ DispatchResult dispatch_v2(const DispatchArgs& a) {
     for (int64_t v : shape) n *= v;
     return Tensor(dt, shape, ep->alloc(static_cast<size_t>(n) * dtype_size(dt)));
   };
-  res.expand_x = out_tensor(d.quant ? DType::kInt8 : c.dtype, {c.tp * A, H});
-  res.dynamic_scales = out_tensor(DType::kFloat32, {c.tp * A});
-  res.assist_info_for_combine = out_tensor(DType::kInt32, {std::max(c.BS * c.K, 128 * A)});
-  res.expert_token_nums = Tensor(DType::kInt64, {c.expert_nums_len()});
-  res.ep_recv_counts = Tensor(DType::kInt32, {c.ep_counts_len()});
-  res.tp_recv_counts = Tensor(DType::kInt32, {c.tp_world_size_arg});
-  res.expand_scales = out_tensor(DType::kFloat32, {A});
-
-  RowSinks out{static_cast<unsigned char*>(res.expand_x.data()), res.dynamic_scales.data_as<float>(),
-               res.assist_info_for_combine.data_as<int32_t>(), res.expand_scales.data_as<float>(), A};
-
+  RowSinks out;
   DispatchCounts got;
+  const uint64_t steps0 = steps_started();
   try {
+    res.expand_x = out_tensor(d.quant ? DType::kInt8 : c.dtype, {c.tp * A, H});
+    res.dynamic_scales = out_tensor(DType::kFloat32, {c.tp * A});
+    res.assist_info_for_combine = out_tensor(DType::kInt32, {std::max(c.BS * c.K, 128 * A)});
+    res.expert_token_nums = Tensor(DType::kInt64, {c.expert_nums_len()});
+    res.ep_recv_counts = Tensor(DType::kInt32, {c.ep_counts_len()});
+    res.tp_recv_counts = Tensor(DType::kInt32, {c.tp_world_size_arg});
+    res.expand_scales = out_tensor(DType::kFloat32, {A});
+    out = RowSinks{static_cast<unsigned char*>(res.expand_x.data()), res.dynamic_scales.data_as<float>(),
+                   res.assist_info_for_combine.data_as<int32_t>(), res.expand_scales.data_as<float>(), A};
     got = c.alg == core::Alg::kHierarchy ? hierarchy_dispatch(d, out) : fullmesh_dispatch(d, out);
-  } catch (...) {
-    if (tpt) {  // the TP peer must not wait for us
-      const std::string msg = "its EP group failed";
-      Step tstep;
-      tstep.transport = tpt;
-      tstep.members = {0, 1};
-      try {
-        tstep.run(op, label, &msg, nullptr);
-      } catch (...) {
-      }
-    }
+  } catch (const std::exception& e) {
+    // Failed before its exchange (e.g. out of memory): the peers must hear of it, not wait for it.
+    if (steps_started() == steps0) reject_step(ep, c.members(), op, "", label, e.what());
+    if (tpt) reject_step(tpt, {0, 1}, op, "TP", label, "its EP group failed");
     throw;
   }
   // Per-row scalars past the rows are zeros (cheap, and keeps them deterministic).
@@ -163,6 +140,7 @@ DispatchResult dispatch_v2(const DispatchArgs& a) {
     Step t;
     t.transport = tpt;
     t.members = {0, 1};
+    t.phase = "TP";
     t.extra_uniform = {{"quant_mode", a.quant_mode}, {"ep_rank_id (TP peers share it)", a.ep_rank_id}};
     put_pod<int64_t>(t.payload, run);
     for (int64_t r = 0; r < c.W; ++r) put_pod<int32_t>(t.payload, epc[r]);
@@ -192,6 +170,7 @@ DispatchResult dispatch_v2(const DispatchArgs& a) {
     res.tp_recv_counts.data_as<int32_t>()[c.tp_rank] = static_cast<int32_t>(run);
     res.tp_recv_counts.data_as<int32_t>()[peer] = static_cast<int32_t>(prow);
   }
+  remember_dispatch(*ep, metadata_digest(c, out.assist, run, epc, nblk * c.W, tpt ? res.tp_recv_counts.data_as<int32_t>() : nullptr));
   return res;
 }
 

@@ -9,11 +9,11 @@
 #include <atomic>
 #include <cerrno>
 #include <chrono>
-#include <cctype>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <thread>
+#include <fstream>
+#include <sstream>
 
 #include "moedist/error.h"
 
@@ -21,15 +21,18 @@ namespace moedist::transport {
 
 namespace {
 
-constexpr uint64_t kMagic = 0x6d6f656469737431ull;  // "moedist1"
+constexpr uint64_t kMagic = 0x6d6f656469737432ull;  // "moedist2"
 constexpr size_t kBlobMax = 64 * 1024;
+constexpr size_t kGrain = size_t{2} << 20;  // reservations grow in steps of at least 2 MiB
 
 struct SegmentHeader {
   uint64_t magic;
   int32_t pid;
   int32_t world;
+  int32_t rank;
+  int32_t pad;
   uint64_t window_bytes;
-  std::atomic<uint32_t> ready;
+  GroupAlarm alarm;  // rank 0's: a duplicate claim seen after the group formed
 };
 
 size_t round_up(size_t v, size_t a) { return (v + a - 1) / a * a; }
@@ -38,119 +41,155 @@ size_t window_bytes_from_env() {
   if (const char* e = std::getenv("MOEDIST_SHM_WINDOW_BYTES")) {
     char* end = nullptr;
     unsigned long long v = std::strtoull(e, &end, 10);
-    if (end != e && v > 0) return static_cast<size_t>(v);
+    if (end != e && v > 0) return round_up(static_cast<size_t>(v), 4096);
   }
-  return size_t{16} << 30;  // virtual; only touched pages use memory
+  return size_t{16} << 30;  // virtual; memory is reserved as the heap grows
 }
 
-std::string sanitize(const std::string& s) {
+std::string mib(uint64_t bytes) {
+  std::ostringstream os;
+  os.precision(1);
+  os << std::fixed << static_cast<double>(bytes) / (1024.0 * 1024.0) << " MiB";
+  return os.str();
+}
+
+// What limits memory here: MemAvailable, and the cgroup's memory.max / memory.current when set.
+std::string memory_situation() {
   std::string out;
-  for (char ch : s) out += (std::isalnum(static_cast<unsigned char>(ch)) || ch == '_' || ch == '.') ? ch : '_';
-  return out;
+  std::ifstream mi("/proc/meminfo");
+  std::string key;
+  uint64_t kb = 0;
+  std::string unit;
+  while (mi >> key >> kb >> unit)
+    if (key == "MemAvailable:") {
+      out = detail::str_cat("the host has ", mib(kb * 1024), " available");
+      break;
+    }
+  std::ifstream cg("/proc/self/cgroup");
+  std::string line;
+  while (std::getline(cg, line))
+    if (line.rfind("0::", 0) == 0) {
+      const std::string dir = "/sys/fs/cgroup" + line.substr(3);
+      std::ifstream mx(dir + "/memory.max"), cur(dir + "/memory.current");
+      std::string max_s;
+      uint64_t cur_v = 0;
+      if (mx >> max_s && max_s != "max" && cur >> cur_v)
+        out += detail::str_cat(out.empty() ? "" : "; ", "this container's memory limit is ", mib(std::strtoull(max_s.c_str(), nullptr, 10)),
+                               " with ", mib(cur_v), " in use");
+    }
+  return out.empty() ? "available memory unknown" : out;
 }
 
 }  // namespace
 
+void ShmTransport::Own::reserve(size_t end, const char* who) {
+  std::lock_guard<std::mutex> lock(mu);
+  if (end <= reserved) return;
+  if (end > bytes)
+    throw TransportError(detail::str_cat(label, who, ": needs ", end, " bytes of window, more than the ", bytes,
+                                         " reserved in address space (set MOEDIST_SHM_WINDOW_BYTES)"));
+  auto grow = [&](size_t target) -> int {
+    if (ftruncate(fd, static_cast<off_t>(target)) != 0) return errno;
+    // fallocate backs every page now, so that a lack of memory is an error here instead of a SIGBUS
+    // on first touch (by this rank or by a peer writing into the window).
+    int rc;
+    do rc = fallocate(fd, 0, static_cast<off_t>(reserved), static_cast<off_t>(target - reserved));
+    while (rc != 0 && errno == EINTR);
+    if (rc != 0) {
+      const int err = errno;
+      (void)ftruncate(fd, static_cast<off_t>(reserved));
+      return err;
+    }
+    reserved = target;
+    return 0;
+  };
+  const size_t exact = round_up(end, 4096);
+  const size_t generous = std::min(bytes, round_up(std::max(end, reserved + reserved / 4), kGrain));
+  int err = grow(generous);
+  if (err != 0 && generous > exact) err = grow(exact);
+  if (err != 0)
+    throw TransportError(detail::str_cat(label, who, ": cannot reserve shared memory: this rank's window needs ", mib(exact), " (",
+                                         mib(reserved), " reserved so far; ", std::strerror(err), "); ", memory_situation(),
+                                         ". Free memory or raise the limit (e.g. docker run --memory=...); the windows are anonymous "
+                                         "memory (memfd), so the size of /dev/shm (--shm-size) does not matter"));
+}
+
+ShmTransport::Own::~Own() {
+  if (base) munmap(base, bytes);
+  if (fd >= 0) close(fd);
+}
+
 ShmTransport::ShmTransport(const std::string& job, const std::string& group, int world, int rank, const GroupOptions& options)
     : WindowEngine(rank, world, kBlobMax, options.timeout),
-      prefix_("/moedist-" + sanitize(job) + "-" + sanitize(group) + "-"),
+      group_(group),
       ranks_per_server_(options.ranks_per_server > 0 ? options.ranks_per_server : world),
       window_bytes_(window_bytes_from_env()),
       maps_(static_cast<size_t>(world)),
       pids_(static_cast<size_t>(world), 0) {
   header_bytes_ = round_up(sizeof(SegmentHeader), 4096) + round_up(layout_.bytes(), 4096);
   const size_t total = header_bytes_ + window_bytes_;
-  const char* op = "shm group setup";
-  auto fail = [&](const std::string& what) -> void {
-    throw TransportError(detail::str_cat("[rank ", rank, "/", world, "] ", op, " \"", group, "\": ", what));
-  };
+  const std::string label = detail::str_cat("[rank ", rank, "/", world, "] shm group setup \"", group, "\": ");
+  const auto deadline = std::chrono::steady_clock::now() + timeout();
 
-  // Own segment: create exclusively, size, map, first-touch the header and control block.
-  const std::string mine = segment_name(rank);
-  int fd = shm_open(mine.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
-  if (fd < 0 && errno == EEXIST) fail(detail::str_cat("segment ", mine, " already exists (another job with the same job id and group name?)"));
-  if (fd < 0) fail(detail::str_cat("shm_open(", mine, "): ", std::strerror(errno)));
-  if (ftruncate(fd, static_cast<off_t>(total)) != 0) {
-    const int err = errno;
-    close(fd);
-    shm_unlink(mine.c_str());
-    fail(detail::str_cat("ftruncate(", mine, ", ", total, "): ", std::strerror(err)));
-  }
-  void* p = mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd, 0);
-  close(fd);
-  if (p == MAP_FAILED) {
-    shm_unlink(mine.c_str());
-    fail(detail::str_cat("mmap(", mine, "): ", std::strerror(errno)));
-  }
-  maps_[static_cast<size_t>(rank)] = {p, total};
   own_ = std::make_shared<Own>();
+  own_->label = detail::str_cat("[rank ", rank, "/", world, "] ");
+  own_->header_bytes = header_bytes_;
+  own_->fd = memfd_create(detail::str_cat("moedist-", group, "-", rank).c_str(), MFD_CLOEXEC);
+  if (own_->fd < 0) throw TransportError(label + detail::str_cat("memfd_create: ", std::strerror(errno)));
+  void* p = mmap(nullptr, total, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, own_->fd, 0);
+  if (p == MAP_FAILED) throw TransportError(label + detail::str_cat("mmap of ", total, " bytes: ", std::strerror(errno)));
   own_->base = p;
   own_->bytes = total;
-  std::memset(p, 0, header_bytes_);
-  auto* hdr = static_cast<SegmentHeader*>(p);
+  own_->reserve(header_bytes_, "shm group setup");
+  maps_[static_cast<size_t>(rank)] = {p, total};
+  auto* hdr = new (p) SegmentHeader{};
   hdr->magic = kMagic;
   hdr->pid = static_cast<int32_t>(getpid());
   hdr->world = world;
+  hdr->rank = rank;
   hdr->window_bytes = window_bytes_;
   pids_[static_cast<size_t>(rank)] = hdr->pid;
-  hdr->ready.store(1, std::memory_order_release);
 
-  // Peers' segments: wait until each exists and is ready, then map it.
-  const auto deadline = std::chrono::steady_clock::now() + timeout();
+  Rendezvous rv = rendezvous(job, group, world, rank, own_->fd, deadline, timeout(), label, rank == 0 ? &hdr->alarm : nullptr, own_);
+  listener_ = rv.listener;
+  auto fail = [&](const std::string& what) {
+    for (size_t r = 0; r < rv.fds.size(); ++r)
+      if (static_cast<int>(r) != rank || rank != 0) close(rv.fds[r]);
+    stop_listener(listener_);
+    throw TransportError(label + what);
+  };
   for (int r = 0; r < world; ++r) {
     if (r == rank) continue;
-    const std::string name = segment_name(r);
-    for (;;) {
-      int pfd = shm_open(name.c_str(), O_RDWR, 0600);
-      if (pfd >= 0) {
-        struct stat st {};
-        if (fstat(pfd, &st) == 0 && static_cast<size_t>(st.st_size) >= header_bytes_) {
-          void* q = mmap(nullptr, static_cast<size_t>(st.st_size), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, pfd, 0);
-          close(pfd);
-          if (q == MAP_FAILED) fail(detail::str_cat("mmap(", name, "): ", std::strerror(errno)));
-          auto* ph = static_cast<SegmentHeader*>(q);
-          if (ph->ready.load(std::memory_order_acquire) == 1 && ph->magic == kMagic) {
-            if (ph->world != world)
-              fail(detail::str_cat("rank ", r, " created the group with world size ", ph->world, ", this rank with ", world));
-            maps_[static_cast<size_t>(r)] = {q, static_cast<size_t>(st.st_size)};
-            pids_[static_cast<size_t>(r)] = ph->pid;
-            break;
-          }
-          munmap(q, static_cast<size_t>(st.st_size));
-        } else {
-          close(pfd);
-        }
-      }
-      if (std::chrono::steady_clock::now() >= deadline) {
-        shm_unlink(mine.c_str());
-        throw Timeout(detail::str_cat("[rank ", rank, "/", world, "] ", op, " \"", group, "\": timed out after ", timeout().count(),
-                                      " ms waiting for rank ", r, " to create its segment ", name));
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(1));
-    }
+    const int fd = rv.fds[static_cast<size_t>(r)];
+    SegmentHeader ph;
+    if (pread(fd, &ph, sizeof(ph), 0) != static_cast<ssize_t>(sizeof(ph)) || ph.magic != kMagic || ph.world != world || ph.rank != r)
+      fail(detail::str_cat("the window handed out for rank ", r, " is not one (magic, world size or rank differ)"));
+    const size_t bytes = header_bytes_ + ph.window_bytes;
+    void* q = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_NORESERVE, fd, 0);
+    if (q == MAP_FAILED) fail(detail::str_cat("mmap of rank ", r, "'s window: ", std::strerror(errno)));
+    maps_[static_cast<size_t>(r)] = {q, bytes};
+    pids_[static_cast<size_t>(r)] = rv.pids[static_cast<size_t>(r)];
   }
+  for (int r = 0; r < world; ++r)
+    if (r != rank || rank != 0) close(rv.fds[static_cast<size_t>(r)]);  // mappings keep the windows; rank 0's own fd is own_->fd
 
-  // Once every rank has mapped every segment, the names can go: a crash leaves nothing behind.
+  // Every rank has mapped every window once this returns on all of them.
   std::vector<int> all;
   for (int r = 0; r < world; ++r) all.push_back(r);
   ExchangeSpec spec;
-  spec.op = op;
+  spec.op = "shm group setup";
   spec.members = all;
   try {
     exchange(spec);
   } catch (...) {
-    shm_unlink(mine.c_str());
+    stop_listener(listener_);
     throw;
   }
-  shm_unlink(mine.c_str());
   own_->heap = std::make_unique<OffsetHeap>(0, window_bytes_);
 }
 
-ShmTransport::Own::~Own() {
-  if (base) munmap(base, bytes);
-}
-
 ShmTransport::~ShmTransport() {
+  stop_listener(listener_);
   for (size_t r = 0; r < maps_.size(); ++r)
     if (maps_[r].base && static_cast<int>(r) != rank()) munmap(maps_[r].base, maps_[r].bytes);
   // Our own mapping goes with the last output tensor carved from it (own_).
@@ -158,12 +197,16 @@ ShmTransport::~ShmTransport() {
 
 std::shared_ptr<unsigned char> ShmTransport::alloc(size_t bytes) {
   const size_t off = own_->heap->alloc(bytes, "shm alloc");
+  try {
+    own_->reserve(header_bytes_ + off + round_up(std::max<size_t>(bytes, 1), 4096), "shm alloc");
+  } catch (...) {
+    own_->heap->free(off);
+    throw;
+  }
   auto own = own_;
   unsigned char* p = window(rank()) + off;
   return std::shared_ptr<unsigned char>(p, [own, off](unsigned char*) { own->heap->free(off); });
 }
-
-std::string ShmTransport::segment_name(int rank) const { return prefix_ + std::to_string(rank); }
 
 unsigned char* ShmTransport::window(int rank) const {
   return static_cast<unsigned char*>(maps_[static_cast<size_t>(rank)].base) + header_bytes_;
@@ -181,8 +224,16 @@ void* ShmTransport::scratch(int slot, size_t bytes) {
   const size_t s = static_cast<size_t>(slot);
   if (slot_bytes_[s] < bytes) {
     if (slot_bytes_[s]) own_->heap->free(slot_off_[s]);
+    slot_bytes_[s] = 0;
     const size_t need = round_up(std::max<size_t>(bytes, 1), 4096);
-    slot_off_[s] = own_->heap->alloc(need, "shm scratch");
+    const size_t off = own_->heap->alloc(need, "shm scratch");
+    try {
+      own_->reserve(header_bytes_ + off + need, "shm scratch");
+    } catch (...) {
+      own_->heap->free(off);
+      throw;
+    }
+    slot_off_[s] = off;
     slot_bytes_[s] = need;
   }
   return window(rank()) + slot_off_[s];
@@ -199,6 +250,12 @@ void* ShmTransport::decode(int owner, uint64_t addr, uint64_t bytes) {
   const size_t limit = maps_[static_cast<size_t>(owner)].bytes - header_bytes_;
   MOEDIST_ASSERT(addr + bytes <= limit, "rank ", owner, " described a region past its window");
   return window(owner) + addr;
+}
+
+std::string ShmTransport::group_failure() {
+  const auto* h0 = static_cast<const SegmentHeader*>(maps_[0].base);
+  if (h0->alarm.raised.load(std::memory_order_acquire) == 0) return {};
+  return std::string(h0->alarm.message, strnlen(h0->alarm.message, sizeof(h0->alarm.message)));
 }
 
 std::string ShmTransport::peer_failure(int rank) {

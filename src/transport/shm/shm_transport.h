@@ -1,9 +1,11 @@
-// Ranks that are processes on one host. Each rank owns one POSIX shared-memory segment, created and
-// first-touched by itself and mapped by its peers: [header | control block | window]. The window is a
-// sparse virtual reservation (pages exist only once touched) from which receive regions are carved, so
-// peers write their rows straight into it.
-// Segment names are "/moedist-<job>-<group>-<rank>"; every rank unlinks its own name as soon as all
-// peers have mapped it, so nothing is left in /dev/shm once a group is up, even if a rank is killed.
+// Ranks that are processes on one host. Each rank owns one window: an anonymous memfd, created and
+// first-touched by itself and mapped by its peers: [header | control block | window]. Peers receive
+// its descriptor through the group's rendezvous (rendezvous.h): no name exists in /dev/shm or
+// anywhere else, so nothing can be pre-created by another user and nothing is left behind when a
+// process dies, whatever the signal and whatever the phase.
+// The window is a virtual reservation (MOEDIST_SHM_WINDOW_BYTES, default 16 GiB) whose memory is
+// reserved (fallocate) as the heap carved from it grows, before any byte is written: running short of
+// memory is a TransportError naming what was needed and what was available, never a SIGBUS.
 #pragma once
 
 #include <memory>
@@ -11,6 +13,7 @@
 #include <vector>
 
 #include "moedist/group.h"
+#include "transport/shm/rendezvous.h"
 #include "transport/window/heap.h"
 #include "transport/window/window_engine.h"
 
@@ -31,29 +34,38 @@ class ShmTransport : public WindowEngine {
   uint64_t encode(const void* p, size_t bytes) override;
   void* decode(int owner, uint64_t addr, uint64_t bytes) override;
   std::string peer_failure(int rank) override;
+  std::string group_failure() override;
 
  private:
   struct Mapping {
     void* base = nullptr;
     size_t bytes = 0;
   };
-  std::string segment_name(int rank) const;
   unsigned char* window(int rank) const;
 
-  std::string prefix_;
+  std::string group_;
   int ranks_per_server_;
   size_t window_bytes_;
   size_t header_bytes_;
   std::vector<Mapping> maps_;
   std::vector<int> pids_;
-  // This rank's own mapping and the heap over its window; outputs carved from it keep it alive.
+  // This rank's own window: its descriptor, mapping, the memory reserved so far and the heap over it;
+  // outputs carved from it keep it alive.
   struct Own {
+    int fd = -1;
     void* base = nullptr;
-    size_t bytes = 0;
+    size_t bytes = 0;       // mapped (virtual)
+    size_t reserved = 0;    // backed by memory (fallocate), from the start of the segment
+    std::string label;
+    std::mutex mu;
     std::unique_ptr<OffsetHeap> heap;
+    size_t header_bytes = 0;
+    // Makes sure window bytes [0, end) are backed by memory.
+    void reserve(size_t end, const char* who);
     ~Own();
   };
   std::shared_ptr<Own> own_;
+  std::shared_ptr<RendezvousListener> listener_;
   std::vector<size_t> slot_off_, slot_bytes_;
 };
 

@@ -4,6 +4,7 @@
 
 #include <cstdlib>
 #include <algorithm>
+#include <cstdio>
 #include <cstring>
 #include <exception>
 #include <thread>
@@ -81,15 +82,24 @@ void WindowEngine::wait_flag(const std::atomic<uint64_t>& flag, uint64_t epoch, 
   }
   const auto start = Clock::now();
   const auto deadline = start + timeout_;
-  auto next_check = start + std::chrono::milliseconds(20);
+  auto next_check = start + std::chrono::milliseconds(2);
   for (;;) {
     if (flag.load(std::memory_order_acquire) >= epoch) return;
     const auto now = Clock::now();
     if (now >= next_check) {
+      // Every 20 ms: is the peer dead or has it given up, is the group void, was this rank interrupted?
       next_check = now + std::chrono::milliseconds(20);
       std::string why = peer_failure(peer);
       if (!why.empty())
         throw TransportError(detail::str_cat("[rank ", rank_, "/", world_, "] ", op, ": rank ", peer, " ", why, " (while waiting for it to ", what, ")"));
+      const OwnerStatus* st = layout_.status(ctrl_base(peer));
+      if (peer != rank_ && st->failed.load(std::memory_order_acquire))
+        throw TransportError(detail::str_cat("[rank ", rank_, "/", world_, "] ", op, ": rank ", peer, " abandoned the call (",
+                                             std::string(st->why, strnlen(st->why, sizeof(st->why))), ")"));
+      why = group_failure();
+      if (!why.empty()) throw TransportError(detail::str_cat("[rank ", rank_, "/", world_, "] ", op, ": ", why));
+      if (detail::interrupt_requested())
+        throw Interrupted(detail::str_cat("[rank ", rank_, "/", world_, "] ", op, ": interrupted while waiting for rank ", peer, " to ", what));
     }
     if (now >= deadline)
       throw Timeout(detail::str_cat("[rank ", rank_, "/", world_, "] ", op, ": timed out after ", timeout_.count(), " ms waiting for rank ", peer,
@@ -101,7 +111,30 @@ void WindowEngine::wait_flag(const std::atomic<uint64_t>& flag, uint64_t epoch, 
   }
 }
 
+void WindowEngine::abandon(const std::string& why) {
+  if (broken_.empty()) broken_ = why;
+  OwnerStatus* st = layout_.status(ctrl_base(rank_));
+  if (st->failed.load(std::memory_order_relaxed)) return;
+  std::snprintf(st->why, sizeof(st->why), "%s", why.c_str());
+  st->failed.store(1, std::memory_order_release);
+}
+
 void WindowEngine::exchange(const ExchangeSpec& spec) {
+  if (!broken_.empty())
+    throw TransportError(detail::str_cat("[rank ", rank_, "/", world_, "] ", spec.op, ": this group can no longer be used: an earlier call ",
+                                         "was abandoned (", broken_, ")"));
+  const std::string void_group = group_failure();
+  if (!void_group.empty()) throw TransportError(detail::str_cat("[rank ", rank_, "/", world_, "] ", spec.op, ": ", void_group));
+  completed_ = false;
+  try {
+    run_exchange(spec);
+  } catch (const std::exception& e) {
+    if (!completed_) abandon(e.what());
+    throw;
+  }
+}
+
+void WindowEngine::run_exchange(const ExchangeSpec& spec) {
   const auto& members = spec.members;
   const size_t n = members.size();
   MOEDIST_ASSERT(spec.blob_bytes <= layout_.blob_max, "blob of ", spec.blob_bytes, " bytes > ", layout_.blob_max);
@@ -181,6 +214,7 @@ void WindowEngine::exchange(const ExchangeSpec& spec) {
     wait_flag(f->done, epoch_[static_cast<size_t>(p)], p, spec.op, "finish writing");
     if (f->done_failed.load(std::memory_order_relaxed) && failed_peer < 0 && p != rank_) failed_peer = p;
   }
+  completed_ = true;  // errors from here on were seen by every member alike: the group stays in step
   if (local_error) std::rethrow_exception(local_error);
   if (failed_peer >= 0)
     throw TransportError(detail::str_cat("[rank ", rank_, "/", world_, "] ", spec.op, ": rank ", failed_peer,

@@ -40,15 +40,26 @@ struct MsgHeader {
   RegionDesc regions[kMaxRegions];
 };
 
-// Memory layout of one control block: [PeerFlags x W][message slot x W x 2].
+// Written by the owner of a control block when it abandons a call (a timeout, a dead peer, an
+// interrupt): peers waiting for it stop at once and name it, instead of waiting out their deadline.
+struct alignas(64) OwnerStatus {
+  std::atomic<uint32_t> failed{0};
+  char why[252] = {};
+};
+static_assert(sizeof(OwnerStatus) == 256);
+
+// Memory layout of one control block: [OwnerStatus][PeerFlags x W][message slot x W x 2].
 struct CtrlLayout {
   int world = 0;
   size_t blob_max = 0;
   size_t msg_bytes() const { return (sizeof(MsgHeader) + blob_max + 63) / 64 * 64; }
-  size_t bytes() const { return static_cast<size_t>(world) * (sizeof(PeerFlags) + 2 * msg_bytes()); }
-  PeerFlags* flags(void* base, int peer) const { return static_cast<PeerFlags*>(base) + peer; }
+  size_t bytes() const { return sizeof(OwnerStatus) + static_cast<size_t>(world) * (sizeof(PeerFlags) + 2 * msg_bytes()); }
+  OwnerStatus* status(void* base) const { return static_cast<OwnerStatus*>(base); }
+  PeerFlags* flags(void* base, int peer) const {
+    return reinterpret_cast<PeerFlags*>(static_cast<unsigned char*>(base) + sizeof(OwnerStatus)) + peer;
+  }
   unsigned char* msg(void* base, int peer, uint64_t epoch) const {
-    return static_cast<unsigned char*>(base) + static_cast<size_t>(world) * sizeof(PeerFlags) +
+    return static_cast<unsigned char*>(base) + sizeof(OwnerStatus) + static_cast<size_t>(world) * sizeof(PeerFlags) +
            (static_cast<size_t>(peer) * 2 + (epoch & 1)) * msg_bytes();
   }
 };
@@ -68,17 +79,24 @@ class WindowEngine : public Transport {
   virtual void* decode(int owner, uint64_t addr, uint64_t bytes) = 0;
   // Empty if `rank` is alive as far as can be told; otherwise why it is not.
   virtual std::string peer_failure(int rank) { (void)rank; return {}; }
+  // Empty unless the whole group is known to be unusable (e.g. a rank claimed twice); then why.
+  virtual std::string group_failure() { return {}; }
 
   CtrlLayout layout_;
 
  private:
   void wait_flag(const std::atomic<uint64_t>& flag, uint64_t epoch, int peer, const char* op, const char* what);
+  void run_exchange(const ExchangeSpec& spec);
+  // This rank leaves a call unfinished: peers are told (OwnerStatus) and later calls fail at once.
+  void abandon(const std::string& why);
 
   int rank_;
   int world_;
   std::chrono::milliseconds timeout_;
   std::vector<uint64_t> epoch_;  // per peer
   int spin_;                     // polls before the first yield: fewer when ranks outnumber CPUs
+  bool completed_ = false;       // the current exchange finished on this rank (both waves)
+  std::string broken_;           // set once a call was abandoned: the group's epochs are out of step
   // Traffic counters: written by this rank's thread only (relaxed), readable from any thread.
   std::atomic<uint64_t> bytes_sent_{0}, payload_bytes_{0}, messages_{0}, exchanges_{0};
 };
