@@ -404,17 +404,37 @@ std::vector<std::string> shm_leftovers(const std::string& job) {
   return out;
 }
 
+namespace {
+std::string how_it_ended(int status) {
+  if (WIFEXITED(status)) return "exit code " + std::to_string(WEXITSTATUS(status));
+  if (WIFSIGNALED(status)) {
+    const int sig = WTERMSIG(status);
+    const char* name = sigabbrev_np(sig);
+    return "killed by signal " + std::to_string(sig) + (name ? std::string(" (SIG") + name + ")" : "");
+  }
+  return "status " + std::to_string(status);
+}
+
+std::string last_lines(const std::string& out, size_t max_chars) {
+  if (out.empty()) return "(no output)";
+  return out.size() <= max_chars ? out : "..." + out.substr(out.size() - max_chars);
+}
+}  // namespace
+
 std::string run_processes(int nproc, const std::function<std::string(int)>& child, int timeout_s) {
   std::vector<pid_t> pids;
-  std::vector<int> fds;
+  std::vector<int> fds, errs;  // per child: its result message, its stderr
   std::fflush(nullptr);
   for (int i = 0; i < nproc; ++i) {
-    int fd[2];
-    if (pipe(fd) != 0) return "pipe failed";
+    int fd[2], ef[2];
+    if (pipe(fd) != 0 || pipe(ef) != 0) return "pipe failed";
     const pid_t pid = fork();
     if (pid < 0) return "fork failed";
     if (pid == 0) {
       close(fd[0]);
+      close(ef[0]);
+      dup2(ef[1], 2);  // the child's stderr (sanitizer reports, crash messages) comes back to the parent
+      close(ef[1]);
       std::string msg;
       try {
         msg = child(i);
@@ -427,22 +447,28 @@ std::string run_processes(int nproc, const std::function<std::string(int)>& chil
         (void)n;
       }
       close(fd[1]);
+      std::fflush(nullptr);
       _exit(msg.empty() ? 0 : 1);
     }
     close(fd[1]);
+    close(ef[1]);
     pids.push_back(pid);
     fds.push_back(fd[0]);
+    errs.push_back(ef[0]);
   }
-  std::vector<std::string> msgs(static_cast<size_t>(nproc));
+  // Read every pipe until all are closed (or the deadline): results and stderr alike.
+  std::vector<std::string> msgs(static_cast<size_t>(nproc)), outs(static_cast<size_t>(nproc));
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(timeout_s);
-  size_t open_fds = fds.size();
-  std::vector<bool> done(fds.size(), false);
+  std::vector<int> all = fds;
+  all.insert(all.end(), errs.begin(), errs.end());
+  std::vector<bool> done(all.size(), false);
+  size_t open_fds = all.size();
   while (open_fds > 0 && std::chrono::steady_clock::now() < deadline) {
     std::vector<pollfd> pf;
     std::vector<size_t> idx;
-    for (size_t i = 0; i < fds.size(); ++i)
+    for (size_t i = 0; i < all.size(); ++i)
       if (!done[i]) {
-        pf.push_back({fds[i], POLLIN, 0});
+        pf.push_back({all[i], POLLIN, 0});
         idx.push_back(i);
       }
     if (poll(pf.data(), pf.size(), 100) <= 0) continue;
@@ -450,10 +476,13 @@ std::string run_processes(int nproc, const std::function<std::string(int)>& chil
       if (!(pf[j].revents & (POLLIN | POLLHUP | POLLERR))) continue;
       char buf[4096];
       const ssize_t n = read(pf[j].fd, buf, sizeof(buf));
+      const size_t k = idx[j];
       if (n > 0) {
-        msgs[idx[j]].append(buf, static_cast<size_t>(n));
+        std::string& dst = k < fds.size() ? msgs[k] : outs[k - fds.size()];
+        dst.append(buf, static_cast<size_t>(n));
+        if (dst.size() > (1u << 20)) dst.erase(0, dst.size() - (1u << 19));
       } else {
-        done[idx[j]] = true;
+        done[k] = true;
         --open_fds;
       }
     }
@@ -463,13 +492,18 @@ std::string run_processes(int nproc, const std::function<std::string(int)>& chil
     result = "processes still running after " + std::to_string(timeout_s) + " s (deadlock?)";
     for (pid_t p : pids) kill(p, SIGKILL);
   }
+  // Every process that failed is reported: its message, or how it ended and its last output.
   for (size_t i = 0; i < pids.size(); ++i) {
     int status = 0;
     waitpid(pids[i], &status, 0);
     close(fds[i]);
-    if (result.empty() && !msgs[i].empty()) result = msgs[i];
-    if (result.empty() && !(WIFEXITED(status) && WEXITSTATUS(status) == 0))
-      result = "process " + std::to_string(i) + " ended abnormally (status " + std::to_string(status) + ")";
+    close(errs[i]);
+    std::string line;
+    if (!msgs[i].empty()) line = msgs[i];
+    if (!(WIFEXITED(status) && WEXITSTATUS(status) == 0) && msgs[i].empty())
+      line = "process " + std::to_string(i) + " (pid " + std::to_string(pids[i]) + ") ended abnormally: " + how_it_ended(status) +
+             "; its last output: " + last_lines(outs[i], 1500);
+    if (!line.empty()) result += (result.empty() ? "" : "\n") + line;
   }
   return result;
 }

@@ -1,13 +1,15 @@
 // moedist launch: starts N local ranks of a program, each with MOEDIST_RANK / MOEDIST_WORLD_SIZE /
-// MOEDIST_LOCAL_RANK / MOEDIST_JOB_ID set (what moedist::launch_env() reads). If a rank fails, the
-// others are stopped; when all have ended, shared-memory segments of the job are removed, also those a
-// rank killed during group setup left behind.
+// MOEDIST_LOCAL_RANK / MOEDIST_JOB_ID set (what moedist::launch_env() reads). The job id is random, so
+// two jobs never share one (an inherited MOEDIST_JOB_ID is replaced). If a rank fails, the others are
+// stopped; SIGINT, SIGTERM and SIGHUP are passed on to the ranks, and ranks never outlive the launcher
+// (PR_SET_PDEATHSIG). Shared-memory windows have no names, so nothing is left to clean up.
 #include "launch.h"
 
 #include <dirent.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
+#include <sys/random.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -35,15 +37,22 @@ int usage() {
   return 2;
 }
 
-void remove_segments(const std::string& job) {
-  const std::string prefix = "moedist-" + job + "-";
-  if (DIR* dir = opendir("/dev/shm")) {
-    std::vector<std::string> names;
-    while (dirent* e = readdir(dir))
-      if (std::strncmp(e->d_name, prefix.c_str(), prefix.size()) == 0) names.push_back(e->d_name);
-    closedir(dir);
-    for (const auto& n : names) shm_unlink(("/" + n).c_str());
+// A job id no other job has had: 128 random bits.
+std::string random_job_id() {
+  unsigned char b[16] = {};
+  size_t got = 0;
+  while (got < sizeof(b)) {
+    const ssize_t n = getrandom(b + got, sizeof(b) - got, 0);
+    if (n > 0) got += static_cast<size_t>(n);
+    else if (errno != EINTR) break;
   }
+  static const char* hex = "0123456789abcdef";
+  std::string out = "L";
+  for (unsigned char c : b) {
+    out += hex[c >> 4];
+    out += hex[c & 15];
+  }
+  return out;
 }
 
 }  // namespace
@@ -79,10 +88,10 @@ int launch_main(int argc, char** argv) {
     std::fprintf(stderr, "moedist launch: no program given\n");
     return usage();
   }
-  const std::string job = "L" + std::to_string(getpid()) + "_" +
-                          std::to_string(std::chrono::steady_clock::now().time_since_epoch().count() % 1000000007);
+  const std::string job = random_job_id();
   std::signal(SIGINT, on_signal);
   std::signal(SIGTERM, on_signal);
+  std::signal(SIGHUP, on_signal);
   const pid_t launcher = getpid();
   std::vector<pid_t> pids(static_cast<size_t>(n), -1);
   for (int r = 0; r < n; ++r) {
@@ -145,8 +154,8 @@ int launch_main(int argc, char** argv) {
     }
     const auto now = std::chrono::steady_clock::now();
     if (g_signal && !stopping) {
-      std::fprintf(stderr, "moedist launch: signal %d; stopping the ranks\n", static_cast<int>(g_signal));
-      stop_all(SIGTERM);
+      std::fprintf(stderr, "moedist launch: signal %d; passing it on to the ranks\n", static_cast<int>(g_signal));
+      stop_all(g_signal);
       stopping = true;
       stop_since = now;
       if (first_failure == 0) first_failure = 128 + g_signal;
@@ -162,6 +171,5 @@ int launch_main(int argc, char** argv) {
     else if (stopping && now - stop_since > std::chrono::seconds(2)) stop_all(SIGTERM);
     std::this_thread::sleep_for(std::chrono::milliseconds(2));
   }
-  remove_segments(job);
   return first_failure;
 }

@@ -45,10 +45,14 @@ LaunchEnv launch_env() {
     e.rank = env_int("RANK", 0);
     e.world_size = env_int("WORLD_SIZE", 1);
     e.local_rank = env_int("LOCAL_RANK", e.rank);
-    if (env("TORCHELASTIC_RUN_ID"))
-      e.job = env("TORCHELASTIC_RUN_ID");
+    // torchrun's run id is "none" unless --rdzv-id is given: the same for every job. The rendezvous
+    // store's address is held by one running job only, and the restart count tells restarts apart.
+    const char* run_id = env("TORCHELASTIC_RUN_ID");
+    if (run_id && std::string(run_id) != "none")
+      e.job = run_id;
     else if (env("MASTER_PORT"))
-      e.job = std::string(env("MASTER_ADDR") ? env("MASTER_ADDR") : "local") + "_" + env("MASTER_PORT");
+      e.job = std::string("torchrun_") + (env("MASTER_ADDR") ? env("MASTER_ADDR") : "local") + "_" + env("MASTER_PORT");
+    if (!e.job.empty() && env("TORCHELASTIC_RESTART_COUNT")) e.job += std::string("_r") + env("TORCHELASTIC_RESTART_COUNT");
   } else {
     return e;
   }

@@ -44,15 +44,19 @@ uint64_t fnv1a(const std::string& s) {
   return h;
 }
 
+std::string name_of(unsigned uid, const std::string& ident, int index) {
+  char name[100];
+  std::snprintf(name, sizeof(name), "moedist/v2/%u/%016llx/%d", uid, static_cast<unsigned long long>(fnv1a(ident)), index);
+  return name;
+}
+
 sockaddr_un address(const std::string& ident, int index, socklen_t* len) {
   sockaddr_un a{};
   a.sun_family = AF_UNIX;
-  char name[100];
-  const int n = std::snprintf(name, sizeof(name), "moedist/v2/%u/%016llx/%d", static_cast<unsigned>(geteuid()),
-                              static_cast<unsigned long long>(fnv1a(ident)), index);
+  const std::string name = name_of(static_cast<unsigned>(geteuid()), ident, index);
   a.sun_path[0] = '\0';  // abstract namespace: no file, gone with the last descriptor
-  std::memcpy(a.sun_path + 1, name, static_cast<size_t>(n));
-  *len = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + 1 + static_cast<size_t>(n));
+  std::memcpy(a.sun_path + 1, name.data(), name.size());
+  *len = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + 1 + name.size());
   return a;
 }
 
@@ -211,6 +215,20 @@ class RendezvousListener {
     close(fd);
   }
 };
+
+std::string rendezvous_name(unsigned uid, const std::string& job, const std::string& group, int index) {
+  return name_of(uid, job + "\n" + group, index);
+}
+
+std::vector<unsigned char> claim_message(const std::string& job, const std::string& group, int world, int rank) {
+  Claim c;
+  c.world = world;
+  c.rank = rank;
+  std::snprintf(c.ident, sizeof(c.ident), "%s", (job + "\n" + group).c_str());
+  std::vector<unsigned char> out(sizeof(c));
+  std::memcpy(out.data(), &c, sizeof(c));
+  return out;
+}
 
 void stop_listener(const std::shared_ptr<RendezvousListener>& l) {
   if (!l) return;

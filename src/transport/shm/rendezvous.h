@@ -43,6 +43,13 @@ Rendezvous rendezvous(const std::string& job, const std::string& group, int worl
                       std::chrono::steady_clock::time_point deadline, std::chrono::milliseconds timeout, const std::string& label,
                       GroupAlarm* alarm, std::shared_ptr<void> keepalive);
 
+// The abstract socket name (without its leading NUL) of rendezvous name `index` of a job and group, as
+// the user `uid` sees it. Public so that tests can play a hostile user holding it.
+std::string rendezvous_name(unsigned uid, const std::string& job, const std::string& group, int index);
+
+// A claim of `rank` as it travels on the wire (tests play a hostile user sending one).
+std::vector<unsigned char> claim_message(const std::string& job, const std::string& group, int world, int rank);
+
 // Stops rank 0's listener (called when the group is destroyed).
 void stop_listener(const std::shared_ptr<RendezvousListener>& listener);
 

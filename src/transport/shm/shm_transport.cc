@@ -11,6 +11,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <cctype>
 #include <cstring>
 #include <fstream>
 #include <sstream>
@@ -53,31 +54,67 @@ std::string mib(uint64_t bytes) {
   return os.str();
 }
 
-// What limits memory here: MemAvailable, and the cgroup's memory.max / memory.current when set.
-std::string memory_situation() {
-  std::string out;
+struct MemoryLimit {
+  uint64_t headroom = UINT64_MAX;  // bytes that can still be taken without hitting a limit
+  std::string said;                // what limits it, for messages
+};
+
+uint64_t read_u64(const std::string& path, bool* ok) {
+  std::ifstream f(path);
+  std::string v;
+  *ok = static_cast<bool>(f >> v) && v != "max" && !v.empty() && std::isdigit(static_cast<unsigned char>(v[0]));
+  return *ok ? std::strtoull(v.c_str(), nullptr, 10) : 0;
+}
+
+// What limits memory here: MemAvailable, and the memory cgroup (v1 or v2) of this process and its
+// ancestors. Exceeding a cgroup's limit gets a process killed (the OOM killer, even inside fallocate),
+// so reservations are checked against it first.
+MemoryLimit memory_limit() {
+  MemoryLimit m;
   std::ifstream mi("/proc/meminfo");
-  std::string key;
+  std::string key, unit;
   uint64_t kb = 0;
-  std::string unit;
   while (mi >> key >> kb >> unit)
     if (key == "MemAvailable:") {
-      out = detail::str_cat("the host has ", mib(kb * 1024), " available");
+      m.headroom = kb * 1024;
+      m.said = detail::str_cat("the host has ", mib(m.headroom), " available");
       break;
     }
   std::ifstream cg("/proc/self/cgroup");
   std::string line;
-  while (std::getline(cg, line))
+  while (std::getline(cg, line)) {
+    std::string root, limit_file, usage_file, rel;
     if (line.rfind("0::", 0) == 0) {
-      const std::string dir = "/sys/fs/cgroup" + line.substr(3);
-      std::ifstream mx(dir + "/memory.max"), cur(dir + "/memory.current");
-      std::string max_s;
-      uint64_t cur_v = 0;
-      if (mx >> max_s && max_s != "max" && cur >> cur_v)
-        out += detail::str_cat(out.empty() ? "" : "; ", "this container's memory limit is ", mib(std::strtoull(max_s.c_str(), nullptr, 10)),
-                               " with ", mib(cur_v), " in use");
+      rel = line.substr(3);
+      root = std::ifstream("/sys/fs/cgroup/cgroup.controllers") ? "/sys/fs/cgroup" : "/sys/fs/cgroup/unified";
+      limit_file = "memory.max";
+      usage_file = "memory.current";
+    } else {
+      const size_t a = line.find(':'), b = line.find(':', a + 1);
+      if (a == std::string::npos || b == std::string::npos) continue;
+      const std::string ctl = line.substr(a + 1, b - a - 1);
+      if (ctl != "memory") continue;
+      rel = line.substr(b + 1);
+      root = "/sys/fs/cgroup/memory";
+      limit_file = "memory.limit_in_bytes";
+      usage_file = "memory.usage_in_bytes";
     }
-  return out.empty() ? "available memory unknown" : out;
+    for (std::string dir = rel;; dir = dir.substr(0, dir.rfind('/'))) {
+      bool ok_l = false, ok_u = false;
+      const uint64_t limit = read_u64(root + dir + "/" + limit_file, &ok_l);
+      const uint64_t used = read_u64(root + dir + "/" + usage_file, &ok_u);
+      if (ok_l && ok_u && limit < (uint64_t{1} << 60)) {
+        const uint64_t room = limit > used ? limit - used : 0;
+        if (room < m.headroom) {
+          m.headroom = room;
+          m.said = detail::str_cat("the memory cgroup ", dir.empty() ? "/" : dir, " allows ", mib(limit), " and uses ", mib(used));
+        }
+      }
+      if (dir.empty() || dir == "/") break;
+    }
+  }
+  if (m.said.empty()) m.said = "available memory unknown";
+  return m;
 }
 
 }  // namespace
@@ -105,13 +142,18 @@ void ShmTransport::Own::reserve(size_t end, const char* who) {
   };
   const size_t exact = round_up(end, 4096);
   const size_t generous = std::min(bytes, round_up(std::max(end, reserved + reserved / 4), kGrain));
-  int err = grow(generous);
-  if (err != 0 && generous > exact) err = grow(exact);
+  const MemoryLimit lim = memory_limit();
+  // Keep 1/16 of the headroom (at least 16 MiB) for everything else this process and its peers need.
+  const uint64_t margin = std::max<uint64_t>(lim.headroom / 16, uint64_t{16} << 20);
+  const uint64_t room = lim.headroom > margin ? lim.headroom - margin : 0;
+  int err = ENOMEM;
+  if (generous - reserved <= room) err = grow(generous);
+  if (err != 0 && exact - reserved <= room) err = grow(exact);
   if (err != 0)
     throw TransportError(detail::str_cat(label, who, ": cannot reserve shared memory: this rank's window needs ", mib(exact), " (",
-                                         mib(reserved), " reserved so far; ", std::strerror(err), "); ", memory_situation(),
-                                         ". Free memory or raise the limit (e.g. docker run --memory=...); the windows are anonymous "
-                                         "memory (memfd), so the size of /dev/shm (--shm-size) does not matter"));
+                                         mib(reserved), " reserved so far; ", exact - reserved > room ? "over the limit" : std::strerror(err),
+                                         "): ", lim.said, ". Free memory or raise the limit (e.g. docker run --memory=...); the windows ",
+                                         "are anonymous memory (memfd), so the size of /dev/shm (--shm-size) does not matter"));
 }
 
 ShmTransport::Own::~Own() {

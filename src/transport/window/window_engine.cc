@@ -89,15 +89,16 @@ void WindowEngine::wait_flag(const std::atomic<uint64_t>& flag, uint64_t epoch, 
     if (now >= next_check) {
       // Every 20 ms: is the peer dead or has it given up, is the group void, was this rank interrupted?
       next_check = now + std::chrono::milliseconds(20);
-      std::string why = peer_failure(peer);
-      if (!why.empty())
-        throw TransportError(detail::str_cat("[rank ", rank_, "/", world_, "] ", op, ": rank ", peer, " ", why, " (while waiting for it to ", what, ")"));
+      // The most telling first: the group is void, the peer gave up (and why), the peer is dead.
+      std::string why = group_failure();
+      if (!why.empty()) throw TransportError(detail::str_cat("[rank ", rank_, "/", world_, "] ", op, ": ", why));
       const OwnerStatus* st = layout_.status(ctrl_base(peer));
       if (peer != rank_ && st->failed.load(std::memory_order_acquire))
         throw TransportError(detail::str_cat("[rank ", rank_, "/", world_, "] ", op, ": rank ", peer, " abandoned the call (",
                                              std::string(st->why, strnlen(st->why, sizeof(st->why))), ")"));
-      why = group_failure();
-      if (!why.empty()) throw TransportError(detail::str_cat("[rank ", rank_, "/", world_, "] ", op, ": ", why));
+      why = peer_failure(peer);
+      if (!why.empty())
+        throw TransportError(detail::str_cat("[rank ", rank_, "/", world_, "] ", op, ": rank ", peer, " ", why, " (while waiting for it to ", what, ")"));
       if (detail::interrupt_requested())
         throw Interrupted(detail::str_cat("[rank ", rank_, "/", world_, "] ", op, ": interrupted while waiting for rank ", peer, " to ", what));
     }
