@@ -77,7 +77,7 @@ TEST(ShmIsolation, TwoJobsWithOneJobIdFailNamingBothClaimants) {
   const std::string err = run_processes(2 * c.W, [&](int p) -> std::string {
     const int r = p % c.W;
     GroupOptions opt;
-    opt.timeout = 10s;
+    opt.timeout = 5s;
     try {
       register_group("s_ep0", {make_shm_group("ep0", c.W, r, opt, job)});
       std::this_thread::sleep_for(300ms);  // the other job's claims arrive while this group lives

@@ -92,4 +92,12 @@ DispatchResult dispatch_v2(const DispatchArgs& args);
 // Returns (BS, H) in expand_x's dtype. Rows of inactive tokens are zeros.
 Tensor combine_v2(const CombineArgs& args);
 
+// For wrappers that check arguments of their own before calling the ops (the Python package): tells the
+// peers of a call this rank will not make that it rejected it, so that they fail at once naming this
+// rank and `message` instead of waiting out their deadline. Only the group fields of `args` are read
+// (group_ep, ep_world_size, ep_rank_id, elastic_info, group_tp, tp_world_size, tp_rank_id); the peers
+// must be in the same operation. Never throws.
+void reject_dispatch_v2(const DispatchArgs& args, const std::string& message);
+void reject_combine_v2(const CombineArgs& args, const std::string& message);
+
 }  // namespace moedist

@@ -13,6 +13,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+#include <map>
 #include <memory>
 #include <span>
 #include <string>
@@ -64,12 +65,14 @@ struct TransportStats {
 };
 
 // What the ops remember per endpoint between calls; transports do not use it.
-//   calls: collective steps run on this endpoint; each step carries its number, so ranks that disagree on
-//     which call they are in (one skipped a call, or called combine while the others dispatch) are told.
+//   calls: collective steps run on this endpoint, counted per set of members (an elastic call leaves
+//     some ranks out, and they may take part again later); each step carries its number, so ranks that
+//     disagree on which call they are in (one skipped a call, or called combine while the others
+//     dispatch) are told.
 //   dispatch_digests: digests of the metadata the latest dispatches returned on this endpoint; combine
 //     checks that its metadata is one of them.
 struct CallState {
-  uint64_t calls = 0;
+  std::map<uint64_t, uint64_t> calls;  // digest of the member list -> steps run with those members
   static constexpr int kDigests = 16;
   uint64_t dispatch_digests[kDigests] = {};
   unsigned next_digest = 0;

@@ -9,6 +9,7 @@ torch_npu's functions (names, order, keyword-only marker, defaults) and call the
 """
 from __future__ import annotations
 
+import operator
 from typing import Optional, Tuple
 
 import torch
@@ -62,6 +63,72 @@ def _combine_kwargs(expand_x, expert_ids, assist_info_for_combine, ep_send_count
         copy_expert_num=copy_expert_num, const_expert_num=const_expert_num)
 
 
+# ---- rejections before the collective ----
+# A rank that refuses its arguments in Python never reaches the C++ op, so its peers would wait for it
+# until their deadline. It tells them instead (the C++ core does the same for what it rejects), so they
+# fail at once with an error naming this rank and the reason.
+
+def _group_fields(group_ep, ep_world_size, ep_rank_id, elastic_info, group_tp, tp_world_size, tp_rank_id) -> dict:
+    d = {}
+    for k, v, t in (("group_ep", group_ep, str), ("ep_world_size", ep_world_size, int), ("ep_rank_id", ep_rank_id, int),
+                    ("group_tp", group_tp, str), ("tp_world_size", tp_world_size, int), ("tp_rank_id", tp_rank_id, int)):
+        if isinstance(v, t) and not isinstance(v, bool):
+            d[k] = v
+    if (isinstance(elastic_info, torch.Tensor) and elastic_info.device.type == "cpu" and elastic_info.dtype == torch.int32
+            and elastic_info.layout == torch.strided):
+        d["elastic_info"] = view(elastic_info, "elastic_info", "")
+    return d
+
+
+def _reject(op: str, err: BaseException, fields: dict) -> None:
+    fn = _C.reject_dispatch_v2 if op == _DISPATCH else _C.reject_combine_v2
+    try:
+        fn(fields, f"{type(err).__name__}: {err}")
+    except Exception:  # noqa: BLE001 - the caller raises the original error
+        pass
+
+
+_INT_ARGS = ("ep_world_size", "ep_rank_id", "moe_expert_num", "tp_world_size", "tp_rank_id", "expert_shard_type",
+             "shared_expert_num", "shared_expert_rank_num", "quant_mode", "global_bs", "expert_token_nums_type",
+             "comm_quant_mode", "zero_expert_num", "copy_expert_num", "const_expert_num")
+_STR_ARGS = ("group_ep", "group_tp", "comm_alg")
+
+
+def _precheck(op: str, args: dict) -> None:
+    """What torch's dispatcher would refuse, or route away from moedist, before the op runs: wrong
+    argument types, sparse tensors, meta tensors among real ones. (A call whose tensors are all meta
+    tensors infers the output shapes and does not communicate.)"""
+    tensors = [v for v in args.values() if isinstance(v, torch.Tensor)]
+    all_meta = bool(tensors) and all(t.is_meta for t in tensors)
+    for name, v in args.items():
+        if name in _INT_ARGS:
+            try:
+                operator.index(v)
+            except TypeError:
+                raise TypeError(f"{op}: {name} must be an int, got {type(v).__name__}") from None
+        elif name in _STR_ARGS:
+            if not isinstance(v, str):
+                raise TypeError(f"{op}: {name} must be a str, got {type(v).__name__}")
+        elif v is not None:
+            if not isinstance(v, torch.Tensor):
+                raise TypeError(f"{op}: {name} must be a torch.Tensor or None, got {type(v).__name__}")
+            if v.is_meta and not all_meta:
+                raise ValueError(f"{op}: {name} is a meta tensor (it has no data; moedist runs on CPU tensors)")
+            if v.layout != torch.strided:
+                raise ValueError(f"{op}: {name} has layout {v.layout} (must be a dense, strided tensor)")
+
+
+def _checked(op: str, args: dict) -> None:
+    if torch.compiler.is_compiling():
+        return  # traced: the op's own implementation checks at run time
+    try:
+        _precheck(op, args)
+    except Exception as e:
+        _reject(op, e, _group_fields(args["group_ep"], args["ep_world_size"], args["ep_rank_id"], args.get("elastic_info"),
+                                     args["group_tp"], args["tp_world_size"], args["tp_rank_id"]))
+        raise
+
+
 # ---- custom operators ----
 
 @torch.library.custom_op("moedist::npu_moe_distribute_dispatch_v2", mutates_args=())
@@ -72,10 +139,15 @@ def _dispatch_op(x: Tensor, expert_ids: Tensor, group_ep: str, ep_world_size: in
                  quant_mode: int, global_bs: int, expert_token_nums_type: int, comm_alg: str, zero_expert_num: int,
                  copy_expert_num: int, const_expert_num: int
                  ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    args = _dispatch_kwargs(x, expert_ids, group_ep, ep_world_size, ep_rank_id, moe_expert_num, scales,
-                            x_active_mask, expert_scales, elastic_info, group_tp, tp_world_size, tp_rank_id,
-                            expert_shard_type, shared_expert_num, shared_expert_rank_num, quant_mode, global_bs,
-                            expert_token_nums_type, comm_alg, zero_expert_num, copy_expert_num, const_expert_num)
+    try:
+        args = _dispatch_kwargs(x, expert_ids, group_ep, ep_world_size, ep_rank_id, moe_expert_num, scales,
+                                x_active_mask, expert_scales, elastic_info, group_tp, tp_world_size, tp_rank_id,
+                                expert_shard_type, shared_expert_num, shared_expert_rank_num, quant_mode, global_bs,
+                                expert_token_nums_type, comm_alg, zero_expert_num, copy_expert_num, const_expert_num)
+    except Exception as e:
+        _reject(_DISPATCH, e, _group_fields(group_ep, ep_world_size, ep_rank_id, elastic_info, group_tp, tp_world_size,
+                                            tp_rank_id))
+        raise
     return tuple(from_capsule(c) for c in _C.dispatch_v2(args))
 
 
@@ -109,12 +181,17 @@ def _combine_op(expand_x: Tensor, expert_ids: Tensor, assist_info_for_combine: T
                 expert_shard_type: int, shared_expert_num: int, shared_expert_rank_num: int, global_bs: int,
                 comm_quant_mode: int, comm_alg: str, zero_expert_num: int, copy_expert_num: int,
                 const_expert_num: int) -> Tensor:
-    args = _combine_kwargs(expand_x, expert_ids, assist_info_for_combine, ep_send_counts, expert_scales, group_ep,
-                           ep_world_size, ep_rank_id, moe_expert_num, tp_send_counts, x_active_mask, expand_scales,
-                           shared_expert_x, elastic_info, ori_x, const_expert_alpha_1, const_expert_alpha_2,
-                           const_expert_v, group_tp, tp_world_size, tp_rank_id, expert_shard_type, shared_expert_num,
-                           shared_expert_rank_num, global_bs, comm_quant_mode, comm_alg, zero_expert_num,
-                           copy_expert_num, const_expert_num)
+    try:
+        args = _combine_kwargs(expand_x, expert_ids, assist_info_for_combine, ep_send_counts, expert_scales, group_ep,
+                               ep_world_size, ep_rank_id, moe_expert_num, tp_send_counts, x_active_mask, expand_scales,
+                               shared_expert_x, elastic_info, ori_x, const_expert_alpha_1, const_expert_alpha_2,
+                               const_expert_v, group_tp, tp_world_size, tp_rank_id, expert_shard_type,
+                               shared_expert_num, shared_expert_rank_num, global_bs, comm_quant_mode, comm_alg,
+                               zero_expert_num, copy_expert_num, const_expert_num)
+    except Exception as e:
+        _reject(_COMBINE, e, _group_fields(group_ep, ep_world_size, ep_rank_id, elastic_info, group_tp, tp_world_size,
+                                           tp_rank_id))
+        raise
     return from_capsule(_C.combine_v2(args))
 
 
@@ -139,8 +216,19 @@ def npu_moe_distribute_dispatch_v2(x, expert_ids, group_ep, ep_world_size, ep_ra
     tp_recv_counts, expand_scales), as torch_npu.npu_moe_distribute_dispatch_v2 does. Rows of expand_x past
     the received count, and assist_info_for_combine past 3 * own rows, are unspecified.
     Raises ValueError for invalid arguments (naming the parameter), NotImplementedError for what is not
-    supported, RuntimeError when the communication fails (a peer rejected its call, died or timed out).
+    supported, RuntimeError when the communication fails (a peer rejected its call, died or timed out),
+    KeyboardInterrupt on Ctrl-C while waiting for peers (they then fail at once, naming this rank). A call
+    this rank rejects, in Python or in C++, makes its peers fail at once naming it.
     """
+    _checked(_DISPATCH, dict(x=x, expert_ids=expert_ids, group_ep=group_ep, ep_world_size=ep_world_size,
+                             ep_rank_id=ep_rank_id, moe_expert_num=moe_expert_num, scales=scales,
+                             x_active_mask=x_active_mask, expert_scales=expert_scales, elastic_info=elastic_info,
+                             group_tp=group_tp, tp_world_size=tp_world_size, tp_rank_id=tp_rank_id,
+                             expert_shard_type=expert_shard_type, shared_expert_num=shared_expert_num,
+                             shared_expert_rank_num=shared_expert_rank_num, quant_mode=quant_mode, global_bs=global_bs,
+                             expert_token_nums_type=expert_token_nums_type, comm_alg=comm_alg,
+                             zero_expert_num=zero_expert_num, copy_expert_num=copy_expert_num,
+                             const_expert_num=const_expert_num))
     return torch.ops.moedist.npu_moe_distribute_dispatch_v2(
         x, expert_ids, group_ep, ep_world_size, ep_rank_id, moe_expert_num, scales, x_active_mask, expert_scales,
         elastic_info, group_tp, tp_world_size, tp_rank_id, expert_shard_type, shared_expert_num,
@@ -161,6 +249,18 @@ def npu_moe_distribute_combine_v2(expand_x, expert_ids, assist_info_for_combine,
     Returns (BS, H) in expand_x's dtype; rows of inactive tokens (x_active_mask) are zeros. Errors as for
     :func:`npu_moe_distribute_dispatch_v2`.
     """
+    _checked(_COMBINE, dict(expand_x=expand_x, expert_ids=expert_ids, assist_info_for_combine=assist_info_for_combine,
+                            ep_send_counts=ep_send_counts, expert_scales=expert_scales, group_ep=group_ep,
+                            ep_world_size=ep_world_size, ep_rank_id=ep_rank_id, moe_expert_num=moe_expert_num,
+                            tp_send_counts=tp_send_counts, x_active_mask=x_active_mask, expand_scales=expand_scales,
+                            shared_expert_x=shared_expert_x, elastic_info=elastic_info, ori_x=ori_x,
+                            const_expert_alpha_1=const_expert_alpha_1, const_expert_alpha_2=const_expert_alpha_2,
+                            const_expert_v=const_expert_v, group_tp=group_tp, tp_world_size=tp_world_size,
+                            tp_rank_id=tp_rank_id, expert_shard_type=expert_shard_type,
+                            shared_expert_num=shared_expert_num, shared_expert_rank_num=shared_expert_rank_num,
+                            global_bs=global_bs, comm_quant_mode=comm_quant_mode, comm_alg=comm_alg,
+                            zero_expert_num=zero_expert_num, copy_expert_num=copy_expert_num,
+                            const_expert_num=const_expert_num))
     return torch.ops.moedist.npu_moe_distribute_combine_v2(
         expand_x, expert_ids, assist_info_for_combine, ep_send_counts, expert_scales, group_ep, ep_world_size,
         ep_rank_id, moe_expert_num, tp_send_counts, x_active_mask, expand_scales, shared_expert_x, elastic_info,

@@ -11,6 +11,8 @@
 #include <pybind11/stl.h>
 
 #include <chrono>
+#include <thread>
+#include <type_traits>
 #include <cstdint>
 #include <set>
 #include <string>
@@ -237,6 +239,61 @@ py::tuple dispatch_result(moedist::DispatchResult&& r) {
                         to_dlpack(std::move(r.expand_scales)));
 }
 
+// The group fields of a dict of arguments, as far as they can be read (for telling peers of a rejection).
+template <typename Args>
+Args group_fields(const py::dict& d) {
+  Args a;
+  auto take = [&](const char* key, auto& out) {
+    try {
+      if (d.contains(key) && !d[key].is_none()) out = d[key].cast<std::decay_t<decltype(out)>>();
+    } catch (...) {
+    }
+  };
+  take("group_ep", a.group_ep);
+  take("ep_world_size", a.ep_world_size);
+  take("ep_rank_id", a.ep_rank_id);
+  take("group_tp", a.group_tp);
+  take("tp_world_size", a.tp_world_size);
+  take("tp_rank_id", a.tp_rank_id);
+  try {
+    if (d.contains("elastic_info")) a.elastic_info = to_view(d["elastic_info"], "elastic_info");
+  } catch (...) {
+  }
+  return a;
+}
+
+// Arguments that cannot be read are this rank's rejection of the call: its peers are told, then the
+// error is raised here as InvalidArgument.
+template <typename Args>
+Args parse_or_reject(const py::dict& d, Args (*parse)(const py::dict&), void (*reject)(const Args&, const std::string&)) {
+  try {
+    return parse(d);
+  } catch (const std::exception& e) {
+    const Args g = group_fields<Args>(d);
+    const std::string msg = e.what();
+    {
+      py::gil_scoped_release nogil;
+      reject(g, msg);
+    }
+    if (dynamic_cast<const moedist::Error*>(&e)) throw;
+    throw moedist::InvalidArgument(msg);
+  }
+}
+
+// Waits in the ops ask about every 20 ms whether to give up; in the main thread that runs Python's
+// signal handlers, so Ctrl-C (or any handler that raises) ends the wait. The exception the handler
+// raised is kept and raised in place of moedist's Interrupted.
+std::thread::id g_main_thread;
+thread_local PyObject* t_pending[3] = {nullptr, nullptr, nullptr};
+
+bool python_interrupt_check() {
+  if (std::this_thread::get_id() != g_main_thread || !Py_IsInitialized()) return false;
+  py::gil_scoped_acquire gil;
+  if (PyErr_CheckSignals() == 0) return false;
+  PyErr_Fetch(&t_pending[0], &t_pending[1], &t_pending[2]);
+  return true;
+}
+
 moedist::GroupOptions group_options(int64_t timeout_ms, int ranks_per_server) {
   moedist::GroupOptions o;
   o.timeout = std::chrono::milliseconds(timeout_ms);
@@ -257,11 +314,26 @@ PYBIND11_MODULE(_C, m) {
   py::register_exception<moedist::Timeout>(m, "Timeout", transport.ptr());
   py::register_exception<moedist::InvalidArgument>(m, "InvalidArgument", PyExc_ValueError);
   py::register_exception<moedist::Unsupported>(m, "Unsupported", PyExc_NotImplementedError);
+  // Interrupted: the exception Python's signal handler raised (KeyboardInterrupt for Ctrl-C).
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const moedist::Interrupted& e) {
+      if (t_pending[0]) {
+        PyErr_Restore(t_pending[0], t_pending[1], t_pending[2]);
+        t_pending[0] = t_pending[1] = t_pending[2] = nullptr;
+      } else {
+        PyErr_SetString(PyExc_KeyboardInterrupt, e.what());
+      }
+    }
+  });
+  g_main_thread = std::this_thread::get_id();  // the module is imported by the main thread
+  moedist::set_interrupt_check(&python_interrupt_check);
 
   m.def(
       "dispatch_v2",
       [](const py::dict& args) {
-        moedist::DispatchArgs a = dispatch_args(args);
+        moedist::DispatchArgs a = parse_or_reject(args, &dispatch_args, &moedist::reject_dispatch_v2);
         moedist::DispatchResult r;
         {
           py::gil_scoped_release nogil;
@@ -273,7 +345,7 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "combine_v2",
       [](const py::dict& args) {
-        moedist::CombineArgs a = combine_args(args);
+        moedist::CombineArgs a = parse_or_reject(args, &combine_args, &moedist::reject_combine_v2);
         moedist::Tensor out;
         {
           py::gil_scoped_release nogil;
@@ -282,6 +354,23 @@ PYBIND11_MODULE(_C, m) {
         return to_dlpack(std::move(out));
       },
       py::arg("args"), "combine_v2 over a registered group: dict of arguments -> DLPack capsule");
+  m.def(
+      "reject_dispatch_v2",
+      [](const py::dict& args, const std::string& message) {
+        const auto a = group_fields<moedist::DispatchArgs>(args);
+        py::gil_scoped_release nogil;
+        moedist::reject_dispatch_v2(a, message);
+      },
+      py::arg("args"), py::arg("message"),
+      "Tells the peers of a dispatch this rank rejected before calling it (group fields of args are read)");
+  m.def(
+      "reject_combine_v2",
+      [](const py::dict& args, const std::string& message) {
+        const auto a = group_fields<moedist::CombineArgs>(args);
+        py::gil_scoped_release nogil;
+        moedist::reject_combine_v2(a, message);
+      },
+      py::arg("args"), py::arg("message"), "Tells the peers of a combine this rank rejected before calling it");
   m.def(
       "reference_dispatch_v2",
       [](const py::list& calls, int ranks_per_server) {

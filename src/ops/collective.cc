@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "moedist/error.h"
+#include "moedist/ops.h"
 
 namespace moedist::ops {
 
@@ -27,7 +28,9 @@ void Step::run(const char* op, const std::string& self_label, const std::string*
   ++t_steps;
   BlobHeader hdr;
   std::snprintf(hdr.call, sizeof(hdr.call), "%s%s%s", op, *phase ? " " : "", phase);
-  hdr.seq = ++transport->call_state().calls;
+  uint64_t key = 1469598103934665603ull;
+  for (int m : members) key = (key ^ static_cast<uint64_t>(m + 1)) * 1099511628211ull;
+  hdr.seq = ++transport->call_state().calls[key];
   if (failure) {
     hdr.status = 1;
     std::strncpy(hdr.message, failure->c_str(), sizeof(hdr.message) - 1);
@@ -73,7 +76,7 @@ void Step::run(const char* op, const std::string& self_label, const std::string*
         calls += detail::str_cat(i ? ", " : "", "rank ", members[i], " ", call_name(ph), " #", ph.seq);
       }
       throw InvalidArgument(detail::str_cat(self_label, op, ": the ranks of the group are not in the same call (", calls,
-                                            "; #n counts the steps each rank ran on this group): every rank must make the same calls in ",
+                                            "; #n counts the steps each rank ran with these members): every rank must make the same calls in ",
                                             "the same order"));
     }
     for (size_t i = 0; i < members.size(); ++i) {
@@ -197,3 +200,29 @@ std::vector<int> fallback_members(const TensorView& el, int64_t world) {
 }
 
 }  // namespace moedist::ops
+
+namespace moedist {
+
+namespace {
+template <typename Args>
+void reject_call(const char* op, const Args& a, const std::string& message) {
+  const std::string label = detail::str_cat("[rank ", a.ep_rank_id, "/", a.ep_world_size, "] ");
+  const std::string msg = message.empty() ? "rejected by the caller" : message;
+  try {
+    auto ep = ops::lookup(a.group_ep, a.ep_rank_id, a.ep_world_size, op, "ep_world_size", label);
+    ops::reject_step(ep, ops::fallback_members(a.elastic_info, a.ep_world_size), op, "", label, msg);
+  } catch (...) {
+  }
+  if (a.tp_world_size != 2) return;
+  try {
+    auto tp = ops::lookup(a.group_tp, a.tp_rank_id, 2, op, "tp_world_size", label);
+    ops::reject_step(tp, {0, 1}, op, "TP", label, msg);
+  } catch (...) {
+  }
+}
+}  // namespace
+
+void reject_dispatch_v2(const DispatchArgs& args, const std::string& message) { reject_call("dispatch_v2", args, message); }
+void reject_combine_v2(const CombineArgs& args, const std::string& message) { reject_call("combine_v2", args, message); }
+
+}  // namespace moedist

@@ -431,3 +431,27 @@ def two_hosts(ctx: Ctx) -> dict:
         return {"raised": type(e).__name__, "message": str(e), "not_implemented": isinstance(e, NotImplementedError)}
     finally:
         md.socket.gethostname = real
+
+
+def python_side_rejection(ctx: Ctx, kind: str = "float64", bad_rank: int = 1) -> dict:
+    """One rank passes what Python refuses before the op runs (a float64, list, sparse or meta tensor): its
+    peers fail at once naming it (not after their deadline), and the group still works."""
+    c = make_cfg(ctx.world)
+    group_ep, _ = groups_for(ctx, c)
+    t = gen_inputs(c, ctx.rank)
+    kw = dispatch_kwargs(c, ctx.rank, t, group_ep, "")
+    if ctx.rank == bad_rank:
+        x = kw["x"]
+        kw["x"] = {"float64": lambda: x.double(), "list": lambda: x.tolist(), "sparse": lambda: x.float().to_sparse(),
+                   "meta": lambda: torch.empty(x.shape, dtype=x.dtype, device="meta")}[kind]()
+    res = {}
+    start = time.monotonic()
+    try:
+        call(moedist.npu_moe_distribute_dispatch_v2, DISPATCH_POSITIONAL, kw)
+        res["raised"] = None
+    except Exception as e:  # noqa: BLE001
+        res.update(raised=type(e).__name__, message=str(e))
+    res["seconds"] = time.monotonic() - start
+    roundtrip(ctx)  # the rejection was part of the exchange: the communicator is still usable
+    res["after"] = "ok"
+    return res

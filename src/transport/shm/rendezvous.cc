@@ -28,6 +28,7 @@ struct Claim {
   uint64_t magic = kClaimMagic;
   int32_t world = 0;
   int32_t rank = 0;
+  int32_t holder_pid = 0;  // non-zero: not a claim but a report: this rank is already held by that pid
   char ident[512] = {};  // job '\n' group: tells a hash collision from a duplicate
 };
 
@@ -177,6 +178,42 @@ std::string duplicate_message(int rank, const std::string& group, const std::str
                          "under torchrun TORCHELASTIC_RUN_ID or --rdzv-id; `moedist launch` makes a unique one)");
 }
 
+struct FdGuard {
+  int fd = -1;
+  ~FdGuard() {
+    if (fd >= 0) close(fd);
+  }
+  int release() {
+    const int f = fd;
+    fd = -1;
+    return f;
+  }
+};
+
+// Tells rank 0 that `rank` was claimed a second time, so that its group fails too: best effort, trying
+// for up to 2 s while rank 0 is not listening yet.
+void report_duplicate(const std::string& ident, const Claim& mine, int holder_pid) {
+  const auto until = Clock::now() + std::chrono::seconds(2);
+  while (Clock::now() < until) {
+    for (int idx = 0; idx < kNames; ++idx) {
+      const int conn = connect_to(ident, idx);
+      if (conn < 0) break;
+      if (!same_user(peer_of(conn))) {
+        close(conn);
+        continue;
+      }
+      Claim report = mine;
+      report.holder_pid = holder_pid;
+      (void)send_msg(conn, &report, sizeof(report), nullptr, 0);
+      Reply r;
+      (void)recv_msg(conn, &r, sizeof(r), nullptr, Clock::now() + std::chrono::milliseconds(500));
+      close(conn);
+      return;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+}
+
 }  // namespace
 
 // Rank 0's listener once the group has formed: every later claim for this job and group is a second
@@ -203,7 +240,7 @@ class RendezvousListener {
       if (same_user(peer) && recv_msg(conn, &cl, sizeof(cl), nullptr, Clock::now() + std::chrono::seconds(2)) &&
           cl.magic == kClaimMagic && std::strncmp(cl.ident, ident.c_str(), sizeof(cl.ident)) == 0) {
         const int r = cl.rank >= 0 && cl.rank < world ? cl.rank : 0;
-        const std::string msg = duplicate_message(r, group, job, pids[static_cast<size_t>(r)], peer.pid);
+        const std::string msg = duplicate_message(r, group, job, cl.holder_pid ? cl.holder_pid : pids[static_cast<size_t>(r)], peer.pid);
         if (alarm && alarm->raised.load(std::memory_order_acquire) == 0) {
           std::snprintf(alarm->message, sizeof(alarm->message), "%s (the second claim came after the group had formed)", msg.c_str());
           alarm->raised.store(1, std::memory_order_release);
@@ -252,6 +289,31 @@ Rendezvous rendezvous(const std::string& job, const std::string& group, int worl
   }
   auto fail = [&](const std::string& what) -> TransportError { return TransportError(label + what); };
 
+  FdGuard claim;  // this rank's own name, held for the group's life (rank 0's is its listener)
+  if (rank != 0) {
+    const std::string rid = ident + "\nrank " + std::to_string(rank);
+    for (int idx = 0; idx < kNames && claim.fd < 0; ++idx) {
+      const int sock = new_socket();
+      socklen_t len;
+      const sockaddr_un a = address(rid, idx, &len);
+      if (bind(sock, reinterpret_cast<const sockaddr*>(&a), len) == 0 && listen(sock, 16) == 0) {
+        claim.fd = sock;
+        break;
+      }
+      const int err = errno;
+      close(sock);
+      if (err != EADDRINUSE) throw fail(detail::str_cat("bind (abstract Unix socket): ", std::strerror(err)));
+      const int conn = connect_to(rid, idx);
+      if (conn < 0) continue;  // bound but not listening: not one of ours
+      const Peer holder = peer_of(conn);
+      close(conn);
+      if (!same_user(holder)) continue;
+      report_duplicate(ident, mine, holder.pid);
+      throw fail(duplicate_message(rank, group, job, holder.pid, static_cast<int>(getpid())));
+    }
+    if (claim.fd < 0) throw fail(detail::str_cat("all ", kNames, " names of rank ", rank, " are held by other users"));
+  }
+
   if (rank != 0) {
     // Find rank 0's listener (skipping names other users hold), claim this rank, receive the group.
     auto pause = std::chrono::microseconds(500);
@@ -296,6 +358,7 @@ Rendezvous rendezvous(const std::string& job, const std::string& group, int worl
         }
         out.fds = std::move(fds);
         out.pids.assign(pids.begin(), pids.end());
+        out.claim_fd = claim.release();
         return out;
       }
       if (Clock::now() >= deadline)
@@ -362,12 +425,14 @@ Rendezvous rendezvous(const std::string& job, const std::string& group, int worl
     }
     close_all(refused);
   };
-  // After a conflict, claimants still arriving are answered for a little while, so they fail at once.
-  Clock::time_point conflict_until = deadline;
-  while (joined < world || !conflict.empty()) {
-    const Clock::time_point until = conflict.empty() ? deadline : std::min(deadline, conflict_until);
-    if (Clock::now() >= until) break;
-    if (!wait_readable(lfd, std::min(until, Clock::now() + std::chrono::milliseconds(100)))) continue;
+  // After a conflict, claimants still arriving are answered (so they fail at once, naming both claimants)
+  // until every rank has been claimed twice, as when two whole jobs share the id, or the deadline.
+  std::vector<int> claims(static_cast<size_t>(world), 0);
+  claims[0] = 1;
+  auto all_twice = [&] { return std::all_of(claims.begin(), claims.end(), [](int n) { return n >= 2; }); };
+  while (joined < world || (!conflict.empty() && !all_twice())) {
+    if (Clock::now() >= deadline) break;
+    if (!wait_readable(lfd, std::min(deadline, Clock::now() + std::chrono::milliseconds(100)))) continue;
     const int conn = accept4(lfd, nullptr, nullptr, SOCK_CLOEXEC);
     if (conn < 0) continue;
     const Peer peer = peer_of(conn);
@@ -378,7 +443,7 @@ Rendezvous rendezvous(const std::string& job, const std::string& group, int worl
     Claim cl;
     std::vector<int> got;
     if (!recv_msg(conn, &cl, sizeof(cl), &got, std::min(deadline, Clock::now() + std::chrono::seconds(5))) || cl.magic != kClaimMagic ||
-        got.size() != 1) {
+        got.size() != (cl.holder_pid ? 0u : 1u)) {
       close_all(got);
       close(conn);
       continue;
@@ -389,8 +454,11 @@ Rendezvous rendezvous(const std::string& job, const std::string& group, int worl
       close(conn);
       continue;
     }
+    if (cl.rank >= 0 && cl.rank < world) ++claims[static_cast<size_t>(cl.rank)];
     std::string why;
-    if (cl.world != world) {
+    if (cl.holder_pid) {
+      why = duplicate_message(cl.rank, group, job, cl.holder_pid, peer.pid);
+    } else if (cl.world != world) {
       why = detail::str_cat("pid ", peer.pid, " joined group \"", group, "\" (job id \"", job, "\") as rank ", cl.rank, " of ", cl.world,
                             " ranks, rank 0 (pid ", pids[0], ") has ", world, ": two jobs use the same job id, or the ranks disagree on ",
                             "the world size");
@@ -404,7 +472,6 @@ Rendezvous rendezvous(const std::string& job, const std::string& group, int worl
     if (!why.empty()) {
       if (conflict.empty()) {
         conflict = why;
-        conflict_until = std::min(deadline, Clock::now() + std::chrono::seconds(2));
         refuse_all(conflict);
       }
       send_error(conn, world, why == conflict ? why : conflict);

@@ -8,8 +8,10 @@
 // claim per rank and answers every member with all the descriptors. Another user can neither join,
 // nor read or write a window, nor block the group (a name held by another user is skipped).
 //
-// Two processes claiming one rank (two jobs started with the same job id) make the group fail on every
-// member with an error naming both. Rank 0 keeps listening for the group's whole life, so a duplicate
+// Every rank also holds a name of its own (rank 0: its listener), so a second process claiming a rank
+// fails at once naming both pids (the holder's from SO_PEERCRED), whenever it comes, and reports the
+// duplicate to rank 0. Two processes claiming one rank (two jobs started with the same job id) make the
+// group fail on every member with an error naming both. Rank 0 keeps listening for the group's whole life, so a duplicate
 // claim that arrives after the group formed still raises the group's alarm (GroupAlarm, kept in rank
 // 0's window header, which every member checks at each call): a group can never silently mix jobs.
 #pragma once
@@ -33,6 +35,7 @@ struct Rendezvous {
   std::vector<int> fds;   // every rank's window descriptor (this rank's own included); caller owns them
   std::vector<int> pids;  // every rank's process id
   std::shared_ptr<RendezvousListener> listener;  // rank 0 only
+  int claim_fd = -1;  // ranks > 0: the socket holding this rank's name (close it when the group ends)
 };
 
 // Forms the group. `window_fd`: this rank's memfd. `alarm` (rank 0 only): where a duplicate claim seen

@@ -2,7 +2,9 @@
 
 #include <fcntl.h>
 #include <signal.h>
+#include <poll.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -194,10 +196,13 @@ ShmTransport::ShmTransport(const std::string& job, const std::string& group, int
 
   Rendezvous rv = rendezvous(job, group, world, rank, own_->fd, deadline, timeout(), label, rank == 0 ? &hdr->alarm : nullptr, own_);
   listener_ = rv.listener;
+  claim_fd_ = rv.claim_fd;
   auto fail = [&](const std::string& what) {
     for (size_t r = 0; r < rv.fds.size(); ++r)
       if (static_cast<int>(r) != rank || rank != 0) close(rv.fds[r]);
     stop_listener(listener_);
+    if (claim_fd_ >= 0) close(claim_fd_);
+    claim_fd_ = -1;
     throw TransportError(label + what);
   };
   for (int r = 0; r < world; ++r) {
@@ -214,6 +219,11 @@ ShmTransport::ShmTransport(const std::string& job, const std::string& group, int
   }
   for (int r = 0; r < world; ++r)
     if (r != rank || rank != 0) close(rv.fds[static_cast<size_t>(r)]);  // mappings keep the windows; rank 0's own fd is own_->fd
+  // A pidfd per peer tells its death without being fooled by a reused pid (busy hosts wrap pids fast).
+  pidfds_.assign(static_cast<size_t>(world), -1);
+  for (int r = 0; r < world; ++r)
+    if (r != rank && pids_[static_cast<size_t>(r)] > 0)
+      pidfds_[static_cast<size_t>(r)] = static_cast<int>(syscall(SYS_pidfd_open, pids_[static_cast<size_t>(r)], 0));
 
   // Every rank has mapped every window once this returns on all of them.
   std::vector<int> all;
@@ -225,6 +235,8 @@ ShmTransport::ShmTransport(const std::string& job, const std::string& group, int
     exchange(spec);
   } catch (...) {
     stop_listener(listener_);
+    if (claim_fd_ >= 0) close(claim_fd_);
+    claim_fd_ = -1;
     throw;
   }
   own_->heap = std::make_unique<OffsetHeap>(0, window_bytes_);
@@ -232,6 +244,9 @@ ShmTransport::ShmTransport(const std::string& job, const std::string& group, int
 
 ShmTransport::~ShmTransport() {
   stop_listener(listener_);
+  if (claim_fd_ >= 0) close(claim_fd_);
+  for (int fd : pidfds_)
+    if (fd >= 0) close(fd);
   for (size_t r = 0; r < maps_.size(); ++r)
     if (maps_[r].base && static_cast<int>(r) != rank()) munmap(maps_[r].base, maps_[r].bytes);
   // Our own mapping goes with the last output tensor carved from it (own_).
@@ -303,6 +318,10 @@ std::string ShmTransport::group_failure() {
 std::string ShmTransport::peer_failure(int rank) {
   const int pid = pids_[static_cast<size_t>(rank)];
   if (pid <= 0) return {};
+  if (const int fd = pidfds_.empty() ? -1 : pidfds_[static_cast<size_t>(rank)]; fd >= 0) {
+    pollfd p{fd, POLLIN, 0};
+    return poll(&p, 1, 0) > 0 ? detail::str_cat("(pid ", pid, ") has died") : std::string();
+  }
   if (kill(pid, 0) != 0 && errno == ESRCH) return detail::str_cat("(pid ", pid, ") has died");
   // A killed child that its parent has not reaped yet is a zombie: dead all the same.
   if (FILE* f = std::fopen(detail::str_cat("/proc/", pid, "/stat").c_str(), "r")) {

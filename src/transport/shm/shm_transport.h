@@ -9,6 +9,7 @@
 #pragma once
 
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -49,6 +50,7 @@ class ShmTransport : public WindowEngine {
   size_t header_bytes_;
   std::vector<Mapping> maps_;
   std::vector<int> pids_;
+  std::vector<int> pidfds_;  // per peer, -1 where pidfd_open is not available
   // This rank's own window: its descriptor, mapping, the memory reserved so far and the heap over it;
   // outputs carved from it keep it alive.
   struct Own {
@@ -66,6 +68,7 @@ class ShmTransport : public WindowEngine {
   };
   std::shared_ptr<Own> own_;
   std::shared_ptr<RendezvousListener> listener_;
+  int claim_fd_ = -1;  // holds this rank's name while the group lives
   std::vector<size_t> slot_off_, slot_bytes_;
 };
 

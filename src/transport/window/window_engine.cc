@@ -98,7 +98,8 @@ void WindowEngine::wait_flag(const std::atomic<uint64_t>& flag, uint64_t epoch, 
                                              std::string(st->why, strnlen(st->why, sizeof(st->why))), ")"));
       why = peer_failure(peer);
       if (!why.empty())
-        throw TransportError(detail::str_cat("[rank ", rank_, "/", world_, "] ", op, ": rank ", peer, " ", why, " (while waiting for it to ", what, ")"));
+        throw TransportError(detail::str_cat("[rank ", rank_, "/", world_, "] ", op, ": rank ", peer, " ", why, " (while waiting for it to ", what,
+                                             " at step ", epoch, " of the pair; it reached ", flag.load(std::memory_order_acquire), ")"));
       if (detail::interrupt_requested())
         throw Interrupted(detail::str_cat("[rank ", rank_, "/", world_, "] ", op, ": interrupted while waiting for rank ", peer, " to ", what));
     }
