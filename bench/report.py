@@ -11,8 +11,8 @@ def main() -> int:
     lines = [
         "| ranks | hosts | transport | comm_alg | tokens | H | K | experts | quant | moedist dispatch us | moedist combine us "
         "| moedist round us (p10-p90) | MPI round us | speedup | moedist algbw GB/s | bytes across hosts per round: moedist "
-        "| MPI | memcpy GB/s | outputs vs baseline |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| MPI | memcpy GB/s | outputs vs baseline | combine metadata check us (% of round) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         m, b = r["moedist"], r["mpi_alltoallv"]
@@ -23,7 +23,8 @@ def main() -> int:
             f"| {m['round_us']['median']:.1f} ({m['round_us']['p10']:.0f}-{m['round_us']['p90']:.0f}) "
             f"| {b['round_us']['median']:.1f} | {r['speedup_round']:.2f}x | {m['algbw_GBps']:.2f} "
             f"| {m.get('bytes_inter_host_per_round', 0):.0f} | {b.get('bytes_inter_host_per_round', 0):.0f} "
-            f"| {r['memcpy_GBps']:.1f} | {r.get('outputs_vs_baseline', '')} |"
+            f"| {r['memcpy_GBps']:.1f} | {r.get('outputs_vs_baseline', '')} "
+            f"| {m.get('metadata_check_us', 0):.2f} ({m.get('metadata_check_pct_of_round', 0):.2f}%) |"
         )
     table = "\n".join(lines) + "\n"
     (out / "bench.md").write_text(table)

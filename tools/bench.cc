@@ -33,6 +33,8 @@
 #include <vector>
 
 #include "moedist/moedist.h"
+#include "core/config.h"
+#include "ops/collective.h"
 
 #ifdef MOEDIST_HAVE_MPI
 #define OMPI_SKIP_MPICXX 1  // the C API only
@@ -230,6 +232,7 @@ struct Timing {
   // rows, so that moedist and the baseline can be checked against each other (bit for bit: the same
   // rows summed in the same order by the same kernel); empty with quant_mode 2.
   std::vector<uint16_t> check_out;
+  double metadata_check_us = 0;  // combine's check of its metadata against dispatch's, per call (median)
 };
 
 Timing run_moedist(const Inputs& in, int warmup, int iters, const std::string& alg, moedist::Transport& t) {
@@ -276,6 +279,19 @@ Timing run_moedist(const Inputs& in, int warmup, int iters, const std::string& a
       tm.combine.push_back(tc);
       tm.round.push_back(td + tc);
     }
+  }
+  {  // what combine's metadata check costs, on this rank's real metadata (part of the combine times above)
+    const moedist::core::EpConfig cfg = moedist::core::resolve_combine(c);
+    const moedist::core::CombineCounts counts = moedist::core::combine_counts(cfg, c);
+    std::vector<double> us;
+    for (int i = 0; i < std::max(iters, 5); ++i) {
+      const auto t0 = Clock::now();
+      const bool ok = moedist::ops::was_dispatched(t, moedist::ops::combine_metadata_digest(cfg, c, counts));
+      us.push_back(seconds_since(t0) * 1e6);
+      if (!ok) throw moedist::Error("bench: the metadata check did not recognise dispatch's own outputs");
+    }
+    std::sort(us.begin(), us.end());
+    tm.metadata_check_us = us[us.size() / 2];
   }
   const TransportStats s1 = t.stats();
   tm.bytes_inter = s1.bytes_sent_inter_host - s0.bytes_sent_inter_host;
@@ -502,6 +518,8 @@ int bench_worker_main(int argc, char** argv) {
                 rc = 1;
               }
               const auto md = max_over_ranks(m.dispatch), mc = max_over_ranks(m.combine), mr = max_over_ranks(m.round);
+              double check_us = 0;
+              MPI_Allreduce(&m.metadata_check_us, &check_us, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
               uint64_t mb[2] = {m.bytes_inter, m.bytes_all}, msum[2] = {};
               MPI_Allreduce(mb, msum, 2, MPI_UINT64_T, MPI_SUM, MPI_COMM_WORLD);
               if (rank == 0) {
@@ -510,12 +528,13 @@ int bench_worker_main(int argc, char** argv) {
                 const double it = static_cast<double>(s.iters);
                 std::printf("{\"ranks\":%d,\"tokens\":%d,\"hidden\":%d,\"topk\":%d,\"experts\":%d,\"quant_mode\":%d,"
                             "\"transport\":\"%s\",\"comm_alg\":\"%s\",\"hosts\":%d,"
-                            "\"moedist\":{%s,%s,%s,\"algbw_GBps\":%.3f,\"bytes_inter_host_per_round\":%.0f,\"bytes_per_round\":%.0f},"
+                            "\"moedist\":{%s,%s,%s,\"algbw_GBps\":%.3f,\"bytes_inter_host_per_round\":%.0f,\"bytes_per_round\":%.0f,"
+                            "\"metadata_check_us\":%.2f,\"metadata_check_pct_of_round\":%.3f},"
                             "\"mpi_alltoallv\":{%s,%s,%s,\"bytes_inter_host_per_round\":%.0f,\"bytes_per_round\":%.0f},"
                             "\"speedup_round\":%.3f,\"memcpy_GBps\":%.2f,\"outputs_vs_baseline\":\"%s\"}\n",
                             W, BS, H, s.topk, E, q, s.transport.c_str(), alg.c_str(), nhosts, json_stats("dispatch", md).c_str(),
                             json_stats("combine", mc).c_str(), json_stats("round", mr).c_str(), algbw, static_cast<double>(msum[0]) / it,
-                            static_cast<double>(msum[1]) / it, json_stats("dispatch", bd).c_str(), json_stats("combine", bc).c_str(),
+                            static_cast<double>(msum[1]) / it, check_us, 100.0 * check_us / (stats_of(mr).median * 1e6), json_stats("dispatch", bd).c_str(), json_stats("combine", bc).c_str(),
                             json_stats("round", br).c_str(), static_cast<double>(bsum[0]) / it, static_cast<double>(bsum[1]) / it,
                             stats_of(br).median / stats_of(mr).median, mem, check);
                 std::fflush(stdout);

@@ -160,6 +160,21 @@ uint64_t metadata_digest(const core::EpConfig& c, const int32_t* assist, int64_t
   return d.value();
 }
 
+uint64_t combine_metadata_digest(const core::EpConfig& c, const CombineArgs& a, const core::CombineCounts& counts) {
+  const int64_t need = c.W * c.local_experts();
+  auto contiguous = [](const TensorView& v, int64_t n, std::vector<int32_t>& tmp) -> const int32_t* {
+    if (n == 0 || v.stride(0) == 1) return static_cast<const int32_t*>(v.data);
+    tmp.resize(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) tmp[static_cast<size_t>(i)] = core::at1<int32_t>(v, i);
+    return tmp.data();
+  };
+  std::vector<int32_t> t1, t2, t3;
+  const int32_t* assist = contiguous(a.assist_info_for_combine, 3 * counts.own_rows, t1);
+  const int32_t* cnt = contiguous(a.ep_send_counts, need, t2);
+  const int32_t* tp = c.tp == 2 ? contiguous(a.tp_send_counts, 2, t3) : nullptr;
+  return metadata_digest(c, assist, counts.own_rows, cnt, need, tp);
+}
+
 void remember_dispatch(Transport& t, uint64_t digest) {
   CallState& s = t.call_state();
   s.dispatch_digests[s.next_digest++ % CallState::kDigests] = digest;

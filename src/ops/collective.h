@@ -59,6 +59,8 @@ void reject_step(const std::shared_ptr<Transport>& t, std::vector<int> members, 
 // from a dispatch on this group (which would read rows nothing wrote).
 uint64_t metadata_digest(const core::EpConfig& c, const int32_t* assist, int64_t rows, const int32_t* counts, int64_t n_counts,
                          const int32_t* tp_counts);
+// The same digest of combine's arguments (what combine_v2 checks; the bench times it).
+uint64_t combine_metadata_digest(const core::EpConfig& c, const CombineArgs& a, const core::CombineCounts& counts);
 void remember_dispatch(Transport& t, uint64_t digest);
 bool was_dispatched(Transport& t, uint64_t digest);
 

@@ -18,14 +18,7 @@ void fail_step(const std::shared_ptr<Transport>& t, std::vector<int> members, co
 
 // The combine metadata must be what a dispatch on this group returned to this rank.
 void check_metadata(Transport& ep, const core::EpConfig& c, const CombineArgs& a, const core::CombineCounts& counts, const std::string& label) {
-  const int64_t need = c.W * c.local_experts();
-  std::vector<int32_t> assist(static_cast<size_t>(3 * counts.own_rows)), cnt(static_cast<size_t>(need)), tp(2);
-  for (int64_t i = 0; i < 3 * counts.own_rows; ++i) assist[static_cast<size_t>(i)] = core::at1<int32_t>(a.assist_info_for_combine, i);
-  for (int64_t i = 0; i < need; ++i) cnt[static_cast<size_t>(i)] = core::at1<int32_t>(a.ep_send_counts, i);
-  if (c.tp == 2)
-    for (int64_t i = 0; i < 2; ++i) tp[static_cast<size_t>(i)] = core::at1<int32_t>(a.tp_send_counts, i);
-  const uint64_t d = metadata_digest(c, assist.data(), counts.own_rows, cnt.data(), need, c.tp == 2 ? tp.data() : nullptr);
-  if (!was_dispatched(ep, d))
+  if (!was_dispatched(ep, combine_metadata_digest(c, a, counts)))
     throw InvalidArgument(detail::str_cat(label, "combine_v2: assist_info_for_combine, ep_send_counts", c.tp == 2 ? ", tp_send_counts" : "",
                                           ", expert_ids and x_active_mask are not those of any of the last ", CallState::kDigests,
                                           " dispatch_v2 calls of this rank on group \"", a.group_ep, "\" (pass dispatch_v2's outputs and ",
