@@ -303,8 +303,12 @@ Rendezvous rendezvous(const std::string& job, const std::string& group, int worl
       const int err = errno;
       close(sock);
       if (err != EADDRINUSE) throw fail(detail::str_cat("bind (abstract Unix socket): ", std::strerror(err)));
-      const int conn = connect_to(rid, idx);
-      if (conn < 0) continue;  // bound but not listening: not one of ours
+      int conn = connect_to(rid, idx);
+      for (int i = 0; i < 20 && conn < 0; ++i) {  // its holder may be between bind and listen
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+        conn = connect_to(rid, idx);
+      }
+      if (conn < 0) continue;  // bound and never listening: not one of ours
       const Peer holder = peer_of(conn);
       close(conn);
       if (!same_user(holder)) continue;
