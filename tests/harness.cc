@@ -421,6 +421,8 @@ std::string last_lines(const std::string& out, size_t max_chars) {
 }
 }  // namespace
 
+std::vector<int32_t> elastic_info_of(const Prepared& p, int index) { return p.ranks[static_cast<size_t>(index)].elastic; }
+
 std::string run_processes(int nproc, const std::function<std::string(int)>& child, int timeout_s) {
   std::vector<pid_t> pids;
   std::vector<int> fds, errs;  // per child: its result message, its stderr

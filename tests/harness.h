@@ -62,7 +62,9 @@ struct Prepared {
   ~Prepared();
 };
 std::unique_ptr<Prepared> prepare(const Case& c, const std::string& prefix);
-int rank_of(const Prepared& p, int index, int* tp_rank);  // EP rank (and TP index) of calling rank `index`
+int rank_of(const Prepared& p, int index, int* tp_rank);
+// The elastic_info calling rank `index` passes (empty without elastic).
+std::vector<int32_t> elastic_info_of(const Prepared& p, int index);  // EP rank (and TP index) of calling rank `index`
 // "" on a bit-exact match with the reference, else the first difference.
 std::string check_dispatch(const Prepared& p, int index, const DispatchResult& got);
 std::string check_combine(const Prepared& p, int index, const Tensor& got);

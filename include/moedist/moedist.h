@@ -1,6 +1,7 @@
 // moedist: portable MoE expert-parallel token exchange (dispatch_v2 / combine_v2).
 #pragma once
 
+#include "moedist/elastic.h"
 #include "moedist/error.h"
 #include "moedist/group.h"
 #include "moedist/ops.h"
