@@ -115,34 +115,56 @@ def _emulated_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     return meet.outputs[rank]
 
 
+def emulate_moe(xs, ids, ws, expert_fn, *, wire=torch.bfloat16, quant_mode=0, shared=None, num_experts=None):
+    """What moedist's dispatch -> experts -> combine computes for every rank, in plain torch.
+
+    xs[r] (T_r, H), ids[r] (T_r, K), ws[r] (T_r, K): rank r's tokens; expert_fn(g, rows) runs global expert g
+    on its rows (in the model's dtype); shared[r]: optional (T_r, H) added unweighted. quant_mode 2: each
+    row quantized per token as dispatch does (float32 of the wire value, m = 127 / max|x| in float32,
+    q = round half to even (x * m), scale = 1 / m) and dequantized as q * scale in float32."""
+    dtype = xs[0].dtype
+    x_all = torch.cat(xs).to(wire)  # rank-major = moedist's (source rank, token) order
+    if quant_mode == 2:
+        xf = x_all.to(torch.float32)
+        amax = xf.abs().amax(dim=-1, keepdim=True)
+        # torch.div with tensors: a true float32 division (`127.0 / t` would be 127 * reciprocal(t))
+        m = torch.div(torch.full_like(amax, 127.0), amax)
+        x_in = (torch.round(xf * m) * torch.div(torch.ones_like(m), m)).to(dtype)
+    else:
+        x_in = x_all.to(dtype)
+    ids_all = torch.cat([i.to(torch.int64) for i in ids])
+    K = ids_all.shape[1]
+    E = num_experts if num_experts is not None else int(ids_all.max()) + 1
+    y = torch.zeros(ids_all.shape[0], K, x_all.shape[1], dtype=wire)  # expert output per (token, k)
+    for g in range(E):
+        tok, kk = torch.nonzero(ids_all == g, as_tuple=True)  # token ascending
+        if tok.numel():
+            y[tok, kk] = expert_fn(g, x_in[tok]).to(wire)
+    outs, start = [], 0
+    for r, x in enumerate(xs):
+        T = x.shape[0]
+        w = ws[r].to(torch.float32)
+        acc = torch.zeros(T, x.shape[1], dtype=torch.float32)
+        for k in range(K):
+            acc = acc + w[:, k:k + 1] * y[start:start + T, k].to(torch.float32)  # product rounded, then add
+        if shared is not None:
+            acc = acc + shared[r].to(wire).to(torch.float32)
+        outs.append(acc.to(wire).to(dtype))
+        start += T
+    return outs
+
+
 def _emulate_layer(meet: _Meeting, wire):
     from moedist.hf import expert_forward
 
     module = meet.inputs[0][0]
-    xs = [inp[1] for inp in meet.inputs]
-    ids = [inp[2].to(torch.int64) for inp in meet.inputs]
-    ws = [inp[3].to(torch.float32) for inp in meet.inputs]
-    dtype = xs[0].dtype
-    x_all = torch.cat(xs).to(wire)  # (sum T, H), rank-major = moedist's (source rank, token) order
-    ids_all = torch.cat(ids)
-    K = ids_all.shape[1]
-    y = torch.zeros(ids_all.shape[0], K, x_all.shape[1], dtype=wire)  # expert output per (token, k)
-    for g in range(module.num_experts):
-        tok, kk = torch.nonzero(ids_all == g, as_tuple=True)  # token ascending
-        if tok.numel():
-            y[tok, kk] = expert_forward(module, g, x_all[tok].to(dtype)).to(wire)
-    start = 0
-    for r, x in enumerate(xs):
-        T = x.shape[0]
-        acc = torch.zeros(T, x.shape[1], dtype=torch.float32)
-        for k in range(K):
-            prod = ws[r][:, k:k + 1] * y[start:start + T, k].to(torch.float32)  # rounded to float32
-            acc = acc + prod
-        meet.outputs[r] = acc.to(wire).to(dtype)
-        start += T
+    meet.outputs[:] = emulate_moe([i[1] for i in meet.inputs], [i[2] for i in meet.inputs],
+                                  [i[3] for i in meet.inputs], lambda g, rows: expert_forward(module, g, rows),
+                                  wire=wire, quant_mode=_tls.quant_mode, num_experts=module.num_experts)
 
 
-def emulate_ep(model, input_ids: torch.Tensor, world: int, *, ragged: bool = False, wire=torch.bfloat16):
+def emulate_ep(model, input_ids: torch.Tensor, world: int, *, ragged: bool = False, wire=torch.bfloat16,
+               quant_mode: int = 0):
     """Logits of every rank's slice (concatenated in rank order), as the EP run computes them."""
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
@@ -156,7 +178,7 @@ def emulate_ep(model, input_ids: torch.Tensor, world: int, *, ragged: bool = Fal
 
     def run(r):
         try:
-            _tls.meeting, _tls.rank, _tls.wire = meet, r, wire
+            _tls.meeting, _tls.rank, _tls.wire, _tls.quant_mode = meet, r, wire, quant_mode
             a, b = slices[r]
             with torch.no_grad():
                 out[r] = replicas[r](input_ids=input_ids[a:b], use_cache=False).logits
