@@ -31,3 +31,34 @@ def hf_ep(ctx, arch: str, seed: int = 0, batch: int = 8, seq: int = 16, ragged: 
     return dict(logits=outs[0].numpy(), same_each_pass=all(torch.equal(outs[0], o) for o in outs),
                 checksum=checksum, local_experts=local, num_moe_modules=len(mods),
                 implementation=model.config._experts_implementation)
+
+
+def layer_process_group(ctx, E: int = 8, T: int = 5, H: int = 16, K: int = 2):
+    """EpBuffer and the functional ops with the ProcessGroup itself as the group, against the name."""
+    g = torch.Generator().manual_seed(ctx.rank)
+    x = torch.randn(T, H, generator=g)
+    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])  # int64, as torch.topk gives
+    w = torch.rand(T, K, generator=g)
+    pg = dist.group.WORLD
+    buf = moedist.EpBuffer(pg, E)
+    experts = [(lambda s: (lambda t: t * s))(float(e + 1)) for e in buf.local_experts]
+    y_pg = buf(x, ids, w, experts)
+    name = moedist.get_comm_name(pg)
+    y_name = moedist.EpBuffer(name, E, rank=ctx.rank, world_size=ctx.world)(x, ids, w, experts)
+    # the ops: group_ep as a ProcessGroup
+    xb, ids32 = x.to(torch.bfloat16), ids.to(torch.int32)
+    outs = moedist.npu_moe_distribute_dispatch_v2(xb, ids32, pg, ctx.world, ctx.rank, E)
+    outs_name = moedist.npu_moe_distribute_dispatch_v2(xb, ids32, name, ctx.world, ctx.rank, E)
+    rows = int(outs[3].sum())
+    y_op = moedist.npu_moe_distribute_combine_v2(outs[0][:rows], ids32, outs[2], outs[4], w, pg, ctx.world,
+                                                 ctx.rank, E)
+    try:
+        moedist.npu_moe_distribute_dispatch_v2(xb, ids32, 3.5, ctx.world, ctx.rank, E)
+        type_error = None
+    except TypeError as e:
+        type_error = str(e)
+    return dict(same_layer=torch.equal(y_pg, y_name), dtype=str(y_pg.dtype),
+                same_dispatch=torch.equal(outs[0][:rows], outs_name[0][:rows]),
+                combine_ok=torch.equal(y_op, moedist.npu_moe_distribute_combine_v2(
+                    outs_name[0][:rows], ids32, outs_name[2], outs_name[4], w, name, ctx.world, ctx.rank, E)),
+                type_error=type_error)

@@ -7,7 +7,7 @@ every rank on its own slice of the batch, against the same float32 model in one 
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers", minversion="5.0")
+transformers = pytest.importorskip("transformers", minversion="5.24")
 
 import _hf_models as hm  # noqa: E402
 
