@@ -45,8 +45,8 @@ def _require_transformers():
         from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS  # noqa: F401
     except ImportError as e:
         raise ImportError(
-            "moedist.hf needs transformers >= 5 (its experts implementation registry, "
-            "transformers.integrations.moe.ExpertsInterface): pip install 'transformers>=5'") from e
+            "moedist.hf needs transformers >= 5.24 (its experts implementation registry, "
+            "transformers.integrations.moe.ExpertsInterface): pip install 'transformers>=5.24'") from e
 
 
 def expert_forward(module: torch.nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:
