@@ -105,3 +105,19 @@ def test_unsharded_modules_keep_their_own_forward(one_thread):
         model.set_experts_implementation("moedist")
         via = model(input_ids=ids, use_cache=False).logits
     assert torch.equal(eager, via)
+
+
+@pytest.mark.timeout(300)
+def test_shard_hf_model_example():
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    p = subprocess.run([sys.executable, os.path.join(root, "examples", "python", "shard_hf_model.py"),
+                        "--world-size", "2", "--arch", "deepseek_v3", "--hidden", "64", "--batch", "4", "--seq", "16"],
+                       capture_output=True, text=True, timeout=280)
+    assert p.returncode == 0, f"exited {p.returncode}:\n{p.stdout}\n{p.stderr}"
+    lines = [line for line in p.stdout.splitlines() if line.strip()]
+    assert "matches the one-process model within bf16 rounding: True" in lines, p.stdout
+    assert lines[-1] == "run moedist success.", p.stdout
