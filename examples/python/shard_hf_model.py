@@ -40,7 +40,8 @@ def parse_args(argv=None):
     p.add_argument("--seq", type=int, default=32)
     p.add_argument("--wire", default="bf16", choices=("bf16", "fp16"))
     p.add_argument("--quant-mode", type=int, default=0, choices=(0, 2))
-    p.add_argument("--bench", type=int, default=0, help="time this many forward passes (after 2 warm-up passes)")
+    p.add_argument("--bench", type=int, default=0,
+                   help="time this many forward passes, EP and one process alternating (after 2 warm-up rounds)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -76,15 +77,6 @@ def build_model(a):
             if name.endswith("gate.weight") or (p.dim() >= 1 and torch.count_nonzero(p) == 0):
                 p.copy_(torch.randn_like(p) * 0.5)
     return model.eval()
-
-
-def timed(fn, n):
-    ts = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 
 def worker(rank, a, init_file):
@@ -124,8 +116,6 @@ def worker(rank, a, init_file):
         print("matches the one-process model within bf16 rounding:", ok)
 
     if a.bench:
-        import moedist.layer
-
         spent = {"dispatch": 0.0, "experts": 0.0, "combine": 0.0}
         buf = moedist.hf.experts_modules(model)[0][1]._moedist_buffer
 
@@ -142,33 +132,52 @@ def worker(rank, a, init_file):
         buf.combine = clock("combine", buf.combine)
         moedist.hf._local_experts = clock("experts", moedist.hf._local_experts)
 
-        def step():
-            dist.barrier()
+        base = build_model(a) if rank == 0 else None  # the unsharded model, run by rank 0 alone
+
+        def ep_pass():
             with torch.no_grad():
                 model(input_ids=mine, use_cache=False)
 
-        for _ in range(2):
-            step()
-        for k in spent:
-            spent[k] = 0.0
-        t_ep = timed(step, a.bench)
+        def base_pass():
+            with torch.no_grad():
+                base(input_ids=ids, use_cache=False)
+
+        # EP passes (all ranks) and one-process passes (rank 0, the others wait in a barrier) alternate,
+        # so a change of the machine's load hits both alike.
+        t_ep, t_1, t_n = [], [], []
+        threads = os.cpu_count() or 1
+        for i in range(a.bench + 2):
+            if i == 2:
+                for k in spent:
+                    spent[k] = 0.0
+            dist.barrier()
+            t0 = time.perf_counter()
+            ep_pass()
+            t_ep.append(time.perf_counter() - t0)
+            dist.barrier()
+            if rank == 0:
+                torch.set_num_threads(1)
+                t0 = time.perf_counter()
+                base_pass()
+                t_1.append(time.perf_counter() - t0)
+                torch.set_num_threads(threads)
+                t0 = time.perf_counter()
+                base_pass()
+                t_n.append(time.perf_counter() - t0)
+                torch.set_num_threads(1)
+        t_ep = statistics.median(t_ep[2:])
         shares = {k: v / a.bench for k, v in spent.items()}
         rows = [None] * W
         dist.all_gather_object(rows, (t_ep, shares))
         if rank == 0:
-            base = build_model(a)
-            with torch.no_grad():
-                base(input_ids=ids, use_cache=False)
-                t1 = timed(lambda: base(input_ids=ids, use_cache=False), a.bench)
-                torch.set_num_threads(os.cpu_count() or 1)
-                tn = timed(lambda: base(input_ids=ids, use_cache=False), a.bench)
+            t1, tn = statistics.median(t_1[2:]), statistics.median(t_n[2:])
             t_max = max(r[0] for r in rows)
             avg = {k: statistics.mean(r[1][k] for r in rows) for k in spent}
-            print(f"forward pass, {a.batch * a.seq} tokens: EP over {W} processes {t_ep * 1e3:.1f} ms (slowest rank "
-                  f"{t_max * 1e3:.1f} ms); one process {t1 * 1e3:.1f} ms with 1 thread, {tn * 1e3:.1f} ms with "
-                  f"{torch.get_num_threads()} threads")
-            print("EP time per rank and pass: " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in avg.items())
-                  + f", rest of the model {(t_ep - sum(avg.values())) * 1e3:.1f} ms")
+            print(f"forward pass, {a.batch * a.seq} tokens (median of {a.bench}): EP over {W} processes "
+                  f"{t_max * 1e3:.1f} ms (slowest rank); one process {t1 * 1e3:.1f} ms with 1 thread, "
+                  f"{tn * 1e3:.1f} ms with {threads} threads")
+            print("EP time per rank and pass (mean over ranks): " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in avg.items())
+                  + f", rest of the model {(statistics.mean(r[0] for r in rows) - sum(avg.values())) * 1e3:.1f} ms")
         dist.barrier()
     dist.destroy_process_group()
     if rank == 0:

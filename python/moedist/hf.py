@@ -126,7 +126,8 @@ def shard_experts(model: torch.nn.Module, group=None, *, wire_dtype: Optional[to
     call, so ranks may hold slices of different sizes; None when every rank always passes the same
     number of tokens (saves that all_reduce); an int as a fixed bound.
     Returns the model (changed in place). Raises ValueError when the model has no experts module that
-    uses transformers' experts registry.
+    uses transformers' experts registry. For inference (the ops have no autograd); do not switch the
+    model to another experts implementation afterwards (the experts modules hold this rank's experts only).
     """
     register()
     import torch.distributed as dist
@@ -163,7 +164,9 @@ def shard_experts(model: torch.nn.Module, group=None, *, wire_dtype: Optional[to
         m._moedist_buffer = buf
     if hasattr(model, "set_experts_implementation"):
         model.set_experts_implementation(IMPLEMENTATION)
-    else:  # a bare module tree: point the experts' configs at the implementation
-        for _, m in mods:
+    for _, m in mods:
+        # A bare module tree, or a model class whose switch transformers does not apply: point the experts'
+        # own configs at the implementation (a sharded module must never run another implementation).
+        if getattr(m.config, "_experts_implementation", None) != IMPLEMENTATION:
             m.config._experts_implementation = IMPLEMENTATION
     return model
