@@ -189,3 +189,43 @@ def test_process_group_arguments(pools, world):
         assert r["same_layer"] and r["same_dispatch"] and r["combine_ok"], r
         assert r["dtype"] == "torch.float32"
         assert "group_ep has type builtins.float" in r["type_error"] and "ProcessGroup" in r["type_error"]
+
+
+@pytest.mark.timeout(120)
+def test_token_counts_that_differ_between_ranks():
+    world, E, K, H = 2, 4, 2, 16
+    counts = [3, 5]
+    g = torch.Generator().manual_seed(7)
+    xs = [torch.randn(t, H, generator=g) for t in counts]
+    ids = [torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(t)]) for t in counts]
+    ws = [torch.rand(t, K, generator=g) for t in counts]
+
+    def bounded(r, name):
+        buf = moedist.EpBuffer(name, E, rank=r, world_size=world, max_tokens_per_rank=5)
+        return buf(xs[r], ids[r], ws[r], lambda recv, n: torch.cat(
+            [expert_fn(buf.local_experts[e], p) for e, p in enumerate(recv.split(n.tolist()))]))
+
+    ys = run_ranks(world, bounded)
+    ref = emulate_moe(xs, ids, ws, expert_fn, num_experts=E)
+    for r in range(world):
+        assert torch.equal(ys[r], ref[r])
+
+    def unbounded(r, name):  # the default assumes equal counts: every rank learns that they differ
+        buf = moedist.EpBuffer(name, E, rank=r, world_size=world)
+        try:
+            buf(xs[r], ids[r], ws[r], [lambda t: t] * (E // world))
+        except ValueError as e:
+            return str(e)
+        return None
+
+    for msg in run_ranks(world, unbounded):
+        assert msg is not None and "BS" in msg, msg
+
+    def too_many(r, name):
+        buf = moedist.EpBuffer(name, E, rank=r, world_size=world, max_tokens_per_rank=4)
+        if r == 1:  # checked before any communication: the other rank is not called either
+            with pytest.raises(ValueError, match="5 tokens .*max_tokens_per_rank=4"):
+                buf.dispatch(xs[r], ids[r], ws[r])
+        return True
+
+    assert all(run_ranks(world, too_many))
