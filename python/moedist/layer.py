@@ -232,10 +232,16 @@ class EpBuffer:
         wire = self.wire_dtype or (x.dtype if x.dtype in _WIRE_DTYPES else torch.bfloat16)
         xw = x.reshape(T, H).to(wire)
         global_bs = self._global_bs(T)
-        expand_x, dynamic_scales, assist, expert_token_nums, ep_recv_counts, tp_recv_counts, expand_scales = \
-            npu_moe_distribute_dispatch_v2(xw, ids, self.group_name, self.world_size, self.rank, self.num_experts,
-                                           x_active_mask=mask, quant_mode=self.quant_mode, global_bs=global_bs,
-                                           expert_token_nums_type=1, comm_alg=self.comm_alg)
+        try:
+            expand_x, dynamic_scales, assist, expert_token_nums, ep_recv_counts, tp_recv_counts, expand_scales = \
+                npu_moe_distribute_dispatch_v2(xw, ids, self.group_name, self.world_size, self.rank, self.num_experts,
+                                               x_active_mask=mask, quant_mode=self.quant_mode, global_bs=global_bs,
+                                               expert_token_nums_type=1, comm_alg=self.comm_alg)
+        except ValueError as e:
+            if global_bs == 0 and "global_bs=0" in str(e):
+                raise type(e)(f"{e}; moedist.EpBuffer: the ranks pass different token counts, so create the "
+                              f"buffer with max_tokens_per_rank (a bound, or 'auto')") from None
+            raise
         rows = int(expert_token_nums.sum()) if expert_token_nums.numel() else 0
         out_dtype = self.expert_dtype or x.dtype
         recv = expand_x[:rows]

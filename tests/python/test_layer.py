@@ -219,7 +219,7 @@ def test_token_counts_that_differ_between_ranks():
         return None
 
     for msg in run_ranks(world, unbounded):
-        assert msg is not None and "BS" in msg, msg
+        assert msg is not None and "BS" in msg and "max_tokens_per_rank" in msg, msg
 
     def too_many(r, name):
         buf = moedist.EpBuffer(name, E, rank=r, world_size=world, max_tokens_per_rank=4)
