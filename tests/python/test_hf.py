@@ -121,3 +121,24 @@ def test_shard_hf_model_example():
     lines = [line for line in p.stdout.splitlines() if line.strip()]
     assert "matches the one-process model within bf16 rounding: True" in lines, p.stdout
     assert lines[-1] == "run moedist success.", p.stdout
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("arch", hm.ARCHS)
+def test_expert_forward_is_the_modules_own_math(one_thread, arch):
+    # moedist.hf.expert_forward (what the ranks run on their rows) against the experts module's eager
+    # forward with every token routed to one expert at weight 1, bit for bit.
+    import moedist.hf
+
+    model = hm.make_model(arch, 0)
+    mods = moedist.hf.experts_modules(model)
+    assert len(mods) == 2
+    m = mods[0][1]
+    x = torch.randn(5, m.hidden_dim, generator=torch.Generator().manual_seed(3))
+    eager = type(m).forward.__wrapped__
+    for e in range(m.num_experts):
+        ids = torch.full((5, 1), e, dtype=torch.int64)
+        with torch.no_grad():
+            want = eager(m, x, ids, torch.ones(5, 1))
+            got = moedist.hf.expert_forward(m, e, x)
+        assert torch.equal(got, want), (arch, e)
