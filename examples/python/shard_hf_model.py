@@ -176,7 +176,8 @@ def worker(rank, a, init_file):
             print(f"forward pass, {a.batch * a.seq} tokens (median of {a.bench}): EP over {W} processes "
                   f"{t_max * 1e3:.1f} ms (slowest rank); one process {t1 * 1e3:.1f} ms with 1 thread, "
                   f"{tn * 1e3:.1f} ms with {threads} threads")
-            print("EP time per rank and pass (mean over ranks): " + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in avg.items())
+            phases = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in avg.items())
+            print("EP time per rank and pass (mean over ranks): " + phases
                   + f", rest of the model {(statistics.mean(r[0] for r in rows) - sum(avg.values())) * 1e3:.1f} ms")
         dist.barrier()
     dist.destroy_process_group()

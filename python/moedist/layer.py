@@ -124,7 +124,8 @@ class EpBuffer:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"{op}: rank={rank}, world_size={world_size} (must be 0 <= rank < world_size)")
         if num_experts < 1 or num_experts % world_size:
-            raise ValueError(f"{op}: num_experts={num_experts} (must be a positive multiple of world_size={world_size}: "
+            raise ValueError(f"{op}: num_experts={num_experts} (must be a positive multiple of "
+                             f"world_size={world_size}: "
                              f"every rank hosts the same number of experts)")
         if wire_dtype is not None and wire_dtype not in _WIRE_DTYPES:
             raise ValueError(f"{op}: wire_dtype={wire_dtype} (must be torch.bfloat16, torch.float16 or None)")
@@ -197,7 +198,8 @@ class EpBuffer:
         if topk_ids.is_floating_point() or topk_ids.is_complex() or topk_ids.dtype == torch.bool:
             raise ValueError(f"{op}: topk_ids has dtype {_dtype_name(topk_ids.dtype)} (must be an integer dtype)")
         if not topk_weights.is_floating_point():
-            raise ValueError(f"{op}: topk_weights has dtype {_dtype_name(topk_weights.dtype)} (must be a floating dtype)")
+            raise ValueError(f"{op}: topk_weights has dtype {_dtype_name(topk_weights.dtype)} "
+                             f"(must be a floating dtype)")
         H = x.shape[-1]
         T = math.prod(x.shape[:-1])
         if topk_ids.dim() < 1:
@@ -211,7 +213,8 @@ class EpBuffer:
                              f"{tuple(topk_ids.shape)})")
         ids = topk_ids.reshape(T, K)
         if ids.dtype != torch.int32:
-            if ids.numel() and ids.dtype in (torch.int64, getattr(torch, "uint32", None), getattr(torch, "uint64", None)):
+            wide = (torch.int64, getattr(torch, "uint32", None), getattr(torch, "uint64", None))
+            if ids.numel() and ids.dtype in wide:
                 lo, hi = int(ids.min()), int(ids.max())
                 if lo < _INT32_MIN or hi > _INT32_MAX:
                     bad = lo if lo < _INT32_MIN else hi
@@ -265,7 +268,8 @@ class EpBuffer:
         """
         op = "moedist.EpBuffer.combine"
         if not isinstance(handle, EpHandle):
-            raise TypeError(f"{op}: handle has type {type(handle).__name__} (must be the EpHandle that dispatch returned)")
+            raise TypeError(f"{op}: handle has type {type(handle).__name__} "
+                            f"(must be the EpHandle that dispatch returned)")
         if handle.used:
             raise ValueError(f"{op}: this handle was already combined (each dispatch is combined once)")
         expert_out = _tensor(expert_out, "expert_out", op)
