@@ -227,8 +227,9 @@ def npu_moe_distribute_dispatch_v2(x, expert_ids, group_ep, ep_world_size, ep_ra
     A collective over the EP group ``group_ep`` (and the TP group ``group_tp`` when tp_world_size == 2):
     every active rank calls it. group_ep / group_tp: a name from :func:`moedist.get_comm_name`, or the
     torch.distributed ProcessGroup itself (resolved through get_comm_name before the operator runs).
-    Only the first sum(expert_token_nums) rows of expand_x (the last entry of ep_recv_counts) are
-    written; with tp_world_size 2 the TP peer's rows follow the own ones.
+    Only the first rows of expand_x are written: sum(expert_token_nums) with expert_token_nums_type 1
+    (its last entry with type 0): this rank's own rows, ep_recv_counts[W*L - 1] (W - 1 on a shared-expert
+    rank), then with tp_world_size 2 the TP peer's rows.
     Returns (expand_x, dynamic_scales, assist_info_for_combine, expert_token_nums, ep_recv_counts,
     tp_recv_counts, expand_scales), as torch_npu.npu_moe_distribute_dispatch_v2 does. Rows of expand_x past
     the received count, and assist_info_for_combine past 3 * own rows, are unspecified.
@@ -265,8 +266,8 @@ def npu_moe_distribute_combine_v2(expand_x, expert_ids, assist_info_for_combine,
                                   const_expert_num=0):
     """Brings the expert outputs back along dispatch's paths and sums them with the gating weights.
 
-    expand_x needs only the rows dispatch produced (ep_send_counts[-1], plus the TP peer's with
-    tp_world_size 2): a (rows, H) tensor of the expert outputs is enough; rows past them are not read.
+    expand_x needs only the rows dispatch produced (the own rows, ep_send_counts[W*L - 1], plus the TP
+    peer's with tp_world_size 2): a (rows, H) tensor of the expert outputs is enough; rows past them are not read.
     group_ep / group_tp: a name or a ProcessGroup, as for dispatch.
     Returns (BS, H) in expand_x's dtype; rows of inactive tokens (x_active_mask) are zeros. Errors as for
     :func:`npu_moe_distribute_dispatch_v2`.
