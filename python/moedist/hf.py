@@ -18,7 +18,7 @@ replicated. Only the routed experts change: the experts module keeps the weights
 experts on their rows with the module's own math (gate_up / up projection, activation or _apply_gate,
 down projection, biases and transposed layouts as the module declares them), and combines. Any model
 whose experts class uses the registry works the same way (transformers has dozens); Qwen2-MoE,
-Qwen3-MoE, Mixtral and DeepSeek-V3 are tested.
+Qwen3-MoE, Mixtral, DeepSeek-V3, GPT-OSS, OLMoE, GLM-4-MoE and DeepSeek-V2 are tested.
 
 Numerics: the rows travel in bf16 (or fp16: wire_dtype), the experts compute in the model's dtype, and
 combine sums the K weighted outputs in float32 (k ascending, each product rounded to float32 before the

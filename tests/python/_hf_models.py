@@ -18,6 +18,9 @@ import threading
 import torch
 
 ARCHS = ("qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v3")
+# More architectures whose experts go through transformers' registry, among them GPT-OSS (transposed
+# weights, biases, its own clamped gate) and DeepSeek-V2 / GLM-4-MoE (grouped routers).
+MORE_ARCHS = ("gpt_oss", "olmoe", "glm4_moe", "deepseek_v2")
 VOCAB = 96
 
 
@@ -43,6 +46,19 @@ def make_config(arch: str, num_experts: int = 8, top_k: int = 2):
                                    routed_scaling_factor=2.5, norm_topk_prob=True, first_k_dense_replace=0,
                                    q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8,
                                    v_head_dim=16, rope_scaling=None)
+    if arch == "gpt_oss":
+        return tf.GptOssConfig(**common, intermediate_size=48, num_local_experts=num_experts, head_dim=16,
+                               layer_types=["sliding_attention", "full_attention"], sliding_window=8)
+    if arch == "olmoe":
+        return tf.OlmoeConfig(**common, intermediate_size=48, num_experts=num_experts)
+    if arch == "glm4_moe":
+        return tf.Glm4MoeConfig(**common, intermediate_size=96, moe_intermediate_size=32, n_routed_experts=num_experts,
+                                n_shared_experts=1, n_group=2, topk_group=1, first_k_dense_replace=0, head_dim=16)
+    if arch == "deepseek_v2":
+        common["num_key_value_heads"] = 4
+        return tf.DeepseekV2Config(**common, intermediate_size=96, moe_intermediate_size=32, n_routed_experts=num_experts,
+                                   n_shared_experts=1, first_k_dense_replace=0, q_lora_rank=None, kv_lora_rank=16,
+                                   qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16)
     raise KeyError(arch)
 
 
@@ -56,7 +72,7 @@ def make_model(arch: str, seed: int = 0, **cfg):
         # Random init leaves the routers at zeros in some classes and DeepSeek-V3's bias at zero: give them
         # values so the routing is not degenerate and the bias takes part in the choice.
         for name, p in model.named_parameters():
-            if p.dim() >= 1 and (torch.count_nonzero(p) == 0 or name.endswith("gate.weight")):
+            if p.dim() >= 1 and (torch.count_nonzero(p) == 0 or name.endswith(("gate.weight", "router.weight"))):
                 p.copy_(torch.randn_like(p) * 0.5)
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):

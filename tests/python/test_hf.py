@@ -66,7 +66,12 @@ def test_sharded_model_matches_one_process(pools, one_thread, arch, world):
     ("qwen2_moe", 4, dict(ragged=True)),
     ("deepseek_v3", 2, dict(quant_mode=2)),
     ("mixtral", 4, dict(wire="fp16")),
-], ids=["qwen2_moe-w4-ragged", "deepseek_v3-w2-quant2", "mixtral-w4-fp16"])
+    ("gpt_oss", 2, {}),
+    ("olmoe", 2, {}),
+    ("glm4_moe", 4, {}),
+    ("deepseek_v2", 2, {}),
+], ids=["qwen2_moe-w4-ragged", "deepseek_v3-w2-quant2", "mixtral-w4-fp16", "gpt_oss-w2", "olmoe-w2", "glm4_moe-w4",
+        "deepseek_v2-w2"])
 def test_sharded_model_variants(pools, one_thread, arch, world, over):
     ep, _ = _ep_logits(pools, world, arch, **over)
     model = hm.make_model(arch, 0)
@@ -124,7 +129,7 @@ def test_shard_hf_model_example():
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("arch", hm.ARCHS)
+@pytest.mark.parametrize("arch", hm.ARCHS + hm.MORE_ARCHS)
 def test_expert_forward_is_the_modules_own_math(one_thread, arch):
     # moedist.hf.expert_forward (what the ranks run on their rows) against the experts module's eager
     # forward with every token routed to one expert at weight 1, bit for bit.
@@ -134,7 +139,7 @@ def test_expert_forward_is_the_modules_own_math(one_thread, arch):
     mods = moedist.hf.experts_modules(model)
     assert len(mods) == 2
     m = mods[0][1]
-    x = torch.randn(5, m.hidden_dim, generator=torch.Generator().manual_seed(3))
+    x = torch.randn(5, model.config.hidden_size, generator=torch.Generator().manual_seed(3))
     eager = type(m).forward.__wrapped__
     for e in range(m.num_experts):
         ids = torch.full((5, 1), e, dtype=torch.int64)
