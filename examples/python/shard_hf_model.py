@@ -165,20 +165,22 @@ def worker(rank, a, init_file):
                 base_pass()
                 t_n.append(time.perf_counter() - t0)
                 torch.set_num_threads(1)
+        t_ep_mean = statistics.mean(t_ep[2:])  # the phases below are means too
         t_ep = statistics.median(t_ep[2:])
         shares = {k: v / a.bench for k, v in spent.items()}
         rows = [None] * W
-        dist.all_gather_object(rows, (t_ep, shares))
+        dist.all_gather_object(rows, (t_ep, t_ep_mean, shares))
         if rank == 0:
             t1, tn = statistics.median(t_1[2:]), statistics.median(t_n[2:])
             t_max = max(r[0] for r in rows)
-            avg = {k: statistics.mean(r[1][k] for r in rows) for k in spent}
+            avg = {k: statistics.mean(r[2][k] for r in rows) for k in spent}
             print(f"forward pass, {a.batch * a.seq} tokens (median of {a.bench}): EP over {W} processes "
                   f"{t_max * 1e3:.1f} ms (slowest rank); one process {t1 * 1e3:.1f} ms with 1 thread, "
                   f"{tn * 1e3:.1f} ms with {threads} threads")
             phases = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in avg.items())
-            print("EP time per rank and pass (mean over ranks): " + phases
-                  + f", rest of the model {(statistics.mean(r[0] for r in rows) - sum(avg.values())) * 1e3:.1f} ms")
+            rest = statistics.mean(r[1] for r in rows) - sum(avg.values())
+            print(f"EP time per rank and pass (means over passes and ranks): {phases}, rest of the model "
+                  f"{rest * 1e3:.1f} ms")
         dist.barrier()
     dist.destroy_process_group()
     if rank == 0:
