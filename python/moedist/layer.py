@@ -143,7 +143,7 @@ class EpBuffer:
         self.wire_dtype, self.quant_mode, self.expert_dtype = wire_dtype, quant_mode, expert_dtype
         self.max_tokens_per_rank, self.comm_alg = max_tokens_per_rank, comm_alg
 
-    # ---- layout helpers ----
+    # ---- the experts of this rank ----
 
     @property
     def local_experts(self) -> range:
