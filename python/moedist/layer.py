@@ -30,7 +30,9 @@ import torch
 from torch import Tensor
 
 from ._groups import _is_process_group, resolve_group
-from ._ops import npu_moe_distribute_combine_v2, npu_moe_distribute_dispatch_v2
+from ._C import TransportError
+from ._ops import (_COMBINE, _DISPATCH, _group_fields, _reject, npu_moe_distribute_combine_v2,
+                   npu_moe_distribute_dispatch_v2)
 
 _WIRE_DTYPES = (torch.bfloat16, torch.float16)
 _INT32_MIN, _INT32_MAX = -(2 ** 31), 2 ** 31 - 1
@@ -160,18 +162,7 @@ class EpBuffer:
 
     def _global_bs(self, tokens: int) -> int:
         m = self.max_tokens_per_rank
-        if m is None:
-            return 0
-        if m == "auto":
-            import torch.distributed as dist
-
-            t = torch.tensor([tokens], dtype=torch.int64)
-            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.process_group)
-            return int(t) * self.world_size
-        if tokens > m:
-            raise ValueError(f"moedist.EpBuffer.dispatch: [rank {self.rank}/{self.world_size}] {tokens} tokens "
-                             f"(more than max_tokens_per_rank={m})")
-        return m * self.world_size
+        return 0 if m is None else m * self.world_size
 
     # ---- the two steps ----
 
@@ -188,6 +179,57 @@ class EpBuffer:
         the rows this rank's experts must process, grouped by local expert; expert_token_nums (L,) int64,
         rows per local expert (sum = rows); handle for :meth:`combine`.
         """
+        err = None
+        try:
+            xw, ids, weights, mask, T = self._dispatch_inputs(x, topk_ids, topk_weights, x_active_mask)
+        except (TypeError, ValueError) as e:
+            err = e
+        if self.max_tokens_per_rank == "auto":
+            # Every rank joins the agreement, also one that refused its arguments (it says so there), so
+            # that no rank waits in the all_reduce for a rank that will not come.
+            import torch.distributed as dist
+
+            t = torch.tensor([0 if err else T, self.rank + 1 if err else 0], dtype=torch.int64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.process_group)
+            if err is None and int(t[1]):
+                raise TransportError(f"[rank {self.rank}/{self.world_size}] moedist.EpBuffer.dispatch: rank "
+                                     f"{int(t[1]) - 1} rejected its call (its error names the argument)")
+            global_bs = int(t[0]) * self.world_size
+        if err is not None:
+            if self.max_tokens_per_rank != "auto":  # with "auto" the peers learnt it in the agreement
+                self._tell_peers(_DISPATCH, err)
+            raise err
+        if self.max_tokens_per_rank != "auto":
+            global_bs = self._global_bs(T)
+        try:
+            expand_x, dynamic_scales, assist, expert_token_nums, ep_recv_counts, tp_recv_counts, expand_scales = \
+                npu_moe_distribute_dispatch_v2(xw, ids, self.group_name, self.world_size, self.rank, self.num_experts,
+                                               x_active_mask=mask, quant_mode=self.quant_mode, global_bs=global_bs,
+                                               expert_token_nums_type=1, comm_alg=self.comm_alg)
+        except ValueError as e:
+            if global_bs == 0 and "global_bs=0" in str(e):
+                raise type(e)(f"{e}; moedist.EpBuffer: the ranks pass different token counts, so create the "
+                              f"buffer with max_tokens_per_rank (a bound, or 'auto')") from None
+            raise
+        rows = int(expert_token_nums.sum()) if expert_token_nums.numel() else 0
+        out_dtype = self.expert_dtype or x.dtype
+        recv = expand_x[:rows]
+        if self.quant_mode == 2:
+            recv = (recv.to(torch.float32) * dynamic_scales[:rows, None]).to(out_dtype)
+        else:
+            recv = recv.to(out_dtype)
+        handle = EpHandle(assist_info_for_combine=assist, ep_send_counts=ep_recv_counts, tp_send_counts=tp_recv_counts,
+                          expand_scales=expand_scales, expert_ids=ids, expert_scales=weights, x_active_mask=mask,
+                          expert_token_nums=expert_token_nums, num_rows=rows, shape=x.shape, dtype=x.dtype,
+                          wire_dtype=xw.dtype, global_bs=global_bs)
+        return recv, expert_token_nums, handle
+
+    def _tell_peers(self, op: str, err: BaseException) -> None:
+        # A rank that refuses its arguments before the collective tells its peers, so they fail at once
+        # naming it instead of waiting for it until their deadline.
+        _reject(op, err, _group_fields(self.group_name, self.world_size, self.rank, None, "", 0, 0))
+
+    def _dispatch_inputs(self, x, topk_ids, topk_weights, x_active_mask):
         op = "moedist.EpBuffer.dispatch"
         x = _tensor(x, "x", op)
         topk_ids = _tensor(topk_ids, "topk_ids", op)
@@ -234,29 +276,10 @@ class EpBuffer:
                                  f"{tuple(x.shape[:-1])} or topk_ids' shape {tuple(topk_ids.shape)})")
         wire = self.wire_dtype or (x.dtype if x.dtype in _WIRE_DTYPES else torch.bfloat16)
         xw = x.reshape(T, H).to(wire)
-        global_bs = self._global_bs(T)
-        try:
-            expand_x, dynamic_scales, assist, expert_token_nums, ep_recv_counts, tp_recv_counts, expand_scales = \
-                npu_moe_distribute_dispatch_v2(xw, ids, self.group_name, self.world_size, self.rank, self.num_experts,
-                                               x_active_mask=mask, quant_mode=self.quant_mode, global_bs=global_bs,
-                                               expert_token_nums_type=1, comm_alg=self.comm_alg)
-        except ValueError as e:
-            if global_bs == 0 and "global_bs=0" in str(e):
-                raise type(e)(f"{e}; moedist.EpBuffer: the ranks pass different token counts, so create the "
-                              f"buffer with max_tokens_per_rank (a bound, or 'auto')") from None
-            raise
-        rows = int(expert_token_nums.sum()) if expert_token_nums.numel() else 0
-        out_dtype = self.expert_dtype or x.dtype
-        recv = expand_x[:rows]
-        if self.quant_mode == 2:
-            recv = (recv.to(torch.float32) * dynamic_scales[:rows, None]).to(out_dtype)
-        else:
-            recv = recv.to(out_dtype)
-        handle = EpHandle(assist_info_for_combine=assist, ep_send_counts=ep_recv_counts, tp_send_counts=tp_recv_counts,
-                          expand_scales=expand_scales, expert_ids=ids, expert_scales=weights, x_active_mask=mask,
-                          expert_token_nums=expert_token_nums, num_rows=rows, shape=x.shape, dtype=x.dtype,
-                          wire_dtype=wire, global_bs=global_bs)
-        return recv, expert_token_nums, handle
+        if isinstance(self.max_tokens_per_rank, int) and T > self.max_tokens_per_rank:
+            raise ValueError(f"moedist.EpBuffer.dispatch: [rank {self.rank}/{self.world_size}] {T} tokens "
+                             f"(more than max_tokens_per_rank={self.max_tokens_per_rank})")
+        return xw, ids, weights, mask, T
 
     def combine(self, expert_out: Tensor, handle: EpHandle, *, shared_expert_x: Optional[Tensor] = None) -> Tensor:
         """Brings the expert outputs back and sums them with the gating weights (k ascending, in float32,
@@ -266,6 +289,20 @@ class EpBuffer:
         are ignored). shared_expert_x: optional, x's shape, any float dtype. Returns x's shape and dtype
         (the sum is rounded to the wire dtype first).
         """
+        try:
+            out, sx = self._combine_inputs(expert_out, handle, shared_expert_x)
+        except (TypeError, ValueError) as e:
+            self._tell_peers(_COMBINE, e)
+            raise
+        y = npu_moe_distribute_combine_v2(out, handle.expert_ids, handle.assist_info_for_combine, handle.ep_send_counts,
+                                          handle.expert_scales, self.group_name, self.world_size, self.rank,
+                                          self.num_experts, tp_send_counts=handle.tp_send_counts,
+                                          x_active_mask=handle.x_active_mask, shared_expert_x=sx,
+                                          global_bs=handle.global_bs, comm_alg=self.comm_alg)
+        handle.used = True
+        return y.to(handle.dtype).reshape(handle.shape)
+
+    def _combine_inputs(self, expert_out, handle, shared_expert_x):
         op = "moedist.EpBuffer.combine"
         if not isinstance(handle, EpHandle):
             raise TypeError(f"{op}: handle has type {type(handle).__name__} "
@@ -288,13 +325,7 @@ class EpBuffer:
                 raise ValueError(f"{op}: shared_expert_x has dtype {_dtype_name(sx.dtype)} and shape "
                                  f"{tuple(sx.shape)} (must be a floating tensor of x's shape {tuple(handle.shape)})")
             sx = sx.reshape(T, H).to(handle.wire_dtype)
-        y = npu_moe_distribute_combine_v2(out, handle.expert_ids, handle.assist_info_for_combine, handle.ep_send_counts,
-                                          handle.expert_scales, self.group_name, self.world_size, self.rank,
-                                          self.num_experts, tp_send_counts=handle.tp_send_counts,
-                                          x_active_mask=handle.x_active_mask, shared_expert_x=sx,
-                                          global_bs=handle.global_bs, comm_alg=self.comm_alg)
-        handle.used = True
-        return y.to(handle.dtype).reshape(handle.shape)
+        return out, sx
 
     # ---- both around the experts ----
 

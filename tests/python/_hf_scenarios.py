@@ -62,3 +62,24 @@ def layer_process_group(ctx, E: int = 8, T: int = 5, H: int = 16, K: int = 2):
                 combine_ok=torch.equal(y_op, moedist.npu_moe_distribute_combine_v2(
                     outs_name[0][:rows], ids32, outs_name[2], outs_name[4], w, name, ctx.world, ctx.rank, E)),
                 type_error=type_error)
+
+
+def layer_peer_rejects(ctx, bad_rank: int = 1, E: int = 8, T: int = 4, H: int = 8):
+    """One rank passes float ids to an EpBuffer with max_tokens_per_rank='auto': it raises the ValueError,
+    every other rank a RuntimeError naming it, at once; then all ranks run a good call."""
+    import time
+
+    buf = moedist.EpBuffer(dist.group.WORLD, E, max_tokens_per_rank="auto", timeout=20)
+    x = torch.randn(T, H)
+    ids = torch.stack([torch.randperm(E)[:2] for _ in range(T)])
+    w = torch.rand(T, 2)
+    experts = [lambda t: t] * buf.num_local_experts
+    t0 = time.monotonic()
+    try:
+        buf(x, ids.float() if ctx.rank == bad_rank else ids, w, experts)
+        raised, msg = None, ""
+    except Exception as e:  # noqa: BLE001
+        raised, msg = type(e).__name__, str(e)
+    waited = time.monotonic() - t0
+    after = buf(x, ids, w, experts)
+    return dict(raised=raised, message=msg, waited=waited, after_ok=bool(torch.isfinite(after).all()))

@@ -229,3 +229,37 @@ def test_token_counts_that_differ_between_ranks():
         return True
 
     assert all(run_ranks(world, too_many))
+
+
+@pytest.mark.timeout(120)
+def test_a_rank_that_refuses_its_arguments_tells_its_peers():
+    world, E, T, H = 3, 3, 4, 8
+
+    def rank(r, name):
+        buf = moedist.EpBuffer(name, E, rank=r, world_size=world)
+        x, w = torch.randn(T, H), torch.rand(T, 1)
+        ids = torch.randint(0, E, (T, 1))
+        try:
+            buf(x, ids.float() if r == 2 else ids, w, [lambda t: t])
+        except Exception as e:  # noqa: BLE001
+            return type(e).__name__, str(e)
+        return None, ""
+
+    res = run_ranks(world, rank)  # the group's timeout is 20 s; the peers fail at once instead
+    assert res[2][0] == "ValueError" and "topk_ids has dtype float32" in res[2][1]
+    for kind, msg in res[:2]:
+        assert kind in ("TransportError", "RuntimeError") and "rank 2 rejected its call" in msg, (kind, msg)
+        assert "topk_ids" in msg
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("world", [2, 4])
+def test_a_rank_that_refuses_its_arguments_with_auto_token_counts(pools, world):
+    res = pools.get(world).run("_hf_scenarios.layer_peer_rejects", bad_rank=1)
+    for r, x in enumerate(res):
+        assert x["after_ok"], x
+        if r == 1:
+            assert x["raised"] == "ValueError" and "topk_ids has dtype float32" in x["message"], x
+        else:
+            assert x["raised"] == "TransportError" and "rank 1 rejected its call" in x["message"], x
+            assert x["waited"] < 10, x
