@@ -93,7 +93,7 @@ EOF
 fi
 "$PY" -c 'import torch; print("torch", torch.__version__)'
 
-"${PIP[@]}" pytest pytest-timeout numpy scikit-build-core pybind11
+"${PIP[@]}" pytest pytest-timeout numpy scikit-build-core pybind11 "transformers>=5.24"  # transformers: moedist.hf and its tests
 echo "building and installing moedist (pip install .)"
 # Without build isolation the build environment's path stays the same from run to run, so scikit-build-core
 # keeps build-py/ and rebuilds incrementally (a fresh isolated environment makes it start over).

@@ -9,6 +9,10 @@ A stand-in for torch_npu's two MoE operators::
     y = moedist.npu_moe_distribute_combine_v2(expert_out, expert_ids, assist_info, ep_recv_counts, expert_scales,
                                               ep_name, ep_world_size, ep_rank_id, moe_expert_num, ...)
 
+For model code, moedist.EpBuffer / moedist.EpMoE wrap both ops around the local experts (any float
+dtype, any leading shape, int64 router ids, a ProcessGroup), and moedist.hf.shard_experts(model) makes
+a transformers MoE model expert-parallel.
+
 The ops are torch custom operators (torch.ops.moedist.*) with fake implementations, so
 torch.compile(model, fullgraph=True) traces models that call them. Errors: ValueError
 (moedist.InvalidArgument) for invalid arguments, NotImplementedError (moedist.Unsupported),
@@ -21,10 +25,20 @@ from . import _C
 from ._C import Error, InvalidArgument, Timeout, TransportError, Unsupported
 from ._ops import npu_moe_distribute_combine_v2, npu_moe_distribute_dispatch_v2
 from ._shapes import DispatchShapes, combine_shape, dispatch_shapes
+from .layer import EpBuffer, EpHandle, EpMoE
 from .distributed import destroy_comm, get_comm_name, get_hccl_comm_name, init_thread_group
 from .reference import reference_combine_v2, reference_dispatch_v2
 
 __version__ = _C.__version__
+
+
+def __getattr__(name):
+    # moedist.hf (transformers integration) is imported on first use: importing moedist needs no transformers.
+    if name == "hf":
+        import importlib
+
+        return importlib.import_module(".hf", __name__)
+    raise AttributeError(f"module 'moedist' has no attribute {name!r}")
 
 __all__ = [
     "npu_moe_distribute_dispatch_v2",
@@ -38,6 +52,9 @@ __all__ = [
     "dispatch_shapes",
     "combine_shape",
     "DispatchShapes",
+    "EpBuffer",
+    "EpHandle",
+    "EpMoE",
     "Error",
     "InvalidArgument",
     "Unsupported",

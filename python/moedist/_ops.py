@@ -18,6 +18,7 @@ from torch import Tensor
 from . import _C
 from ._convert import from_capsule, view
 from ._shapes import combine_shape, dispatch_shapes
+from ._groups import resolve_group
 
 _DISPATCH = "npu_moe_distribute_dispatch_v2"
 _COMBINE = "npu_moe_distribute_combine_v2"
@@ -86,6 +87,19 @@ def _reject(op: str, err: BaseException, fields: dict) -> None:
         fn(fields, f"{type(err).__name__}: {err}")
     except Exception:  # noqa: BLE001 - the caller raises the original error
         pass
+
+
+def _resolve_groups(op, group_ep, group_tp, ep_world_size, ep_rank_id, elastic_info, tp_world_size, tp_rank_id):
+    """group_ep / group_tp as names (a ProcessGroup is resolved); a wrong type is refused, and the peers are
+    told when the other group is known."""
+    ep, tp = group_ep, group_tp
+    try:
+        ep = resolve_group(group_ep, "group_ep", op)
+        tp = resolve_group(group_tp, "group_tp", op)
+    except TypeError as e:
+        _reject(op, e, _group_fields(ep, ep_world_size, ep_rank_id, elastic_info, tp, tp_world_size, tp_rank_id))
+        raise
+    return ep, tp
 
 
 _INT_ARGS = ("ep_world_size", "ep_rank_id", "moe_expert_num", "tp_world_size", "tp_rank_id", "expert_shard_type",
@@ -211,7 +225,11 @@ def npu_moe_distribute_dispatch_v2(x, expert_ids, group_ep, ep_world_size, ep_ra
     """Sends every token to the ranks of its top-k experts (and to the shared-expert ranks).
 
     A collective over the EP group ``group_ep`` (and the TP group ``group_tp`` when tp_world_size == 2):
-    every active rank calls it. Group names come from :func:`moedist.get_comm_name`.
+    every active rank calls it. group_ep / group_tp: a name from :func:`moedist.get_comm_name`, or the
+    torch.distributed ProcessGroup itself (resolved through get_comm_name before the operator runs).
+    Only the first rows of expand_x are written: sum(expert_token_nums) with expert_token_nums_type 1
+    (its last entry with type 0): this rank's own rows, ep_recv_counts[W*L - 1] (W - 1 on a shared-expert
+    rank), then with tp_world_size 2 the TP peer's rows.
     Returns (expand_x, dynamic_scales, assist_info_for_combine, expert_token_nums, ep_recv_counts,
     tp_recv_counts, expand_scales), as torch_npu.npu_moe_distribute_dispatch_v2 does. Rows of expand_x past
     the received count, and assist_info_for_combine past 3 * own rows, are unspecified.
@@ -220,6 +238,8 @@ def npu_moe_distribute_dispatch_v2(x, expert_ids, group_ep, ep_world_size, ep_ra
     KeyboardInterrupt on Ctrl-C while waiting for peers (they then fail at once, naming this rank). A call
     this rank rejects, in Python or in C++, makes its peers fail at once naming it.
     """
+    group_ep, group_tp = _resolve_groups(_DISPATCH, group_ep, group_tp, ep_world_size, ep_rank_id, elastic_info,
+                                         tp_world_size, tp_rank_id)
     _checked(_DISPATCH, dict(x=x, expert_ids=expert_ids, group_ep=group_ep, ep_world_size=ep_world_size,
                              ep_rank_id=ep_rank_id, moe_expert_num=moe_expert_num, scales=scales,
                              x_active_mask=x_active_mask, expert_scales=expert_scales, elastic_info=elastic_info,
@@ -246,9 +266,14 @@ def npu_moe_distribute_combine_v2(expand_x, expert_ids, assist_info_for_combine,
                                   const_expert_num=0):
     """Brings the expert outputs back along dispatch's paths and sums them with the gating weights.
 
+    expand_x needs only the rows dispatch produced (the own rows, ep_send_counts[W*L - 1], plus the TP
+    peer's with tp_world_size 2): a (rows, H) tensor of the expert outputs is enough; rows past them are not read.
+    group_ep / group_tp: a name or a ProcessGroup, as for dispatch.
     Returns (BS, H) in expand_x's dtype; rows of inactive tokens (x_active_mask) are zeros. Errors as for
     :func:`npu_moe_distribute_dispatch_v2`.
     """
+    group_ep, group_tp = _resolve_groups(_COMBINE, group_ep, group_tp, ep_world_size, ep_rank_id, elastic_info,
+                                         tp_world_size, tp_rank_id)
     _checked(_COMBINE, dict(expand_x=expand_x, expert_ids=expert_ids, assist_info_for_combine=assist_info_for_combine,
                             ep_send_counts=ep_send_counts, expert_scales=expert_scales, group_ep=group_ep,
                             ep_world_size=ep_world_size, ep_rank_id=ep_rank_id, moe_expert_num=moe_expert_num,

@@ -40,7 +40,13 @@ def worker_main(rank: int, world: int, init_file: str, conn) -> None:
             break
         name, params = msg
         try:
-            result = getattr(_scenarios, name)(ctx, **params)
+            if "." in name:  # "module.function": a scenario of another module of this folder
+                import importlib
+
+                mod, fn = name.rsplit(".", 1)
+                result = getattr(importlib.import_module(mod), fn)(ctx, **params)
+            else:
+                result = getattr(_scenarios, name)(ctx, **params)
             conn.send(("ok", result))
         except BaseException as e:  # noqa: BLE001
             conn.send(("error", type(e).__name__, str(e), traceback.format_exc()))
