@@ -56,10 +56,15 @@ def module_getattr(prefix: str):
     return __getattr__
 
 
+def _is_ours(mod) -> bool:
+    f = getattr(mod, "__file__", None)
+    return bool(f) and os.path.abspath(f).startswith(SHIM_DIR + os.sep)
+
+
 def _real_torch_npu() -> str | None:
     """Where a real torch_npu lives (loaded or importable), or None."""
     mod = sys.modules.get("torch_npu")
-    if mod is not None and not getattr(mod, "__moedist_stand_in__", False):
+    if mod is not None and not _is_ours(mod):
         return getattr(mod, "__file__", None) or repr(mod)
     path = [p for p in sys.path if os.path.abspath(p or os.curdir) != SHIM_DIR]
     spec = importlib.machinery.PathFinder.find_spec("torch_npu", path)
