@@ -78,7 +78,7 @@ DispatchCounts fullmesh_dispatch(const DispatchCtx& d, const RowSinks& sinks) {
       for (int64_t k = 0; k < K; ++k) {
         if (!c.sel(t, k)) continue;
         const int64_t g = c.ids[static_cast<size_t>(t * K + k)];
-        emit(c.moe_rank_of(g), g % L, t, k, c.S + g, d.weights ? d.weights[t * K + k] : 0.f);
+        emit(c.moe_rank_of(g), g % L, t, k, c.scale_row_base + g, d.weights ? d.weights[t * K + k] : 0.f);
       }
       if (c.token_on[static_cast<size_t>(t)])
         for (int64_t s = 0; s < c.S; ++s) emit(c.shared_dest(c.rank, s), 0, t, K + s, s, d.weights ? 1.f : 0.f);

@@ -2,7 +2,7 @@
 //  dispatch (spec 3): rows of MoE rank d: local expert e ascending, then source rank ascending, then
 //    token ascending; rows of shared rank d: source ranks r with r % R == d % R ascending, then token.
 //    expand_x row = x row (quant_mode 0) or its dynamic int8 quantization with the source's smooth
-//    scale row S + g (MoE) / s (shared); assist triple = (source rank, token, k) with k = K + s for
+//    scale row S + g (MoE, S as created) / s (shared); assist triple = (source rank, token, k) with k = K + s for
 //    shared rows; ep_recv_counts = inclusive prefix sums over (e, r); TP: [own rows; peer's rows].
 //  combine (spec 12): y = expand_x row (TP: rne(float(own) + float(peer partial))); with comm quant,
 //    y = dequant(quant(y)); per active token acc = 0f; k ascending: MoE acc += y*w, copy acc += x*w,
@@ -108,7 +108,7 @@ std::vector<DispatchResult> dispatch_v2(const std::vector<DispatchArgs>& calls, 
             for (int64_t t = 0; t < cr.BS; ++t)
               for (int64_t k = 0; k < K; ++k)
                 if (cr.sel(t, k) && cr.ids[static_cast<size_t>(t * K + k)] == gid) {
-                  rows.push_back({r, t, k, cr.S + gid});
+                  rows.push_back({r, t, k, cr.scale_row_base + gid});
                   ++cnt[static_cast<size_t>(e * W + r)];
                 }
           }
