@@ -506,4 +506,23 @@ CombineCounts combine_counts(const EpConfig& c, const CombineArgs& a) {
   return r;
 }
 
+void check_add_rms_norm(const EpConfig& c, const CombineAddRmsNormArgs& a) {
+  CheckCtx cx = c.ctx;
+  cx.op = "combine_add_rms_norm";
+  const char* dt = dtype_name(c.dtype);
+  const TensorView& r = a.residual_x;
+  MOEDIST_CHECK(cx, r.defined(), "residual_x is missing (must be a (BS, 1, H) tensor of expand_x's dtype)");
+  check_strides(cx, r, "residual_x");
+  MOEDIST_CHECK(cx, r.dtype == c.dtype, "residual_x has dtype ", dtype_name(r.dtype), " (must match expand_x: ", dt, ")");
+  const bool ok3 = r.dim() == 3 && r.size(0) == c.BS && r.size(1) == 1 && r.size(2) == c.H;
+  const bool ok2 = r.dim() == 2 && r.size(0) == c.BS && r.size(1) == c.H;
+  MOEDIST_CHECK(cx, ok3 || ok2, "residual_x has shape ", r.shape_str(), " (must be (BS, 1, H) = (", c.BS, ", 1, ", c.H, ") or (BS, H))");
+  const TensorView& g = a.gamma;
+  MOEDIST_CHECK(cx, g.defined(), "gamma is missing (must be an (H,) tensor of expand_x's dtype)");
+  check_strides(cx, g, "gamma");
+  MOEDIST_CHECK(cx, g.dtype == c.dtype, "gamma has dtype ", dtype_name(g.dtype), " (must match expand_x: ", dt, ")");
+  MOEDIST_CHECK(cx, g.dim() == 1 && g.size(0) == c.H, "gamma has shape ", g.shape_str(), " (must be (H,) = (", c.H, ",))");
+  MOEDIST_CHECK(cx, a.norm_eps >= 0 && a.norm_eps <= 3.4e38, "norm_eps=", a.norm_eps, " (must be finite and >= 0)");
+}
+
 }  // namespace moedist::core

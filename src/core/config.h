@@ -98,5 +98,7 @@ struct CombineCounts {
   int64_t peer_rows = 0;
 };
 CombineCounts combine_counts(const EpConfig& c, const CombineArgs& a);
+// The add + RMSNorm arguments of combine_add_rms_norm, against the resolved combine (c).
+void check_add_rms_norm(const EpConfig& c, const CombineAddRmsNormArgs& a);
 
 }  // namespace moedist::core

@@ -1,8 +1,10 @@
 // combine_v2: validation, the TP reduce-scatter (peer partial sums of own rows), the EP step of the
 // chosen algorithm with the weighted reduction fused into the read, zeros for inactive tokens.
+#include <cmath>
 #include <cstring>
 #include <exception>
 
+#include "core/half.h"
 #include "core/quant.h"
 #include "moedist/ops.h"
 #include "ops/algorithms.h"
@@ -109,8 +111,72 @@ Tensor combine_v2(const CombineArgs& a) {
   }
 }
 
+namespace {
+// x = round(c + r), rstd = 1 / sqrt(sum(x*x) / H + eps), y = round((x * rstd) * gamma): float32, h ascending,
+// each product rounded before the add (the build forbids contraction), as the reference.
+void add_rms_norm_rows(const core::EpConfig& c, const uint16_t* combined, const CombineAddRmsNormArgs& a, uint16_t* y,
+                       float* rstd, uint16_t* x) {
+  const int64_t H = c.H;
+  const DType dt = c.dtype;
+  const float eps = static_cast<float>(a.norm_eps);
+  const TensorView& r = a.residual_x;
+  std::vector<float> g(static_cast<size_t>(H));
+  for (int64_t h = 0; h < H; ++h) g[static_cast<size_t>(h)] = core::half_to_float(dt, core::at1<uint16_t>(a.gamma, h));
+  for (int64_t t = 0; t < c.BS; ++t) {
+    uint16_t* xt = x + t * H;
+    float sum = 0.f;
+    for (int64_t h = 0; h < H; ++h) {
+      const uint16_t rv = r.dim() == 3 ? *static_cast<const uint16_t*>(r.at({t, 0, h})) : core::at2<uint16_t>(r, t, h);
+      xt[h] = core::float_to_half(dt, core::half_to_float(dt, combined[t * H + h]) + core::half_to_float(dt, rv));
+      const float xf = core::half_to_float(dt, xt[h]);
+      const float sq = xf * xf;
+      sum = sum + sq;
+    }
+    const float mean = sum / static_cast<float>(H);
+    const float rs = 1.f / std::sqrt(mean + eps);
+    rstd[t] = rs;
+    for (int64_t h = 0; h < H; ++h) {
+      const float n = core::half_to_float(dt, xt[h]) * rs;
+      y[t * H + h] = core::float_to_half(dt, n * g[static_cast<size_t>(h)]);
+    }
+  }
+}
+}  // namespace
+
+CombineAddRmsNormResult combine_add_rms_norm(const CombineAddRmsNormArgs& a) {
+  const char* op = "combine_add_rms_norm";
+  const CombineArgs& ca = a.combine;
+  const std::string label = detail::str_cat("[rank ", ca.ep_rank_id, "/", ca.ep_world_size, "] ");
+  auto ep = lookup(ca.group_ep, ca.ep_rank_id, ca.ep_world_size, op, "ep_world_size", label);
+  core::EpConfig c;
+  try {
+    c = core::resolve_combine(ca);
+    core::combine_counts(c, ca);
+    core::check_add_rms_norm(c, a);  // before any byte moves: a rejection reaches the peers below
+  } catch (const Error& e) {
+    const std::exception_ptr original = std::current_exception();
+    if (ca.tp_world_size == 2) {
+      try {
+        fail_step(lookup(ca.group_tp, ca.tp_rank_id, 2, op, "tp_world_size", label), {0, 1}, op, label, e.what());
+      } catch (...) {
+      }
+    }
+    fail_step(ep, fallback_members(ca.elastic_info, ca.ep_world_size), op, label, e.what());
+    std::rethrow_exception(original);
+  }
+  Tensor combined = ops::combine_v2(ca);
+  CombineAddRmsNormResult out;
+  out.y = Tensor(c.dtype, {c.BS, 1, c.H});
+  out.rstd = Tensor(DType::kFloat32, {c.BS, 1, 1});
+  out.x = Tensor(c.dtype, {c.BS, 1, c.H});
+  add_rms_norm_rows(c, combined.data_as<uint16_t>(), a, out.y.data_as<uint16_t>(), out.rstd.data_as<float>(),
+                    out.x.data_as<uint16_t>());
+  return out;
+}
+
 }  // namespace moedist::ops
 
 namespace moedist {
 Tensor combine_v2(const CombineArgs& args) { return ops::combine_v2(args); }
+CombineAddRmsNormResult combine_add_rms_norm(const CombineAddRmsNormArgs& args) { return ops::combine_add_rms_norm(args); }
 }  // namespace moedist
