@@ -21,6 +21,24 @@
 
 namespace moedist::test {
 
+namespace {
+// The op of a case: one call, or the split pair with work in between (the rank's own rows may arrive
+// while it "computes").
+DispatchResult run_dispatch(const Case& c, const DispatchArgs& a) {
+  if (!c.split) return dispatch_v2(a);
+  const uint64_t h = dispatch_setup(a);
+  std::this_thread::sleep_for(std::chrono::microseconds(200 * (a.ep_rank_id % 3)));
+  return dispatch_teardown(h);
+}
+Tensor run_combine(const Case& c, const CombineArgs& a) {
+  if (!c.split) return combine_v2(a);
+  const uint64_t h = combine_setup(a);
+  std::this_thread::sleep_for(std::chrono::microseconds(200 * (a.ep_rank_id % 3)));
+  return combine_teardown(h);
+}
+}  // namespace
+
+
 std::string case_name(const Case& c) {
   std::ostringstream os;
   os << "W" << c.W << "_BS" << c.BS << "_H" << c.H << "_K" << c.K << "_E" << c.E << "_"
@@ -37,6 +55,7 @@ std::string case_name(const Case& c) {
   if (c.shared_x) os << "_sharedx";
   if (c.etn_type == 0) os << "_cumsum";
   if (c.strided) os << "_strided";
+  if (c.split) os << "_split";
   return os.str();
 }
 
@@ -371,13 +390,13 @@ std::string run_case(const Case& c) {
 
   const int n = static_cast<int>(P->ranks.size());
   std::vector<DispatchResult> got(static_cast<size_t>(n));
-  run_ranks(n, [&](int i) { got[static_cast<size_t>(i)] = dispatch_v2(P->dargs[static_cast<size_t>(i)]); });
+  run_ranks(n, [&](int i) { got[static_cast<size_t>(i)] = run_dispatch(c, P->dargs[static_cast<size_t>(i)]); });
   for (int i = 0; i < n; ++i) {
     std::string diff = check_dispatch(*P, i, got[static_cast<size_t>(i)]);
     if (!diff.empty()) return diff;
   }
   std::vector<Tensor> cgot(static_cast<size_t>(n));
-  run_ranks(n, [&](int i) { cgot[static_cast<size_t>(i)] = combine_v2(P->cargs[static_cast<size_t>(i)]); });
+  run_ranks(n, [&](int i) { cgot[static_cast<size_t>(i)] = run_combine(c, P->cargs[static_cast<size_t>(i)]); });
   for (int i = 0; i < n; ++i) {
     std::string diff = check_combine(*P, i, cgot[static_cast<size_t>(i)]);
     if (!diff.empty()) return diff;
@@ -523,9 +542,9 @@ std::string run_case_shm(const Case& c) {
     for (size_t i = 0; i < P->ranks.size(); ++i) {
       int tq;
       if (rank_of(*P, static_cast<int>(i), &tq) != r || tq != q) continue;
-      std::string diff = check_dispatch(*P, static_cast<int>(i), dispatch_v2(P->dargs[i]));
+      std::string diff = check_dispatch(*P, static_cast<int>(i), run_dispatch(c, P->dargs[i]));
       if (!diff.empty()) return diff;
-      return check_combine(*P, static_cast<int>(i), combine_v2(P->cargs[i]));
+      return check_combine(*P, static_cast<int>(i), run_combine(c, P->cargs[i]));
     }
     return "";  // removed by elastic_info: does not call
   }, 90);

@@ -36,6 +36,7 @@ struct Case {
   bool shared_x = false;
   int etn_type = 1;
   bool strided = false;  // pass x / expert_ids / expand_x as non-contiguous views
+  bool split = false;    // call *_setup then *_teardown instead of dispatch_v2 / combine_v2
 };
 
 std::string case_name(const Case& c);

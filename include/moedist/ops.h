@@ -110,6 +110,21 @@ struct CombineAddRmsNormResult {
 DispatchResult dispatch_v2(const DispatchArgs& args);
 // Returns (BS, H) in expand_x's dtype. Rows of inactive tokens are zeros.
 Tensor combine_v2(const CombineArgs& args);
+// The split-phase pair of each op (npu_moe_distribute_dispatch_setup / _teardown, combine_setup /
+// _teardown): *_setup validates, sends this rank's rows and returns a handle; *_teardown waits for the
+// peers' rows and returns exactly what dispatch_v2 / combine_v2 return. Between the two the caller may
+// compute (e.g. the experts of another micro-batch) while peers finish writing into this rank.
+//  - Collective: every rank calls setup and teardown, in the same order. One open setup per EP group at
+//    a time (a call on the group before the teardown is an error naming the open one).
+//  - The input tensors must stay valid until teardown (combine reads expert_scales, ori_x, ... there).
+//  - The exchange is split with comm_alg fullmesh(_v1/_v2) and no TP; otherwise (hierarchy, legacy TP)
+//    setup runs the whole op and teardown only hands over the results.
+//  - A handle is used once; an unknown or used handle is an InvalidArgument.
+uint64_t dispatch_setup(const DispatchArgs& args);
+DispatchResult dispatch_teardown(uint64_t handle);
+uint64_t combine_setup(const CombineArgs& args);
+Tensor combine_teardown(uint64_t handle);
+
 // Collective as combine_v2. Inactive tokens (x_active_mask) combine to zeros: x = residual_x there.
 CombineAddRmsNormResult combine_add_rms_norm(const CombineAddRmsNormArgs& args);
 
