@@ -9,6 +9,7 @@ torch_npu's functions (names, order, keyword-only marker, defaults) and call the
 """
 from __future__ import annotations
 
+import inspect
 import operator
 from typing import Optional, Tuple
 
@@ -340,3 +341,62 @@ def npu_moe_distribute_combine_add_rms_norm(expand_x, expert_ids, expand_idx, ep
         const_expert_v, group_tp, tp_world_size, tp_rank_id, expert_shard_type, shared_expert_num,
         shared_expert_rank_num, global_bs, out_dtype, comm_quant_mode, group_list_type, float(norm_eps),
         zero_expert_num, copy_expert_num, const_expert_num)
+
+
+# ---- split phase: setup sends and returns, teardown receives and finishes ----
+
+class SplitHandle:
+    """What dispatch_setup / combine_setup return: teardown's ticket. Keeps the input tensors alive until
+    the teardown (the combine reduction reads some of them there). Used once."""
+
+    def __init__(self, kind: str, handle: int, keep: tuple):
+        self.kind, self.handle, self._keep = kind, handle, keep
+
+    def __repr__(self):
+        return f"SplitHandle({self.kind}, {self.handle}, {'open' if self._keep is not None else 'used'})"
+
+
+def _take(h, kind: str) -> int:
+    if not isinstance(h, SplitHandle) or h.kind != kind:
+        raise TypeError(f"{kind}_teardown: expected the SplitHandle that {kind}_setup returned, got {h!r}")
+    if h._keep is None:
+        raise _C.InvalidArgument(f"{kind}_teardown: {h!r} was already torn down")
+    return h.handle
+
+
+def dispatch_setup(x, expert_ids, group_ep, ep_world_size, ep_rank_id, moe_expert_num, **kwargs) -> SplitHandle:
+    """The first half of npu_moe_distribute_dispatch_v2 (same arguments): validates, sends this rank's rows
+    and returns; dispatch_teardown(handle) waits for the peers' rows and returns dispatch_v2's 7 outputs.
+    Collective; one open setup per EP group at a time. The exchange is split with comm_alg fullmesh and no
+    TP; otherwise setup runs the whole op. Eager only (not a torch.compile operator)."""
+    bound = inspect.signature(npu_moe_distribute_dispatch_v2).bind(x, expert_ids, group_ep, ep_world_size, ep_rank_id,
+                                                                 moe_expert_num, **kwargs)
+    bound.apply_defaults()
+    args = _dispatch_kwargs(**bound.arguments)
+    keep = tuple(v for v in bound.arguments.values() if isinstance(v, Tensor))
+    return SplitHandle("dispatch", _C.dispatch_setup(args), keep)
+
+
+def dispatch_teardown(handle: SplitHandle):
+    out = _C.dispatch_teardown(_take(handle, "dispatch"))
+    handle._keep = None
+    return tuple(from_capsule(c) for c in out)
+
+
+def combine_setup(expand_x, expert_ids, assist_info_for_combine, ep_send_counts, expert_scales, group_ep,
+                  ep_world_size, ep_rank_id, moe_expert_num, **kwargs) -> SplitHandle:
+    """The first half of npu_moe_distribute_combine_v2 (same arguments): sends this rank's expert outputs
+    and returns; combine_teardown(handle) waits for the peers' and returns combine_v2's (BS, H) output."""
+    bound = inspect.signature(npu_moe_distribute_combine_v2).bind(
+        expand_x, expert_ids, assist_info_for_combine, ep_send_counts, expert_scales, group_ep, ep_world_size,
+        ep_rank_id, moe_expert_num, **kwargs)
+    bound.apply_defaults()
+    args = _combine_kwargs(**bound.arguments)
+    keep = tuple(v for v in bound.arguments.values() if isinstance(v, Tensor))
+    return SplitHandle("combine", _C.combine_setup(args), keep)
+
+
+def combine_teardown(handle: SplitHandle):
+    out = _C.combine_teardown(_take(handle, "combine"))
+    handle._keep = None
+    return from_capsule(out)

@@ -386,6 +386,44 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("args"), py::arg("message"), "Tells the peers of a combine this rank rejected before calling it");
   m.def(
+      "dispatch_setup",
+      [](const py::dict& args) {
+        moedist::DispatchArgs a = dispatch_args(args);
+        py::gil_scoped_release nogil;
+        return moedist::dispatch_setup(a);
+      },
+      py::arg("args"), "dispatch_setup over a registered group: dict of arguments -> handle");
+  m.def(
+      "dispatch_teardown",
+      [](uint64_t handle) {
+        moedist::DispatchResult r;
+        {
+          py::gil_scoped_release nogil;
+          r = moedist::dispatch_teardown(handle);
+        }
+        return dispatch_result(std::move(r));
+      },
+      py::arg("handle"), "dispatch_teardown: handle -> 7 DLPack capsules");
+  m.def(
+      "combine_setup",
+      [](const py::dict& args) {
+        moedist::CombineArgs a = combine_args(args);
+        py::gil_scoped_release nogil;
+        return moedist::combine_setup(a);
+      },
+      py::arg("args"), "combine_setup over a registered group: dict of arguments -> handle");
+  m.def(
+      "combine_teardown",
+      [](uint64_t handle) {
+        moedist::Tensor out;
+        {
+          py::gil_scoped_release nogil;
+          out = moedist::combine_teardown(handle);
+        }
+        return to_dlpack(std::move(out));
+      },
+      py::arg("handle"), "combine_teardown: handle -> DLPack capsule");
+  m.def(
       "combine_add_rms_norm",
       [](const py::dict& combine, const py::handle& residual_x, const py::handle& gamma, double norm_eps) {
         moedist::CombineAddRmsNormArgs a = add_rms_norm_args(combine, residual_x, gamma, norm_eps);

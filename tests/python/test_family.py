@@ -173,3 +173,37 @@ def test_combine_add_rms_norm_rejects_bad_norm_arguments():
     for change, exc, text in cases:
         with pytest.raises(exc, match=text.replace("(", r"\(")):
             sc.call(moedist.npu_moe_distribute_combine_add_rms_norm, ADD_RMS_NORM_POSITIONAL, dict(base, **change))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("over", [dict(quant=2, smooth=True, Sr=1, mask="2d", Z=1, C=1, Q=1, K=3),
+                                  dict(comm_alg="hierarchy", rps=2)], ids=["fullmesh-split", "hierarchy-whole"])
+def test_split_phase_equals_the_one_call_ops(over):
+    world = 4
+    c = sc.make_cfg(world, **over)
+    name = _group("family4", world)
+    ranks, inputs, d, ref, y, ccalls = _roundtrip(c, name)
+
+    def split_dispatch(i):
+        kw = sc.dispatch_kwargs(c, ranks[i], inputs[ranks[i]], name, "")
+        h = sc.call(moedist.dispatch_setup, sc.DISPATCH_POSITIONAL, kw)
+        # another op on the group while the split is open is refused, naming the open one
+        with pytest.raises(ValueError, match=r"split exchange \(dispatch_v2\) is still open"):
+            sc.call(moedist.npu_moe_distribute_dispatch_v2, sc.DISPATCH_POSITIONAL, kw)
+        return moedist.dispatch_teardown(h)
+
+    if c["comm_alg"] == "hierarchy":  # runs whole in setup: nothing left open
+        ds = _threads(range(len(ranks)), lambda i: moedist.dispatch_teardown(
+            sc.call(moedist.dispatch_setup, sc.DISPATCH_POSITIONAL, sc.dispatch_kwargs(c, ranks[i], inputs[ranks[i]], name, ""))))
+    else:
+        ds = _threads(range(len(ranks)), split_dispatch)
+    for i in range(len(ranks)):
+        sc.check_dispatch(c, ds[i], ref[i], f"split rank {i}")
+    ys = _threads(range(len(ranks)), lambda i: moedist.combine_teardown(
+        sc.call(moedist.combine_setup, sc.COMBINE_POSITIONAL,
+                sc.combine_kwargs(c, ranks[i], inputs[ranks[i]], ds[i], sc.expert(c, ds[i][0], ds[i][1]), name, ""))))
+    for i in range(len(ranks)):
+        assert torch.equal(ys[i], y[i])
+    h = None
+    with pytest.raises(TypeError):
+        moedist.dispatch_teardown(h)
