@@ -65,6 +65,20 @@ inline std::vector<Case> cases() {
     { Case c = b; c.W = 8; c.E = 12; c.Sr = 2; c.shared_num = 2; c.alg = "hierarchy"; c.ranks_per_server = 4; c.mask = 1; c.ragged = false; add(c); }
     { Case c = b; c.W = 5; c.E = 10; c.alg = "hierarchy"; c.ranks_per_server = 2; c.ragged = true; c.shared_x = true; add(c); }
     { Case c = b; c.alg = "hierarchy"; c.ranks_per_server = 0; add(c); }  // one server
+    // split phase (setup / teardown): fullmesh splits the exchange; hierarchy and TP run whole in setup
+    { Case c = b; c.split = true; add(c); }
+    { Case c = b; c.split = true; c.alg = "fullmesh_v2"; c.quant = 2; c.smooth = true; c.Sr = 1; c.E = 6; c.mask = 2; c.Z = 1; c.C = 1; c.Q = 1; add(c); }
+    { Case c = b; c.split = true; c.W = 5; c.E = 10; c.ragged = true; c.comm_quant = 2; c.shared_x = true; add(c); }
+    { Case c = b; c.split = true; c.W = 8; c.E = 12; c.Sr = 2; c.removed = {2, 5}; c.Sr_after = 2; c.quant = 2; add(c); }
+    { Case c = b; c.split = true; c.E = 4; c.tp = 2; add(c); }
+    { Case c = b; c.split = true; c.alg = "hierarchy"; c.ranks_per_server = 2; add(c); }
+    // combine_add_rms_norm: the combine of the case, then residual add and RMSNorm
+    { Case c = b; c.add_rms_norm = true; add(c); }
+    { Case c = b; c.add_rms_norm = true; c.W = 3; c.E = 6; c.quant = 2; c.smooth = true; c.Sr = 1; c.E = 4; c.mask = 1; add(c); }
+    { Case c = b; c.add_rms_norm = true; c.Z = 1; c.C = 1; c.Q = 1; c.mask = 2; c.comm_quant = 2; add(c); }
+    { Case c = b; c.add_rms_norm = true; c.W = 6; c.E = 12; c.removed = {1}; c.ragged = true; add(c); }
+    { Case c = b; c.add_rms_norm = true; c.E = 4; c.tp = 2; add(c); }
+    { Case c = b; c.add_rms_norm = true; c.alg = "hierarchy"; c.ranks_per_server = 2; add(c); }
   }
   return v;
 }

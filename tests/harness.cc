@@ -21,6 +21,24 @@
 
 namespace moedist::test {
 
+namespace {
+// The op of a case: one call, or the split pair with work in between (the rank's own rows may arrive
+// while it "computes").
+DispatchResult run_dispatch(const Case& c, const DispatchArgs& a) {
+  if (!c.split) return dispatch_v2(a);
+  const uint64_t h = dispatch_setup(a);
+  std::this_thread::sleep_for(std::chrono::microseconds(200 * (a.ep_rank_id % 3)));
+  return dispatch_teardown(h);
+}
+Tensor run_combine(const Case& c, const CombineArgs& a) {
+  if (!c.split) return combine_v2(a);
+  const uint64_t h = combine_setup(a);
+  std::this_thread::sleep_for(std::chrono::microseconds(200 * (a.ep_rank_id % 3)));
+  return combine_teardown(h);
+}
+}  // namespace
+
+
 std::string case_name(const Case& c) {
   std::ostringstream os;
   os << "W" << c.W << "_BS" << c.BS << "_H" << c.H << "_K" << c.K << "_E" << c.E << "_"
@@ -37,6 +55,8 @@ std::string case_name(const Case& c) {
   if (c.shared_x) os << "_sharedx";
   if (c.etn_type == 0) os << "_cumsum";
   if (c.strided) os << "_strided";
+  if (c.split) os << "_split";
+  if (c.add_rms_norm) os << "_addrmsnorm";
   return os.str();
 }
 
@@ -288,6 +308,28 @@ std::unique_ptr<Prepared> prepare(const Case& c, const std::string& prefix) {
     cargs.push_back(a);
   }
   P.cref = reference::combine_v2(cargs, ropt);
+  if (c.add_rms_norm) {
+    // gamma in [0.5, 1.5), residual in [-2, 2): functions of (rank, token, h), the same in every process.
+    Tensor gamma(dt, {H});
+    for (int64_t h = 0; h < H; ++h) gamma.data_as<uint16_t>()[h] = core::float_to_half(dt, 0.5f + static_cast<float>((h * 37) % 64) / 64.f);
+    P.norm_inputs.push_back(gamma);
+    for (size_t i = 0; i < cargs.size(); ++i) {
+      const int64_t bs = cargs[i].expert_ids.size(0);
+      Tensor res(dt, {bs, 1, H});
+      for (int64_t t = 0; t < bs; ++t)
+        for (int64_t h = 0; h < H; ++h)
+          res.data_as<uint16_t>()[t * H + h] =
+              core::float_to_half(dt, static_cast<float>((static_cast<int64_t>(i) * 131 + t * 17 + h * 7) % 64) / 16.f - 2.f);
+      P.norm_inputs.push_back(res);
+      CombineAddRmsNormArgs na;
+      na.combine = cargs[i];
+      na.residual_x = P.norm_inputs.back();
+      na.gamma = P.norm_inputs.front();
+      na.norm_eps = 1e-5;
+      P.nargs.push_back(na);
+    }
+    P.nref = reference::combine_add_rms_norm(P.nargs, ropt);
+  }
   for (const Tensor& w : P.cref)
     for (int64_t j = 0; j < w.numel(); ++j)
       if (std::isnan(core::half_to_float(dt, w.data_as<uint16_t>()[j])))
@@ -344,6 +386,15 @@ std::string check_combine(const Prepared& P, int i, const Tensor& got) {
                                                           std::to_string(P.ranks[static_cast<size_t>(i)].tp_rank) + " combine");
 }
 
+std::string check_add_rms_norm(const Prepared& P, int i, const CombineAddRmsNormResult& got) {
+  const auto& w = P.nref[static_cast<size_t>(i)];
+  const std::string who = "rank " + std::to_string(P.ranks[static_cast<size_t>(i)].ep_rank) + " combine_add_rms_norm ";
+  std::string diff = compare(got.y, w.y, who + "y");
+  if (diff.empty()) diff = compare(got.rstd, w.rstd, who + "rstd");
+  if (diff.empty()) diff = compare(got.x, w.x, who + "x");
+  return diff;
+}
+
 std::string run_case(const Case& c) {
   const std::string prefix = "t" + std::to_string(g_case_counter++) + "_";
   auto P = prepare(c, prefix);
@@ -371,13 +422,22 @@ std::string run_case(const Case& c) {
 
   const int n = static_cast<int>(P->ranks.size());
   std::vector<DispatchResult> got(static_cast<size_t>(n));
-  run_ranks(n, [&](int i) { got[static_cast<size_t>(i)] = dispatch_v2(P->dargs[static_cast<size_t>(i)]); });
+  run_ranks(n, [&](int i) { got[static_cast<size_t>(i)] = run_dispatch(c, P->dargs[static_cast<size_t>(i)]); });
   for (int i = 0; i < n; ++i) {
     std::string diff = check_dispatch(*P, i, got[static_cast<size_t>(i)]);
     if (!diff.empty()) return diff;
   }
+  if (c.add_rms_norm) {
+    std::vector<CombineAddRmsNormResult> ngot(static_cast<size_t>(n));
+    run_ranks(n, [&](int i) { ngot[static_cast<size_t>(i)] = combine_add_rms_norm(P->nargs[static_cast<size_t>(i)]); });
+    for (int i = 0; i < n; ++i) {
+      std::string diff = check_add_rms_norm(*P, i, ngot[static_cast<size_t>(i)]);
+      if (!diff.empty()) return diff;
+    }
+    return "";
+  }
   std::vector<Tensor> cgot(static_cast<size_t>(n));
-  run_ranks(n, [&](int i) { cgot[static_cast<size_t>(i)] = combine_v2(P->cargs[static_cast<size_t>(i)]); });
+  run_ranks(n, [&](int i) { cgot[static_cast<size_t>(i)] = run_combine(c, P->cargs[static_cast<size_t>(i)]); });
   for (int i = 0; i < n; ++i) {
     std::string diff = check_combine(*P, i, cgot[static_cast<size_t>(i)]);
     if (!diff.empty()) return diff;
@@ -525,9 +585,10 @@ std::string run_case_shm(const Case& c) {
     for (size_t i = 0; i < P->ranks.size(); ++i) {
       int tq;
       if (rank_of(*P, static_cast<int>(i), &tq) != r || tq != q) continue;
-      std::string diff = check_dispatch(*P, static_cast<int>(i), dispatch_v2(P->dargs[i]));
+      std::string diff = check_dispatch(*P, static_cast<int>(i), run_dispatch(c, P->dargs[i]));
       if (!diff.empty()) return diff;
-      return check_combine(*P, static_cast<int>(i), combine_v2(P->cargs[i]));
+      if (c.add_rms_norm) return check_add_rms_norm(*P, static_cast<int>(i), combine_add_rms_norm(P->nargs[i]));
+      return check_combine(*P, static_cast<int>(i), run_combine(c, P->cargs[i]));
     }
     return "";  // removed by elastic_info: does not call
   }, 90);

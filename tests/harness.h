@@ -36,6 +36,8 @@ struct Case {
   bool shared_x = false;
   int etn_type = 1;
   bool strided = false;  // pass x / expert_ids / expand_x as non-contiguous views
+  bool split = false;    // call *_setup then *_teardown instead of dispatch_v2 / combine_v2
+  bool add_rms_norm = false;  // combine with combine_add_rms_norm (residual add + RMSNorm)
 };
 
 std::string case_name(const Case& c);
@@ -57,6 +59,10 @@ struct Prepared {
   std::vector<DispatchResult> ref;
   std::vector<CombineArgs> cargs;  // expand_x = expert stand-in applied to the reference's rows
   std::vector<Tensor> cref;
+  // add_rms_norm cases: residual_x (BS, 1, H) per rank and gamma (H,), the arguments and the reference.
+  std::vector<Tensor> norm_inputs;
+  std::vector<CombineAddRmsNormArgs> nargs;
+  std::vector<CombineAddRmsNormResult> nref;
   std::string ep_group(int q) const { return prefix + "ep" + std::to_string(q); }
   std::string tp_group(int r) const { return prefix + "tp" + std::to_string(r); }
   ~Prepared();
@@ -68,6 +74,7 @@ std::vector<int32_t> elastic_info_of(const Prepared& p, int index);  // EP rank 
 // "" on a bit-exact match with the reference, else the first difference.
 std::string check_dispatch(const Prepared& p, int index, const DispatchResult& got);
 std::string check_combine(const Prepared& p, int index, const Tensor& got);
+std::string check_add_rms_norm(const Prepared& p, int index, const CombineAddRmsNormResult& got);
 
 // Runs the case on in-process ranks (threads).
 std::string run_case(const Case& c);

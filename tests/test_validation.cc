@@ -371,6 +371,16 @@ std::vector<DCase> dispatch_rejects() {
          a.scales = st.f32(std::vector<float>(96, 1.f), {6, 16});
        },
        I, {"scales has shape (6, 16)", "(7, 16)"}},
+      {"ScalesShapeAfterScaleDownWithoutSharedRanks",
+       [](Store& st, A& a) {
+         a.ep_world_size = 5;
+         a.shared_expert_rank_num = 1;
+         a.moe_expert_num = 4;
+         a.quant_mode = 2;
+         a.scales = st.f32(std::vector<float>(6 * 16, 1.f), {6, 16});
+         a.elastic_info = elastic(st, {1, 4, 0, 4}, {-1, 0, 1, 2, 3}, {1, 2, 3, 4, -1});
+       },
+       I, {"scales has shape (6, 16)", "(shared_expert_num + moe_expert_num, H) = (5, 16)"}},
       {"ScalesWithHierarchy",
        [](Store& st, A& a) {
          a.quant_mode = 2;
@@ -400,6 +410,14 @@ std::vector<DCase> dispatch_rejects() {
     a.x = st.half(kBf16, bs, h);
     a.expert_ids = st.i32(seq_ids(bs, K), {bs, K});
   };
+  auto a3h = [](Store& st, A& a) {  // a valid A3 hierarchy call: 16 ranks, one expert each
+    a.profile = "a3";
+    a.ep_world_size = 16;
+    a.moe_expert_num = 16;
+    a.x = st.half(kBf16, 3, 1024);
+    a.comm_alg = "hierarchy";
+    a.expert_scales = st.f32(std::vector<float>(6, 0.5f), {3, 2});
+  };
   std::vector<DCase> prof = {
       {"ProfileA3RejectsSmallH", [](Store&, A& a) { a.profile = "a3"; }, I, {"hidden size H=16", "profile a3", "[1024, 8192]"}},
       {"ProfileA3RejectsLargeH", [](Store& st, A& a) { a.profile = "a3"; a.x = st.half(kBf16, 3, 8200); }, I, {"hidden size H=8200", "profile a3"}},
@@ -427,6 +445,49 @@ std::vector<DCase> dispatch_rejects() {
          rows(st, a, 3, 1024, 17);
        },
        I, {"K=17", "profile a3", "<= 16"}},
+      // comm_alg names per product: A3 takes fullmesh_v1 / fullmesh_v2, A2 takes fullmesh.
+      {"ProfileA3RejectsFullmesh", [a3](Store& st, A& a) { a3(st, a); a.comm_alg = "fullmesh"; }, I,
+       {"comm_alg=\"fullmesh\"", "profile a3", "fullmesh_v2"}},
+      {"ProfileA2RejectsFullmeshV1", [](Store& st, A& a) { a.profile = "a2"; a.ep_world_size = 16; a.moe_expert_num = 16;
+         a.x = st.half(kBf16, 3, 32); a.comm_alg = "fullmesh_v1"; }, I, {"comm_alg=\"fullmesh_v1\"", "profile a2"}},
+      // fullmesh_v2 on A3: BS <= 256, K <= 12, no TP.
+      {"ProfileA3FullmeshV2RejectsLargeBatch", [rows](Store& st, A& a) { a.profile = "a3"; a.comm_alg = "fullmesh_v2"; rows(st, a, 257, 1024, 2); },
+       I, {"BS=257", "comm_alg \"fullmesh_v2\"", "[1, 256]"}},
+      {"ProfileA3FullmeshV2RejectsK13",
+       [rows](Store& st, A& a) {
+         a.profile = "a3";
+         a.comm_alg = "fullmesh_v2";
+         a.moe_expert_num = 32;
+         rows(st, a, 3, 1024, 13);
+       },
+       I, {"K=13", "comm_alg \"fullmesh_v2\"", "<= 12"}},
+      {"ProfileA3FullmeshV2RejectsTp",
+       [a3](Store& st, A& a) {
+         a3(st, a);
+         set_tp(st, a);
+         a.comm_alg = "fullmesh_v2";
+       },
+       I, {"tp_world_size=2", "comm_alg \"fullmesh_v2\"", "no TP"}},
+      // hierarchy on A3: EP size in [16, 256] in steps of 16, no shared ranks, no 2-D mask, no special experts,
+      // no elastic_info (TP is refused for hierarchy everywhere).
+      {"ProfileA3HierarchyRejects8Ranks", [a3h](Store& st, A& a) { a3h(st, a); a.ep_world_size = 8; a.moe_expert_num = 8; }, I,
+       {"ep_world_size=8", "comm_alg \"hierarchy\"", "[16, 256]", "multiple of 16"}},
+      {"ProfileA3HierarchyRejects24Ranks", [a3h](Store& st, A& a) { a3h(st, a); a.ep_world_size = 24; a.moe_expert_num = 24; }, I,
+       {"ep_world_size=24", "comm_alg \"hierarchy\""}},
+      {"ProfileA3HierarchyRejectsSharedRanks", [a3h](Store& st, A& a) { a3h(st, a); a.shared_expert_rank_num = 1; a.moe_expert_num = 15; }, I,
+       {"shared_expert_rank_num=1", "comm_alg \"hierarchy\"", "no shared-expert ranks"}},
+      {"ProfileA3HierarchyRejects2DMask", [a3h](Store& st, A& a) { a3h(st, a); a.x_active_mask = st.mask(std::vector<uint8_t>(6, 1), {3, 2}); }, I,
+       {"x_active_mask has shape (3, 2)", "comm_alg \"hierarchy\"", "2-D mask"}},
+      {"ProfileA3HierarchyRejectsSpecialExperts", [a3h](Store& st, A& a) { a3h(st, a); a.zero_expert_num = 1; }, I,
+       {"zero_expert_num + copy_expert_num + const_expert_num = 1", "comm_alg \"hierarchy\""}},
+      {"ProfileA3HierarchyRejectsElasticInfo",
+       [a3h](Store& st, A& a) {
+         a3h(st, a);
+         std::vector<int32_t> id(16);
+         for (int i = 0; i < 16; ++i) id[static_cast<size_t>(i)] = i;
+         a.elastic_info = elastic(st, {0, 16, 0, 16}, id, id);
+       },
+       I, {"elastic_info", "comm_alg \"hierarchy\"", "must be absent"}},
   };
   // a2: W in {16, 32, 64}, E <= 1024, BS in [1, 256], H in (0, 7168] and % 32 == 0, K <= 16,
   // L <= 24 with fullmesh, no TP, no shared ranks, no elastic, no special experts, no mask.
@@ -528,6 +589,57 @@ std::vector<DOk> dispatch_accepts() {
          EXPECT_EQ(c.ids, kBaseIds);
        }},
       {"ProfileEmptyAcceptsSmallH", [](Store&, A& a) { a.profile = ""; }, [](const C& c) { EXPECT_EQ(c.H, 16); }},
+      {"FullmeshV1IsFullmesh", [](Store&, A& a) { a.comm_alg = "fullmesh_v1"; },
+       [](const C& c) {
+         EXPECT_EQ(c.alg, core::Alg::kFullmesh);
+         EXPECT_EQ(c.alg_name, core::AlgName::kFullmeshV1);
+       }},
+      {"ProfileA3AcceptsFullmeshV2",
+       [](Store& st, A& a) {
+         a.profile = "a3";
+         a.comm_alg = "fullmesh_v2";
+         a.x = st.half(kBf16, 3, 1024);
+       },
+       [](const C& c) {
+         EXPECT_EQ(c.alg, core::Alg::kFullmesh);
+         EXPECT_EQ(c.alg_name, core::AlgName::kFullmeshV2);
+       }},
+      {"ProfileA3AcceptsHierarchy16Ranks",
+       [](Store& st, A& a) {
+         a.profile = "a3";
+         a.ep_world_size = 16;
+         a.moe_expert_num = 16;
+         a.x = st.half(kBf16, 3, 1024);
+         a.comm_alg = "hierarchy";
+         a.expert_scales = st.f32(std::vector<float>(6, 0.5f), {3, 2});
+       },
+       [](const C& c) { EXPECT_EQ(c.alg, core::Alg::kHierarchy); }},
+      // A scale-down that removes the only shared-expert rank (W=5, Sr=1, S=1, E=4): scales keep the shape
+      // (S + E, H) = (5, 16) they had; expert g uses row 1 + g.
+      {"ElasticWithoutSharedRanksKeepsScalesShape",
+       [](Store& st, A& a) {
+         a.ep_world_size = 5;
+         a.shared_expert_rank_num = 1;
+         a.moe_expert_num = 4;
+         a.quant_mode = 2;
+         a.scales = st.f32(std::vector<float>(5 * 16, 1.f), {5, 16});
+         a.elastic_info = elastic(st, {1, 4, 0, 4}, {-1, 0, 1, 2, 3}, {1, 2, 3, 4, -1});
+       },
+       [](const C& c) {
+         EXPECT_EQ(c.S, 0);
+         EXPECT_EQ(c.Sr, 0);
+         EXPECT_EQ(c.scale_row_base, 1);
+       }},
+      {"ElasticWithoutSharedRanksStillAcceptsExpertOnlyScales",
+       [](Store& st, A& a) {
+         a.ep_world_size = 5;
+         a.shared_expert_rank_num = 1;
+         a.moe_expert_num = 4;
+         a.quant_mode = 2;
+         a.scales = st.f32(std::vector<float>(4 * 16, 1.f), {4, 16});
+         a.elastic_info = elastic(st, {1, 4, 0, 4}, {-1, 0, 1, 2, 3}, {1, 2, 3, 4, -1});
+       },
+       [](const C& c) { EXPECT_EQ(c.scale_row_base, 0); }},
       {"ProfileA3AcceptsH1024",
        [](Store& st, A& a) {
          a.profile = "a3";

@@ -31,10 +31,14 @@
 #include <sstream>
 #include <string>
 #include <vector>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
 
 #include "moedist/moedist.h"
 #include "core/config.h"
 #include "ops/collective.h"
+#include "core/half.h"
 
 #ifdef MOEDIST_HAVE_MPI
 #define OMPI_SKIP_MPICXX 1  // the C API only
@@ -47,6 +51,223 @@
 #include "core/kernels.h"
 #include "core/quant.h"
 #endif
+
+// ---- moedist bench --split: two micro-batches, their expert compute overlapped with the exchange ----
+//
+// Ranks are threads of this process (thread transport). Each iteration runs two micro-batches (own
+// inputs each) through dispatch -> experts -> combine, where "experts" is a stand-in of fixed duration
+// (--compute-us; --compute sleep: the host CPU is free meanwhile, as when an accelerator computes;
+// spin: a busy loop on the host CPU). Two schedules, the same work:
+//   sequential: dispatch(0) experts(0) combine(0) dispatch(1) experts(1) combine(1)
+//   split:      dispatch(0) setup_d(1) experts(0) teardown_d(1) setup_c(0) experts(1) teardown_c(0) combine(1)
+// A round is timed per rank after a barrier; the round time is the maximum over ranks.
+namespace split_bench {
+
+using SClock = std::chrono::steady_clock;
+
+struct Options {
+  int ranks = 4, tokens = 64, hidden = 1024, topk = 4, experts_per_rank = 2, iters = 40, warmup = 5;
+  int compute_us = 500;
+  bool spin = false;
+};
+
+void compute(const Options& o) {
+  if (!o.spin) {
+    std::this_thread::sleep_for(std::chrono::microseconds(o.compute_us));
+    return;
+  }
+  const auto end = SClock::now() + std::chrono::microseconds(o.compute_us);
+  volatile uint64_t x = 0;
+  while (SClock::now() < end) x = x + 1;
+}
+
+class Barrier {
+ public:
+  explicit Barrier(int n) : n_(n) {}
+  void wait() {
+    std::unique_lock<std::mutex> lk(mu_);
+    const uint64_t gen = gen_;
+    if (++count_ == n_) {
+      count_ = 0;
+      ++gen_;
+      cv_.notify_all();
+    } else {
+      cv_.wait(lk, [&] { return gen_ != gen; });
+    }
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  int n_, count_ = 0;
+  uint64_t gen_ = 0;
+};
+
+struct MicroBatch {
+  std::vector<uint16_t> x;
+  std::vector<int32_t> ids;
+  std::vector<float> w;
+  moedist::DispatchArgs d;
+  moedist::CombineArgs c;
+  moedist::DispatchResult r;
+  moedist::Tensor expert_out;
+};
+
+void prepare(MicroBatch& m, const Options& o, int rank, int mb, const std::string& group) {
+  const int E = o.experts_per_rank * o.ranks;
+  std::mt19937 rng(static_cast<unsigned>(7919 * rank + 104729 * mb + 1));
+  std::normal_distribution<float> nd(0.f, 1.f);
+  m.x.resize(static_cast<size_t>(o.tokens) * static_cast<size_t>(o.hidden));
+  for (auto& v : m.x) v = moedist::core::float_to_bf16(nd(rng));
+  std::vector<int> pool(static_cast<size_t>(E));
+  for (int t = 0; t < o.tokens; ++t) {
+    for (int g = 0; g < E; ++g) pool[static_cast<size_t>(g)] = g;
+    for (int k = 0; k < o.topk; ++k) {
+      std::uniform_int_distribution<int> pick(k, E - 1);
+      std::swap(pool[static_cast<size_t>(k)], pool[static_cast<size_t>(pick(rng))]);
+      m.ids.push_back(pool[static_cast<size_t>(k)]);
+      m.w.push_back(1.0f / static_cast<float>(o.topk));
+    }
+  }
+  m.d.x = moedist::TensorView(m.x.data(), moedist::DType::kBFloat16, {o.tokens, o.hidden});
+  m.d.expert_ids = moedist::TensorView(m.ids.data(), moedist::DType::kInt32, {o.tokens, o.topk});
+  m.d.group_ep = group;
+  m.d.ep_world_size = o.ranks;
+  m.d.ep_rank_id = rank;
+  m.d.moe_expert_num = E;
+  m.c.expert_ids = m.d.expert_ids;
+  m.c.expert_scales = moedist::TensorView(m.w.data(), moedist::DType::kFloat32, {o.tokens, o.topk});
+  m.c.group_ep = group;
+  m.c.ep_world_size = o.ranks;
+  m.c.ep_rank_id = rank;
+  m.c.moe_expert_num = E;
+}
+
+// After dispatch: the experts' output is the dispatched rows (bf16), the combine arguments follow.
+void after_dispatch(MicroBatch& m) {
+  m.expert_out = m.r.expand_x;
+  m.c.expand_x = m.expert_out;
+  m.c.assist_info_for_combine = m.r.assist_info_for_combine;
+  m.c.ep_send_counts = m.r.ep_recv_counts;
+}
+
+double round_sequential(MicroBatch* mb, const Options& o) {
+  const auto t0 = SClock::now();
+  for (int i = 0; i < 2; ++i) {
+    mb[i].r = moedist::dispatch_v2(mb[i].d);
+    after_dispatch(mb[i]);
+    compute(o);
+    (void)moedist::combine_v2(mb[i].c);
+  }
+  return std::chrono::duration<double>(SClock::now() - t0).count();
+}
+
+double round_split(MicroBatch* mb, const Options& o) {
+  const auto t0 = SClock::now();
+  mb[0].r = moedist::dispatch_v2(mb[0].d);
+  after_dispatch(mb[0]);
+  const uint64_t hd = moedist::dispatch_setup(mb[1].d);
+  compute(o);  // experts of micro-batch 0 while micro-batch 1's tokens travel
+  mb[1].r = moedist::dispatch_teardown(hd);
+  after_dispatch(mb[1]);
+  const uint64_t hc = moedist::combine_setup(mb[0].c);
+  compute(o);  // experts of micro-batch 1 while micro-batch 0's outputs travel back
+  (void)moedist::combine_teardown(hc);
+  (void)moedist::combine_v2(mb[1].c);
+  return std::chrono::duration<double>(SClock::now() - t0).count();
+}
+
+int usage() {
+  std::fprintf(stderr,
+               "usage: moedist bench --split [--ranks 4] [--tokens 64] [--hidden 1024] [--topk 4] [--experts-per-rank 2]\n"
+               "                     [--compute-us 500] [--compute sleep|spin] [--iters 40] [--warmup 5]\n"
+               "Two micro-batches per round (ranks are threads): dispatch -> experts (a stand-in of fixed duration) ->\n"
+               "combine, run sequentially and with the split-phase ops overlapping one micro-batch's experts with the\n"
+               "other's exchange. Prints median and p10/p90 round times (max over ranks) of both and their ratio.\n");
+  return 2;
+}
+
+int main_(int argc, char** argv) {
+  Options o;
+  for (int i = 0; i < argc; ++i) {
+    const std::string a = argv[i];
+    auto next = [&]() -> int {
+      if (i + 1 >= argc) throw moedist::InvalidArgument("moedist bench --split: " + a + " needs a value");
+      return std::atoi(argv[++i]);
+    };
+    if (a == "--split") continue;
+    if (a == "--ranks") o.ranks = next();
+    else if (a == "--tokens") o.tokens = next();
+    else if (a == "--hidden") o.hidden = next();
+    else if (a == "--topk") o.topk = next();
+    else if (a == "--experts-per-rank") o.experts_per_rank = next();
+    else if (a == "--compute-us") o.compute_us = next();
+    else if (a == "--iters") o.iters = next();
+    else if (a == "--warmup") o.warmup = next();
+    else if (a == "--compute") {
+      if (i + 1 >= argc) return usage();
+      const std::string k = argv[++i];
+      if (k != "sleep" && k != "spin") return usage();
+      o.spin = k == "spin";
+    } else {
+      std::fprintf(stderr, "moedist bench --split: unknown option %s\n", a.c_str());
+      return usage();
+    }
+  }
+  if (o.ranks < 1 || o.tokens < 1 || o.hidden < 1 || o.topk < 1 || o.topk > o.experts_per_rank * o.ranks || o.iters < 1 ||
+      o.warmup < 0 || o.compute_us < 0)
+    return usage();
+  const std::string group = "bench_split";
+  moedist::register_group(group, moedist::make_thread_group(o.ranks));
+  Barrier barrier(o.ranks);
+  // times[mode][rank][iter]
+  std::vector<std::vector<std::vector<double>>> times(2, std::vector<std::vector<double>>(static_cast<size_t>(o.ranks)));
+  std::vector<std::thread> threads;
+  std::vector<std::string> errors(static_cast<size_t>(o.ranks));
+  for (int r = 0; r < o.ranks; ++r)
+    threads.emplace_back([&, r] {
+      try {
+        MicroBatch mb[2];
+        prepare(mb[0], o, r, 0, group);
+        prepare(mb[1], o, r, 1, group);
+        for (int it = 0; it < o.warmup + o.iters; ++it)
+          for (int mode = 0; mode < 2; ++mode) {  // interleaved, so both see the same machine load
+            barrier.wait();
+            const double t = mode == 0 ? round_sequential(mb, o) : round_split(mb, o);
+            if (it >= o.warmup) times[static_cast<size_t>(mode)][static_cast<size_t>(r)].push_back(t);
+          }
+      } catch (const std::exception& e) {
+        errors[static_cast<size_t>(r)] = e.what();
+      }
+    });
+  for (auto& t : threads) t.join();
+  moedist::unregister_group(group);
+  for (const auto& e : errors)
+    if (!e.empty()) {
+      std::fprintf(stderr, "moedist bench --split: %s\n", e.c_str());
+      return 1;
+    }
+  double med[2];
+  for (int mode = 0; mode < 2; ++mode) {
+    std::vector<double> v(static_cast<size_t>(o.iters), 0.0);
+    for (int r = 0; r < o.ranks; ++r)
+      for (int it = 0; it < o.iters; ++it)
+        v[static_cast<size_t>(it)] = std::max(v[static_cast<size_t>(it)], times[static_cast<size_t>(mode)][static_cast<size_t>(r)][static_cast<size_t>(it)]);
+    std::sort(v.begin(), v.end());
+    auto q = [&](double f) { return v[static_cast<size_t>(f * static_cast<double>(v.size() - 1) + 0.5)] * 1e6; };
+    med[mode] = q(0.5);
+    std::printf("%-10s round (2 micro-batches): median %8.1f us  p10 %8.1f  p90 %8.1f\n", mode == 0 ? "sequential" : "split",
+                q(0.5), q(0.1), q(0.9));
+  }
+  std::printf("ranks %d (threads), tokens %d, hidden %d, topk %d, experts %d, compute %d us per micro-batch (%s)\n", o.ranks, o.tokens,
+              o.hidden, o.topk, o.experts_per_rank * o.ranks, o.compute_us, o.spin ? "spin" : "sleep");
+  std::printf("split / sequential: %.3f (time saved per round: %.1f us; the experts take %d us of each round)\n", med[1] / med[0],
+              med[0] - med[1], 2 * o.compute_us);
+  return 0;
+}
+
+}  // namespace split_bench
+
 
 namespace {
 
@@ -171,7 +392,9 @@ std::vector<std::string> parse_words(const std::string& s, char sep) {
 }  // namespace
 
 #ifndef MOEDIST_HAVE_MPI
-int bench_main(int, char**, const char*) {
+int bench_main(int argc, char** argv, const char*) {
+  for (int i = 0; i < argc; ++i)
+    if (std::string(argv[i]) == "--split") return split_bench::main_(argc, argv);
   std::fprintf(stderr, "moedist bench: this build has no MPI (install libopenmpi-dev openmpi-bin and rebuild)\n");
   return 2;
 }
@@ -558,6 +781,8 @@ int bench_main(int argc, char** argv, const char* argv0) {
   std::string self_path = argv0 ? argv0 : "moedist";
   if (n > 0) self_path.assign(exe, static_cast<size_t>(n));
   const char* self = self_path.c_str();
+  for (int i = 0; i < argc; ++i)
+    if (std::string(argv[i]) == "--split") return split_bench::main_(argc, argv);
   Sweep s;
   if (argc > 0 && (std::string(argv[0]) == "--help" || std::string(argv[0]) == "-h")) {
     bench_usage();

@@ -34,7 +34,7 @@ struct DispatchArgs {
   int64_t quant_mode = 0;            // [in] 0: none, 2: dynamic per-token int8
   int64_t global_bs = 0;             // [in] 0 (same BS everywhere) or max_bs * W
   int64_t expert_token_nums_type = 1;  // [in] 0: cumulative, 1: per-expert counts
-  std::string comm_alg = "";         // [in] "", "fullmesh" or "hierarchy"
+  std::string comm_alg = "";         // [in] "", "fullmesh", "fullmesh_v1", "fullmesh_v2" (the three: same rows) or "hierarchy"
   int64_t zero_expert_num = 0;       // [in] Z >= 0
   int64_t copy_expert_num = 0;       // [in] C >= 0
   int64_t const_expert_num = 0;      // [in] Q >= 0
@@ -87,10 +87,46 @@ struct CombineArgs {
   std::string profile = "";
 };
 
+// combine_add_rms_norm: combine_v2, then the residual add and RMSNorm of the combined tokens, in one call
+// (npu_moe_distribute_combine_add_rms_norm). Per token t, in float32 (see docs/semantics.md):
+//   c = combine_v2's row (rounded to the dtype, as combine_v2 returns it)
+//   x = round(c + residual_x)                        -> output x
+//   rstd = 1 / sqrt(sum_h(x_h * x_h) / H + norm_eps)  (h ascending, no fused multiply-add) -> output rstd
+//   y = round((x * rstd) * gamma)                    -> output y
+struct CombineAddRmsNormArgs {
+  CombineArgs combine;    // [in] the combine_v2 arguments (the Ascend op names assist_info_for_combine expand_idx)
+  TensorView residual_x;  // [in] (BS, 1, H) or (BS, H), expand_x's dtype
+  TensorView gamma;       // [in] (H,), expand_x's dtype
+  double norm_eps = 1e-6;  // [in] finite, >= 0; used as float32
+};
+
+struct CombineAddRmsNormResult {
+  Tensor y;     // (BS, 1, H) expand_x's dtype: the normalized tokens times gamma
+  Tensor rstd;  // (BS, 1, 1) float32: 1 / RMS of each token of x
+  Tensor x;     // (BS, 1, H) expand_x's dtype: combine output + residual_x
+};
+
 // Collective over the EP group (and the TP group when tp_world_size == 2): every active rank calls it.
 DispatchResult dispatch_v2(const DispatchArgs& args);
 // Returns (BS, H) in expand_x's dtype. Rows of inactive tokens are zeros.
 Tensor combine_v2(const CombineArgs& args);
+// The split-phase pair of each op (npu_moe_distribute_dispatch_setup / _teardown, combine_setup /
+// _teardown): *_setup validates, sends this rank's rows and returns a handle; *_teardown waits for the
+// peers' rows and returns exactly what dispatch_v2 / combine_v2 return. Between the two the caller may
+// compute (e.g. the experts of another micro-batch) while peers finish writing into this rank.
+//  - Collective: every rank calls setup and teardown, in the same order. One open setup per EP group at
+//    a time (a call on the group before the teardown is an error naming the open one).
+//  - The input tensors must stay valid until teardown (combine reads expert_scales, ori_x, ... there).
+//  - The exchange is split with comm_alg fullmesh(_v1/_v2) and no TP; otherwise (hierarchy, legacy TP)
+//    setup runs the whole op and teardown only hands over the results.
+//  - A handle is used once; an unknown or used handle is an InvalidArgument.
+uint64_t dispatch_setup(const DispatchArgs& args);
+DispatchResult dispatch_teardown(uint64_t handle);
+uint64_t combine_setup(const CombineArgs& args);
+Tensor combine_teardown(uint64_t handle);
+
+// Collective as combine_v2. Inactive tokens (x_active_mask) combine to zeros: x = residual_x there.
+CombineAddRmsNormResult combine_add_rms_norm(const CombineAddRmsNormArgs& args);
 
 // For wrappers that check arguments of their own before calling the ops (the Python package): tells the
 // peers of a call this rank will not make that it rejected it, so that they fail at once naming this

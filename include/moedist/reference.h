@@ -22,5 +22,8 @@ struct Options {
 };
 std::vector<DispatchResult> dispatch_v2(const std::vector<DispatchArgs>& calls, const Options& options = {});
 std::vector<Tensor> combine_v2(const std::vector<CombineArgs>& calls, const Options& options = {});
+// combine_v2's reference, then the add and RMSNorm of each calling rank as plain loops (order in ops.h).
+std::vector<CombineAddRmsNormResult> combine_add_rms_norm(const std::vector<CombineAddRmsNormArgs>& calls,
+                                                         const Options& options = {});
 
 }  // namespace moedist::reference

@@ -88,6 +88,14 @@ class Transport {
   // Ranks per server for comm_alg "hierarchy" (consecutive ranks form a server).
   virtual int ranks_per_server() const = 0;
   virtual void exchange(const ExchangeSpec& spec) = 0;
+  // The exchange in two halves, so a caller can compute while peers finish writing into it (the split
+  // ops: dispatch_setup / _teardown, combine_setup / _teardown). exchange_begin publishes the blob, waits
+  // for the peers' blobs, runs produce and signals "done"; exchange_end waits for every peer's "done" and
+  // raises what exchange would. One split exchange at a time per endpoint, no other exchange in between.
+  // The spec's memory need only live through exchange_begin; the receive regions until exchange_end.
+  // Default: the whole exchange in exchange_begin, nothing left for exchange_end.
+  virtual void exchange_begin(const ExchangeSpec& spec) { exchange(spec); }
+  virtual void exchange_end() {}
   // True if receive regions may be any memory of this rank (peers share its address space).
   // Otherwise they must lie in scratch() memory, and the ops copy results out of it.
   virtual bool recv_anywhere() const = 0;

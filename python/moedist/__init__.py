@@ -23,11 +23,13 @@ import torch  # noqa: F401  (moedist's ops are torch operators; torch must be im
 
 from . import _C
 from ._C import Error, InvalidArgument, Timeout, TransportError, Unsupported
-from ._ops import npu_moe_distribute_combine_v2, npu_moe_distribute_dispatch_v2
+from ._ops import (SplitHandle, combine_setup, combine_teardown, dispatch_setup, dispatch_teardown,
+                   npu_moe_distribute_combine_add_rms_norm, npu_moe_distribute_combine_v2,
+                   npu_moe_distribute_dispatch_v2)
 from ._shapes import DispatchShapes, combine_shape, dispatch_shapes
 from .layer import EpBuffer, EpHandle, EpMoE
 from .distributed import destroy_comm, get_comm_name, get_hccl_comm_name, init_thread_group
-from .reference import reference_combine_v2, reference_dispatch_v2
+from .reference import reference_combine_add_rms_norm, reference_combine_v2, reference_dispatch_v2
 
 __version__ = _C.__version__
 
@@ -43,12 +45,19 @@ def __getattr__(name):
 __all__ = [
     "npu_moe_distribute_dispatch_v2",
     "npu_moe_distribute_combine_v2",
+    "npu_moe_distribute_combine_add_rms_norm",
+    "dispatch_setup",
+    "dispatch_teardown",
+    "combine_setup",
+    "combine_teardown",
+    "SplitHandle",
     "get_comm_name",
     "get_hccl_comm_name",
     "destroy_comm",
     "init_thread_group",
     "reference_dispatch_v2",
     "reference_combine_v2",
+    "reference_combine_add_rms_norm",
     "dispatch_shapes",
     "combine_shape",
     "DispatchShapes",

@@ -9,6 +9,7 @@ torch_npu's functions (names, order, keyword-only marker, defaults) and call the
 """
 from __future__ import annotations
 
+import inspect
 import operator
 from typing import Optional, Tuple
 
@@ -292,3 +293,135 @@ def npu_moe_distribute_combine_v2(expand_x, expert_ids, assist_info_for_combine,
         ori_x, const_expert_alpha_1, const_expert_alpha_2, const_expert_v, group_tp, tp_world_size, tp_rank_id,
         expert_shard_type, shared_expert_num, shared_expert_rank_num, global_bs, comm_quant_mode, comm_alg,
         zero_expert_num, copy_expert_num, const_expert_num)
+
+
+# ---- combine + residual add + RMSNorm ----
+
+_ADD_RMS_NORM = "npu_moe_distribute_combine_add_rms_norm"
+
+
+def _check_reserved(activation_scale, weight_scale, group_list, out_dtype, group_list_type):
+    op = _ADD_RMS_NORM
+    for name, v in (("activation_scale", activation_scale), ("weight_scale", weight_scale), ("group_list", group_list)):
+        if v is not None:
+            raise _C.InvalidArgument(f"{op}: {name} is a reserved parameter (must be None)")
+    for name, v in (("out_dtype", out_dtype), ("group_list_type", group_list_type)):
+        if v != 0:
+            raise _C.InvalidArgument(f"{op}: {name}={v} is a reserved parameter (must be 0)")
+
+
+@torch.library.custom_op("moedist::npu_moe_distribute_combine_add_rms_norm", mutates_args=())
+def _add_rms_norm_op(expand_x: Tensor, expert_ids: Tensor, expand_idx: Tensor, ep_send_counts: Tensor,
+                     expert_scales: Tensor, residual_x: Tensor, gamma: Tensor, group_ep: str, ep_world_size: int,
+                     ep_rank_id: int, moe_expert_num: int, tp_send_counts: Optional[Tensor],
+                     x_active_mask: Optional[Tensor], activation_scale: Optional[Tensor],
+                     weight_scale: Optional[Tensor], group_list: Optional[Tensor], expand_scales: Optional[Tensor],
+                     shared_expert_x: Optional[Tensor], elastic_info: Optional[Tensor], ori_x: Optional[Tensor],
+                     const_expert_alpha_1: Optional[Tensor], const_expert_alpha_2: Optional[Tensor],
+                     const_expert_v: Optional[Tensor], group_tp: str, tp_world_size: int, tp_rank_id: int,
+                     expert_shard_type: int, shared_expert_num: int, shared_expert_rank_num: int, global_bs: int,
+                     out_dtype: int, comm_quant_mode: int, group_list_type: int, norm_eps: float,
+                     zero_expert_num: int, copy_expert_num: int, const_expert_num: int
+                     ) -> Tuple[Tensor, Tensor, Tensor]:
+    _check_reserved(activation_scale, weight_scale, group_list, out_dtype, group_list_type)
+    args = _combine_kwargs(expand_x, expert_ids, expand_idx, ep_send_counts, expert_scales, group_ep, ep_world_size,
+                           ep_rank_id, moe_expert_num, tp_send_counts, x_active_mask, expand_scales, shared_expert_x,
+                           elastic_info, ori_x, const_expert_alpha_1, const_expert_alpha_2, const_expert_v, group_tp,
+                           tp_world_size, tp_rank_id, expert_shard_type, shared_expert_num, shared_expert_rank_num,
+                           global_bs, comm_quant_mode, "", zero_expert_num, copy_expert_num, const_expert_num)
+    op = _ADD_RMS_NORM
+    out = _C.combine_add_rms_norm(args, view(residual_x, "residual_x", op), view(gamma, "gamma", op), float(norm_eps))
+    return tuple(from_capsule(c) for c in out)
+
+
+@_add_rms_norm_op.register_fake
+def _add_rms_norm_fake(expand_x, expert_ids, expand_idx, ep_send_counts, expert_scales, residual_x, gamma, *args):
+    bs, h = expert_ids.shape[0], expand_x.shape[1]
+    return (expand_x.new_empty((bs, 1, h)), expand_x.new_empty((bs, 1, 1), dtype=torch.float32),
+            expand_x.new_empty((bs, 1, h)))
+
+
+def npu_moe_distribute_combine_add_rms_norm(expand_x, expert_ids, expand_idx, ep_send_counts, expert_scales,
+                                            residual_x, gamma, group_ep, ep_world_size, ep_rank_id, moe_expert_num,
+                                            *, tp_send_counts=None, x_active_mask=None, activation_scale=None,
+                                            weight_scale=None, group_list=None, expand_scales=None,
+                                            shared_expert_x=None, elastic_info=None, ori_x=None,
+                                            const_expert_alpha_1=None, const_expert_alpha_2=None,
+                                            const_expert_v=None, group_tp="", tp_world_size=0, tp_rank_id=0,
+                                            expert_shard_type=0, shared_expert_num=1, shared_expert_rank_num=0,
+                                            global_bs=0, out_dtype=0, comm_quant_mode=0, group_list_type=0,
+                                            norm_eps=1e-06, zero_expert_num=0, copy_expert_num=0,
+                                            const_expert_num=0):
+    """combine_v2, then x = combined + residual_x and y = RMSNorm(x) * gamma, in one collective call.
+
+    expand_idx is dispatch_v2's assist_info_for_combine. residual_x: (BS, 1, H) (or (BS, H)) and gamma: (H,),
+    both in expand_x's dtype. Returns (y, rstd, x): y and x (BS, 1, H) in expand_x's dtype, rstd (BS, 1, 1)
+    float32; the rounding order is in docs/semantics.md. activation_scale, weight_scale, group_list,
+    out_dtype and group_list_type are reserved (must keep their defaults). Errors as combine_v2's.
+    """
+    return torch.ops.moedist.npu_moe_distribute_combine_add_rms_norm(
+        expand_x, expert_ids, expand_idx, ep_send_counts, expert_scales, residual_x, gamma, group_ep, ep_world_size,
+        ep_rank_id, moe_expert_num, tp_send_counts, x_active_mask, activation_scale, weight_scale, group_list,
+        expand_scales, shared_expert_x, elastic_info, ori_x, const_expert_alpha_1, const_expert_alpha_2,
+        const_expert_v, group_tp, tp_world_size, tp_rank_id, expert_shard_type, shared_expert_num,
+        shared_expert_rank_num, global_bs, out_dtype, comm_quant_mode, group_list_type, float(norm_eps),
+        zero_expert_num, copy_expert_num, const_expert_num)
+
+
+# ---- split phase: setup sends and returns, teardown receives and finishes ----
+
+class SplitHandle:
+    """What dispatch_setup / combine_setup return: teardown's ticket. Keeps the input tensors alive until
+    the teardown (the combine reduction reads some of them there). Used once."""
+
+    def __init__(self, kind: str, handle: int, keep: tuple):
+        self.kind, self.handle, self._keep = kind, handle, keep
+
+    def __repr__(self):
+        return f"SplitHandle({self.kind}, {self.handle}, {'open' if self._keep is not None else 'used'})"
+
+
+def _take(h, kind: str) -> int:
+    if not isinstance(h, SplitHandle) or h.kind != kind:
+        raise TypeError(f"{kind}_teardown: expected the SplitHandle that {kind}_setup returned, got {h!r}")
+    if h._keep is None:
+        raise _C.InvalidArgument(f"{kind}_teardown: {h!r} was already torn down")
+    return h.handle
+
+
+def dispatch_setup(x, expert_ids, group_ep, ep_world_size, ep_rank_id, moe_expert_num, **kwargs) -> SplitHandle:
+    """The first half of npu_moe_distribute_dispatch_v2 (same arguments): validates, sends this rank's rows
+    and returns; dispatch_teardown(handle) waits for the peers' rows and returns dispatch_v2's 7 outputs.
+    Collective; one open setup per EP group at a time. The exchange is split with comm_alg fullmesh and no
+    TP; otherwise setup runs the whole op. Eager only (not a torch.compile operator)."""
+    bound = inspect.signature(npu_moe_distribute_dispatch_v2).bind(x, expert_ids, group_ep, ep_world_size, ep_rank_id,
+                                                                 moe_expert_num, **kwargs)
+    bound.apply_defaults()
+    args = _dispatch_kwargs(**bound.arguments)
+    keep = tuple(v for v in bound.arguments.values() if isinstance(v, Tensor))
+    return SplitHandle("dispatch", _C.dispatch_setup(args), keep)
+
+
+def dispatch_teardown(handle: SplitHandle):
+    out = _C.dispatch_teardown(_take(handle, "dispatch"))
+    handle._keep = None
+    return tuple(from_capsule(c) for c in out)
+
+
+def combine_setup(expand_x, expert_ids, assist_info_for_combine, ep_send_counts, expert_scales, group_ep,
+                  ep_world_size, ep_rank_id, moe_expert_num, **kwargs) -> SplitHandle:
+    """The first half of npu_moe_distribute_combine_v2 (same arguments): sends this rank's expert outputs
+    and returns; combine_teardown(handle) waits for the peers' and returns combine_v2's (BS, H) output."""
+    bound = inspect.signature(npu_moe_distribute_combine_v2).bind(
+        expand_x, expert_ids, assist_info_for_combine, ep_send_counts, expert_scales, group_ep, ep_world_size,
+        ep_rank_id, moe_expert_num, **kwargs)
+    bound.apply_defaults()
+    args = _combine_kwargs(**bound.arguments)
+    keep = tuple(v for v in bound.arguments.values() if isinstance(v, Tensor))
+    return SplitHandle("combine", _C.combine_setup(args), keep)
+
+
+def combine_teardown(handle: SplitHandle):
+    out = _C.combine_teardown(_take(handle, "combine"))
+    handle._keep = None
+    return from_capsule(out)

@@ -18,11 +18,13 @@ import torch
 
 from . import _C
 from ._convert import from_capsule
-from ._ops import (_combine_kwargs, _dispatch_kwargs, npu_moe_distribute_combine_v2,
-                   npu_moe_distribute_dispatch_v2)
+from ._convert import view
+from ._ops import (_check_reserved, _combine_kwargs, _dispatch_kwargs, npu_moe_distribute_combine_add_rms_norm,
+                   npu_moe_distribute_combine_v2, npu_moe_distribute_dispatch_v2)
 
 _DISPATCH_SIG = inspect.signature(npu_moe_distribute_dispatch_v2)
 _COMBINE_SIG = inspect.signature(npu_moe_distribute_combine_v2)
+_ADD_RMS_NORM_SIG = inspect.signature(npu_moe_distribute_combine_add_rms_norm)
 
 
 def _bind(sig, kwargs: dict, op: str, i: int) -> dict:
@@ -49,3 +51,20 @@ def reference_combine_v2(calls: Sequence[dict], *, ranks_per_server: int = 0) ->
     """Reference combine for all calling ranks of one step (see the module docstring)."""
     args = [_combine_kwargs(**_bind(_COMBINE_SIG, c, "npu_moe_distribute_combine_v2", i)) for i, c in enumerate(calls)]
     return [from_capsule(c) for c in _C.reference_combine_v2(args, ranks_per_server)]
+
+
+def reference_combine_add_rms_norm(calls: Sequence[dict], *, ranks_per_server: int = 0
+                                   ) -> List[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Reference combine + add + RMSNorm for all calling ranks of one step: the kwargs of
+    moedist.npu_moe_distribute_combine_add_rms_norm per rank in, (y, rstd, x) per rank out."""
+    op = "npu_moe_distribute_combine_add_rms_norm"
+    args = []
+    for i, c in enumerate(calls):
+        b = _bind(_ADD_RMS_NORM_SIG, c, op, i)
+        _check_reserved(b.pop("activation_scale"), b.pop("weight_scale"), b.pop("group_list"), b.pop("out_dtype"),
+                        b.pop("group_list_type"))
+        residual_x, gamma, eps = b.pop("residual_x"), b.pop("gamma"), float(b.pop("norm_eps"))
+        b["assist_info_for_combine"] = b.pop("expand_idx")
+        b["comm_alg"] = ""
+        args.append((_combine_kwargs(**b), view(residual_x, "residual_x", op), view(gamma, "gamma", op), eps))
+    return [tuple(from_capsule(t) for t in r) for r in _C.reference_combine_add_rms_norm(args, ranks_per_server)]

@@ -294,6 +294,20 @@ bool python_interrupt_check() {
   return true;
 }
 
+moedist::CombineAddRmsNormArgs add_rms_norm_args(const py::dict& combine, const py::handle& residual_x,
+                                                 const py::handle& gamma, double norm_eps) {
+  moedist::CombineAddRmsNormArgs a;
+  a.combine = combine_args(combine);
+  a.residual_x = to_view(residual_x, "residual_x");
+  a.gamma = to_view(gamma, "gamma");
+  a.norm_eps = norm_eps;
+  return a;
+}
+
+py::tuple add_rms_norm_result(moedist::CombineAddRmsNormResult&& r) {
+  return py::make_tuple(to_dlpack(std::move(r.y)), to_dlpack(std::move(r.rstd)), to_dlpack(std::move(r.x)));
+}
+
 moedist::GroupOptions group_options(int64_t timeout_ms, int ranks_per_server) {
   moedist::GroupOptions o;
   o.timeout = std::chrono::milliseconds(timeout_ms);
@@ -371,6 +385,75 @@ PYBIND11_MODULE(_C, m) {
         moedist::reject_combine_v2(a, message);
       },
       py::arg("args"), py::arg("message"), "Tells the peers of a combine this rank rejected before calling it");
+  m.def(
+      "dispatch_setup",
+      [](const py::dict& args) {
+        moedist::DispatchArgs a = dispatch_args(args);
+        py::gil_scoped_release nogil;
+        return moedist::dispatch_setup(a);
+      },
+      py::arg("args"), "dispatch_setup over a registered group: dict of arguments -> handle");
+  m.def(
+      "dispatch_teardown",
+      [](uint64_t handle) {
+        moedist::DispatchResult r;
+        {
+          py::gil_scoped_release nogil;
+          r = moedist::dispatch_teardown(handle);
+        }
+        return dispatch_result(std::move(r));
+      },
+      py::arg("handle"), "dispatch_teardown: handle -> 7 DLPack capsules");
+  m.def(
+      "combine_setup",
+      [](const py::dict& args) {
+        moedist::CombineArgs a = combine_args(args);
+        py::gil_scoped_release nogil;
+        return moedist::combine_setup(a);
+      },
+      py::arg("args"), "combine_setup over a registered group: dict of arguments -> handle");
+  m.def(
+      "combine_teardown",
+      [](uint64_t handle) {
+        moedist::Tensor out;
+        {
+          py::gil_scoped_release nogil;
+          out = moedist::combine_teardown(handle);
+        }
+        return to_dlpack(std::move(out));
+      },
+      py::arg("handle"), "combine_teardown: handle -> DLPack capsule");
+  m.def(
+      "combine_add_rms_norm",
+      [](const py::dict& combine, const py::handle& residual_x, const py::handle& gamma, double norm_eps) {
+        moedist::CombineAddRmsNormArgs a = add_rms_norm_args(combine, residual_x, gamma, norm_eps);
+        moedist::CombineAddRmsNormResult r;
+        {
+          py::gil_scoped_release nogil;
+          r = moedist::combine_add_rms_norm(a);
+        }
+        return add_rms_norm_result(std::move(r));
+      },
+      py::arg("combine"), py::arg("residual_x"), py::arg("gamma"), py::arg("norm_eps"),
+      "combine_add_rms_norm over a registered group -> (y, rstd, x) DLPack capsules");
+  m.def(
+      "reference_combine_add_rms_norm",
+      [](const py::list& calls, int ranks_per_server) {
+        std::vector<moedist::CombineAddRmsNormArgs> a;
+        for (auto c : calls) {
+          auto t = c.cast<py::tuple>();
+          a.push_back(add_rms_norm_args(t[0].cast<py::dict>(), t[1], t[2], t[3].cast<double>()));
+        }
+        std::vector<moedist::CombineAddRmsNormResult> r;
+        {
+          py::gil_scoped_release nogil;
+          r = moedist::reference::combine_add_rms_norm(a, {ranks_per_server});
+        }
+        py::list out;
+        for (auto& x : r) out.append(add_rms_norm_result(std::move(x)));
+        return out;
+      },
+      py::arg("calls"), py::arg("ranks_per_server") = 0);
   m.def(
       "reference_dispatch_v2",
       [](const py::list& calls, int ranks_per_server) {

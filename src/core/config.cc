@@ -90,10 +90,19 @@ void check_tensor(const CheckCtx& ctx, const TensorView& v, const char* name, DT
   check_strides(ctx, v, name);
 }
 
+AlgName parse_alg_name(const CheckCtx& ctx, const std::string& s) {
+  if (s == "fullmesh") return AlgName::kFullmesh;
+  if (s == "fullmesh_v1") return AlgName::kFullmeshV1;
+  if (s == "fullmesh_v2") return AlgName::kFullmeshV2;
+  if (s == "hierarchy") return AlgName::kHierarchy;
+  MOEDIST_CHECK(ctx, s.empty(), "comm_alg=\"", s, "\" (must be \"\", \"fullmesh\", \"fullmesh_v1\", \"fullmesh_v2\" or \"hierarchy\")");
+  return AlgName::kDefault;
+}
+
 Alg parse_alg(const CheckCtx& ctx, const std::string& s) {
-  if (s == "fullmesh") return Alg::kFullmesh;
-  if (s == "hierarchy") return Alg::kHierarchy;
-  MOEDIST_CHECK(ctx, s.empty(), "comm_alg=\"", s, "\" (must be \"\", \"fullmesh\" or \"hierarchy\")");
+  const AlgName n = parse_alg_name(ctx, s);
+  if (n == AlgName::kHierarchy) return Alg::kHierarchy;
+  if (n != AlgName::kDefault) return Alg::kFullmesh;
   // "" follows the Ascend rule: hierarchy when HCCL_INTRA_PCIE_ENABLE=1 and HCCL_INTRA_ROCE_ENABLE=0.
   const char* pcie = std::getenv("HCCL_INTRA_PCIE_ENABLE");
   const char* roce = std::getenv("HCCL_INTRA_ROCE_ENABLE");
@@ -139,8 +148,14 @@ EpConfig resolve_common(const Common& a) {
   MOEDIST_CHECK(ctx, a.tp_rank >= 0 && a.tp_rank < c.tp, "tp_rank_id=", a.tp_rank, " out of range (must be in [0, ", c.tp, "))");
   c.tp_rank = a.tp_rank;
   c.alg = parse_alg(ctx, *a.comm_alg);
+  c.alg_name = parse_alg_name(ctx, *a.comm_alg);
   const std::string& prof = *a.profile;
   MOEDIST_CHECK(ctx, prof.empty() || prof == "a2" || prof == "a3", "profile=\"", prof, "\" (must be \"\", \"a2\" or \"a3\")");
+  if (prof == "a2")
+    MOEDIST_CHECK(ctx, c.alg_name != AlgName::kFullmeshV1 && c.alg_name != AlgName::kFullmeshV2, "comm_alg=\"", *a.comm_alg,
+                  "\" (profile a2: must be \"\", \"fullmesh\" or \"hierarchy\")");
+  if (prof == "a3")
+    MOEDIST_CHECK(ctx, c.alg_name != AlgName::kFullmesh, "comm_alg=\"fullmesh\" (profile a3: must be \"\", \"fullmesh_v1\", \"fullmesh_v2\" or \"hierarchy\")");
 
   c.W_orig = c.W = a.W;
   c.rank_orig = c.rank = a.rank;
@@ -310,6 +325,21 @@ EpConfig resolve_common(const Common& a) {
     MOEDIST_CHECK(ctx, c.BS >= 1 && c.BS <= 512, "BS=", c.BS, " (profile a3: must be in [1, 512])");
     MOEDIST_CHECK(ctx, a.H >= 1024 && a.H <= 8192, "hidden size H=", a.H, " (profile a3: must be in [1024, 8192])");
     MOEDIST_CHECK(ctx, c.K <= 16, "K=", c.K, " (profile a3: must be <= 16)");
+    if (c.alg_name == AlgName::kFullmeshV2) {
+      MOEDIST_CHECK(ctx, c.BS <= 256, "BS=", c.BS, " (profile a3 with comm_alg \"fullmesh_v2\": must be in [1, 256])");
+      MOEDIST_CHECK(ctx, c.K <= 12, "K=", c.K, " (profile a3 with comm_alg \"fullmesh_v2\": must be <= 12)");
+      MOEDIST_CHECK(ctx, c.tp == 1, "tp_world_size=", a.tp, " (profile a3 with comm_alg \"fullmesh_v2\": no TP domain, must be 0 or 1)");
+    }
+    if (c.alg == Alg::kHierarchy) {  // the A3 hierarchy: inside the server first, then across servers
+      MOEDIST_CHECK(ctx, a.W >= 16 && a.W <= 256 && a.W % 16 == 0, "ep_world_size=", a.W,
+                    " (profile a3 with comm_alg \"hierarchy\": must be in [16, 256] and a multiple of 16)");
+      // TP with hierarchy is refused above for every profile.
+      MOEDIST_CHECK(ctx, a.Sr == 0, "shared_expert_rank_num=", a.Sr, " (profile a3 with comm_alg \"hierarchy\": no shared-expert ranks, must be 0)");
+      MOEDIST_CHECK(ctx, c.mask_kind != 2, "x_active_mask has shape ", m.shape_str(), " (profile a3 with comm_alg \"hierarchy\": a 2-D mask is not supported, pass (BS,) or none)");
+      MOEDIST_CHECK(ctx, a.Z + a.C + a.Q == 0, "zero_expert_num + copy_expert_num + const_expert_num = ", a.Z + a.C + a.Q,
+                    " (profile a3 with comm_alg \"hierarchy\": no special experts, must be 0)");
+      MOEDIST_CHECK(ctx, !el.defined(), "elastic_info (profile a3 with comm_alg \"hierarchy\": not supported, must be absent)");
+    }
   } else if (prof == "a2") {
     MOEDIST_CHECK(ctx, a.W == 16 || a.W == 32 || a.W == 64, "ep_world_size=", a.W, " (profile a2: must be 16, 32 or 64)");
     MOEDIST_CHECK(ctx, a.E <= 1024, "moe_expert_num=", a.E, " (profile a2: must be <= 1024)");
@@ -346,8 +376,15 @@ EpConfig resolve_dispatch(const DispatchArgs& a) {
   if (a.scales.defined()) {
     MOEDIST_CHECK(c.ctx, a.quant_mode == 2, "scales given with quant_mode=", a.quant_mode, " (smooth scales need quant_mode=2)");
     check_tensor(c.ctx, a.scales, "scales", DType::kFloat32, 2);
-    MOEDIST_CHECK(c.ctx, a.scales.size(0) == c.S + c.E_orig && a.scales.size(1) == c.H, "scales has shape ", a.scales.shape_str(),
-                  " (must be (shared_expert_num + moe_expert_num, H) = (", c.S + c.E_orig, ", ", c.H, "))");
+    // The shape is (S + E, H) with S and E as created, also after a scale-down (elastic_info carries the new
+    // layout, no other argument changes). When a scale-down removed every shared-expert rank, the (E, H)
+    // shape that earlier versions demanded is still accepted: then expert g uses row g.
+    const int64_t s_orig = c.Sr_orig == 0 ? 0 : a.shared_expert_num;
+    const bool created = a.scales.size(0) == s_orig + c.E_orig;
+    const bool no_shared_left = c.S == 0 && s_orig > 0 && a.scales.size(0) == c.E_orig;
+    MOEDIST_CHECK(c.ctx, (created || no_shared_left) && a.scales.size(1) == c.H, "scales has shape ", a.scales.shape_str(),
+                  " (must be (shared_expert_num + moe_expert_num, H) = (", s_orig + c.E_orig, ", ", c.H, "))");
+    c.scale_row_base = created ? s_orig : 0;
     if (c.alg == Alg::kHierarchy) c.ctx.unsupported("smooth scales with comm_alg \"hierarchy\" are not supported (as on Ascend A2)");
   }
   if (a.expert_scales.defined()) {
@@ -467,6 +504,25 @@ CombineCounts combine_counts(const EpConfig& c, const CombineArgs& a) {
                   c.max_bs, ", k < ", c.slots(), ")");
   }
   return r;
+}
+
+void check_add_rms_norm(const EpConfig& c, const CombineAddRmsNormArgs& a) {
+  CheckCtx cx = c.ctx;
+  cx.op = "combine_add_rms_norm";
+  const char* dt = dtype_name(c.dtype);
+  const TensorView& r = a.residual_x;
+  MOEDIST_CHECK(cx, r.defined(), "residual_x is missing (must be a (BS, 1, H) tensor of expand_x's dtype)");
+  check_strides(cx, r, "residual_x");
+  MOEDIST_CHECK(cx, r.dtype == c.dtype, "residual_x has dtype ", dtype_name(r.dtype), " (must match expand_x: ", dt, ")");
+  const bool ok3 = r.dim() == 3 && r.size(0) == c.BS && r.size(1) == 1 && r.size(2) == c.H;
+  const bool ok2 = r.dim() == 2 && r.size(0) == c.BS && r.size(1) == c.H;
+  MOEDIST_CHECK(cx, ok3 || ok2, "residual_x has shape ", r.shape_str(), " (must be (BS, 1, H) = (", c.BS, ", 1, ", c.H, ") or (BS, H))");
+  const TensorView& g = a.gamma;
+  MOEDIST_CHECK(cx, g.defined(), "gamma is missing (must be an (H,) tensor of expand_x's dtype)");
+  check_strides(cx, g, "gamma");
+  MOEDIST_CHECK(cx, g.dtype == c.dtype, "gamma has dtype ", dtype_name(g.dtype), " (must match expand_x: ", dt, ")");
+  MOEDIST_CHECK(cx, g.dim() == 1 && g.size(0) == c.H, "gamma has shape ", g.shape_str(), " (must be (H,) = (", c.H, ",))");
+  MOEDIST_CHECK(cx, a.norm_eps >= 0 && a.norm_eps <= 3.4e38, "norm_eps=", a.norm_eps, " (must be finite and >= 0)");
 }
 
 }  // namespace moedist::core

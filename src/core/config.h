@@ -28,7 +28,10 @@ struct CheckCtx {
     if (!(cond)) (ctx).fail(::moedist::detail::str_cat(__VA_ARGS__)); \
   } while (0)
 
+// fullmesh_v1 / fullmesh_v2 are the A3 names of fullmesh: the same rows, the same results (only their
+// product limits differ, checked under profile "a3").
 enum class Alg { kFullmesh, kHierarchy };
+enum class AlgName { kDefault, kFullmesh, kFullmeshV1, kFullmeshV2, kHierarchy };
 enum class ExpertKind { kMoe, kZero, kCopy, kConst, kInvalid };
 
 // Strided element access (views may be non-contiguous).
@@ -60,6 +63,10 @@ struct EpConfig {
                                 // (shapes never depend on tensor values, so graph tracing can infer them)
   std::vector<int> local_to_phys;  // effective rank -> physical EP rank
   Alg alg = Alg::kFullmesh;
+  AlgName alg_name = AlgName::kDefault;  // as spelled by the caller
+  // Row of the smooth scales for MoE expert g: scale_row_base + g (shared expert s: row s). The caller
+  // passes (S + E, H) with S and E as created, also after a scale-down: base = S as created.
+  int64_t scale_row_base = 0;
   std::vector<int32_t> ids;        // (BS, K) expert ids, row-major copy
   std::vector<uint8_t> entry_on;   // (BS, K): the mask allows entry (t, k) (before the id filter)
   std::vector<uint8_t> token_on;   // (BS,): token t is active (takes part at all)
@@ -91,5 +98,7 @@ struct CombineCounts {
   int64_t peer_rows = 0;
 };
 CombineCounts combine_counts(const EpConfig& c, const CombineArgs& a);
+// The add + RMSNorm arguments of combine_add_rms_norm, against the resolved combine (c).
+void check_add_rms_norm(const EpConfig& c, const CombineAddRmsNormArgs& a);
 
 }  // namespace moedist::core

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "core/config.h"
+#include "ops/collective.h"
 #include "moedist/ops.h"
 #include "moedist/transport.h"
 
@@ -45,7 +46,9 @@ struct DispatchCounts {
 // Counts of each (destination rank, local expert) for this rank's tokens, in effective ranks.
 std::vector<int32_t> send_counts(const DispatchCtx& d);
 
-DispatchCounts fullmesh_dispatch(const DispatchCtx& d, const RowSinks& sinks);
+// With `split` (dispatch_setup), the exchange is only begun on *split; the caller finishes it (split->end())
+// before reading the sinks. The counts are known when this returns.
+DispatchCounts fullmesh_dispatch(const DispatchCtx& d, const RowSinks& sinks, Step* split = nullptr);
 DispatchCounts hierarchy_dispatch(const DispatchCtx& d, const RowSinks& sinks);
 
 struct CombineCtx {
@@ -67,6 +70,16 @@ struct CombineCtx {
 
 // Each writes the (BS, H) result into out (already zero-filled).
 void fullmesh_combine(const CombineCtx& c, uint16_t* out);
+// fullmesh_combine in two halves (combine_setup / _teardown): send writes this rank's expert outputs to
+// their sources and leaves the exchange begun; reduce finishes it and reduces into out.
+struct CombineSplit {
+  Step step;
+  unsigned char* buf = nullptr;
+  bool in_place = false;
+  std::vector<const unsigned char*> direct;
+};
+void fullmesh_combine_send(const CombineCtx& c, CombineSplit& s);
+void fullmesh_combine_reduce(const CombineCtx& c, CombineSplit& s, uint16_t* out);
 void hierarchy_combine(const CombineCtx& c, uint16_t* out);
 
 // acc += the copy or const expert term of (t, k) (spec 9), weight w.

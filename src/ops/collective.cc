@@ -99,7 +99,10 @@ void Step::run(const char* op, const std::string& self_label, const std::string*
     }
     if (produce) produce(w);
   };
-  transport->exchange(spec);
+  if (split)
+    transport->exchange_begin(spec);
+  else
+    transport->exchange(spec);
 }
 
 void reject_step(const std::shared_ptr<Transport>& t, std::vector<int> members, const char* op, const char* phase,

@@ -46,6 +46,9 @@ struct Step {
   size_t index_of(int phys_rank) const;
   // Runs the exchange. failure: this rank's own error (null if none); produce runs only when all ok.
   void run(const char* op, const std::string& self_label, const std::string* failure, const std::function<void(PutWriter&)>& produce);
+  // With split set, run() only begins the exchange (Transport::exchange_begin) and end() finishes it.
+  bool split = false;
+  void end() { transport->exchange_end(); }
 };
 
 // Runs `members`' step as a rejected call (this rank's error in `msg`): its peers fail at once, naming it.

@@ -1,8 +1,13 @@
 // combine_v2: validation, the TP reduce-scatter (peer partial sums of own rows), the EP step of the
 // chosen algorithm with the weighted reduction fused into the read, zeros for inactive tokens.
+#include <cmath>
 #include <cstring>
 #include <exception>
+#include <map>
+#include <memory>
+#include <mutex>
 
+#include "core/half.h"
 #include "core/quant.h"
 #include "moedist/ops.h"
 #include "ops/algorithms.h"
@@ -26,16 +31,34 @@ void check_metadata(Transport& ep, const core::EpConfig& c, const CombineArgs& a
 }
 }  // namespace
 
-Tensor combine_v2(const CombineArgs& a) {
-  const char* op = "combine_v2";
-  const std::string label0 = detail::str_cat("[rank ", a.ep_rank_id, "/", a.ep_world_size, "] ");
-  auto ep = lookup(a.group_ep, a.ep_rank_id, a.ep_world_size, op, "ep_world_size", label0);
-  const std::string label = detail::str_cat("[rank ", a.ep_rank_id, "/", a.ep_world_size, "] ");
-  std::shared_ptr<Transport> tpt;
-  if (a.tp_world_size == 2) tpt = lookup(a.group_tp, a.tp_rank_id, 2, op, "tp_world_size", label0);
+// One combine: begin() validates, runs the TP step and sends (with `split`, only begins the EP exchange),
+// finish() waits for the peers' rows and reduces. Heap-held and never moved (the context refers to its
+// members), so that combine_setup can keep it between the two halves.
+struct CombineOp {
+  explicit CombineOp(const CombineArgs& args) : a(args) {}
+  void begin(bool want_split, const char* op_name);
+  Tensor finish();
 
+  CombineArgs a;
+  const char* op = "combine_v2";
+  std::shared_ptr<Transport> ep, tpt;
+  std::string label;
   core::EpConfig c;
   core::CombineCounts counts;
+  std::vector<uint16_t> xs, partial;
+  std::unique_ptr<CombineCtx> cctx;
+  Tensor out;
+  CombineSplit split;
+  bool split_open = false;
+};
+
+void CombineOp::begin(bool want_split, const char* op_name) {
+  op = op_name;
+  const std::string label0 = detail::str_cat("[rank ", a.ep_rank_id, "/", a.ep_world_size, "] ");
+  ep = lookup(a.group_ep, a.ep_rank_id, a.ep_world_size, op, "ep_world_size", label0);
+  label = detail::str_cat("[rank ", a.ep_rank_id, "/", a.ep_world_size, "] ");
+  if (a.tp_world_size == 2) tpt = lookup(a.group_tp, a.tp_rank_id, 2, op, "tp_world_size", label0);
+
   try {
     c = core::resolve_combine(a);
     counts = core::combine_counts(c, a);
@@ -47,16 +70,15 @@ Tensor combine_v2(const CombineArgs& a) {
     std::rethrow_exception(original);
   }
 
-  std::vector<uint16_t> xs;
   const uint16_t* x = core::contiguous_rows(a.expand_x, xs);
-  CombineCtx cc{a, c, ep, label};
+  cctx.reset(new CombineCtx{a, c, ep, label});
+  CombineCtx& cc = *cctx;
   cc.quant = a.comm_quant_mode == 2;
   cc.slot_bytes = cc.quant ? static_cast<size_t>(core::comm_quant_row_bytes(c.H)) : static_cast<size_t>(c.H) * 2;
   cc.own_rows = counts.own_rows;
   cc.expand_x = x;
 
   const size_t row = static_cast<size_t>(c.H) * 2;
-  std::vector<uint16_t> partial;
   if (tpt) {
     // Reduce-scatter within the TP pair: rows [own, own + peer) are partial sums for the peer's rows.
     Step t;
@@ -93,15 +115,19 @@ Tensor combine_v2(const CombineArgs& a) {
 
   const uint64_t steps0 = steps_started();
   try {
-    Tensor out(c.dtype, {c.BS, c.H}, ep->alloc(static_cast<size_t>(c.BS * c.H) * 2));
+    out = Tensor(c.dtype, {c.BS, c.H}, ep->alloc(static_cast<size_t>(c.BS * c.H) * 2));
     // Inactive tokens' rows are zeros; every active row is written by the algorithm.
     for (int64_t t = 0; t < c.BS; ++t)
       if (!c.token_on[static_cast<size_t>(t)]) std::memset(out.data_as<uint16_t>() + t * c.H, 0, row);
-    if (c.alg == core::Alg::kHierarchy)
+    if (c.alg == core::Alg::kHierarchy) {
       hierarchy_combine(cc, out.data_as<uint16_t>());
-    else
+    } else if (want_split && !tpt) {  // split where the exchange is one EP step: fullmesh without TP
+      split.step.split = true;
+      fullmesh_combine_send(cc, split);
+      split_open = true;
+    } else {
       fullmesh_combine(cc, out.data_as<uint16_t>());
-    return out;
+    }
   } catch (const std::exception& e) {
     // Failed before its exchange (e.g. out of memory): the peers must hear of it, not wait for it.
     if (steps_started() == steps0) fail_step(ep, c.members(), op, label, e.what());
@@ -109,8 +135,129 @@ Tensor combine_v2(const CombineArgs& a) {
   }
 }
 
+Tensor CombineOp::finish() {
+  if (split_open) {
+    split_open = false;
+    fullmesh_combine_reduce(*cctx, split, out.data_as<uint16_t>());
+  }
+  return out;
+}
+
+
+namespace {
+// Open split calls by handle (used once).
+template <typename Op>
+class Pending {
+ public:
+  uint64_t add(std::unique_ptr<Op> op) {
+    std::lock_guard<std::mutex> lk(mu_);
+    const uint64_t id = ++next_;
+    open_[id] = std::move(op);
+    return id;
+  }
+  std::unique_ptr<Op> take(uint64_t id, const char* op) {
+    std::lock_guard<std::mutex> lk(mu_);
+    auto it = open_.find(id);
+    if (it == open_.end())
+      throw InvalidArgument(detail::str_cat(op, ": handle ", id, " is not an open setup (each setup's handle is torn down once)"));
+    auto p = std::move(it->second);
+    open_.erase(it);
+    return p;
+  }
+
+ private:
+  std::mutex mu_;
+  uint64_t next_ = 0;
+  std::map<uint64_t, std::unique_ptr<Op>> open_;
+};
+Pending<CombineOp>& open_combines() {
+  static Pending<CombineOp> p;
+  return p;
+}
+}  // namespace
+
+uint64_t combine_setup(const CombineArgs& a) {
+  auto op = std::make_unique<CombineOp>(a);
+  op->begin(true, "combine_setup");
+  return open_combines().add(std::move(op));
+}
+
+Tensor combine_teardown(uint64_t handle) { return open_combines().take(handle, "combine_teardown")->finish(); }
+
+Tensor combine_v2(const CombineArgs& a) {
+  CombineOp op(a);
+  op.begin(false, "combine_v2");
+  return op.finish();
+}
+
+namespace {
+// x = round(c + r), rstd = 1 / sqrt(sum(x*x) / H + eps), y = round((x * rstd) * gamma): float32, h ascending,
+// each product rounded before the add (the build forbids contraction), as the reference.
+void add_rms_norm_rows(const core::EpConfig& c, const uint16_t* combined, const CombineAddRmsNormArgs& a, uint16_t* y,
+                       float* rstd, uint16_t* x) {
+  const int64_t H = c.H;
+  const DType dt = c.dtype;
+  const float eps = static_cast<float>(a.norm_eps);
+  const TensorView& r = a.residual_x;
+  std::vector<float> g(static_cast<size_t>(H));
+  for (int64_t h = 0; h < H; ++h) g[static_cast<size_t>(h)] = core::half_to_float(dt, core::at1<uint16_t>(a.gamma, h));
+  for (int64_t t = 0; t < c.BS; ++t) {
+    uint16_t* xt = x + t * H;
+    float sum = 0.f;
+    for (int64_t h = 0; h < H; ++h) {
+      const uint16_t rv = r.dim() == 3 ? *static_cast<const uint16_t*>(r.at({t, 0, h})) : core::at2<uint16_t>(r, t, h);
+      xt[h] = core::float_to_half(dt, core::half_to_float(dt, combined[t * H + h]) + core::half_to_float(dt, rv));
+      const float xf = core::half_to_float(dt, xt[h]);
+      const float sq = xf * xf;
+      sum = sum + sq;
+    }
+    const float mean = sum / static_cast<float>(H);
+    const float rs = 1.f / std::sqrt(mean + eps);
+    rstd[t] = rs;
+    for (int64_t h = 0; h < H; ++h) {
+      const float n = core::half_to_float(dt, xt[h]) * rs;
+      y[t * H + h] = core::float_to_half(dt, n * g[static_cast<size_t>(h)]);
+    }
+  }
+}
+}  // namespace
+
+CombineAddRmsNormResult combine_add_rms_norm(const CombineAddRmsNormArgs& a) {
+  const char* op = "combine_add_rms_norm";
+  const CombineArgs& ca = a.combine;
+  const std::string label = detail::str_cat("[rank ", ca.ep_rank_id, "/", ca.ep_world_size, "] ");
+  auto ep = lookup(ca.group_ep, ca.ep_rank_id, ca.ep_world_size, op, "ep_world_size", label);
+  core::EpConfig c;
+  try {
+    c = core::resolve_combine(ca);
+    core::combine_counts(c, ca);
+    core::check_add_rms_norm(c, a);  // before any byte moves: a rejection reaches the peers below
+  } catch (const Error& e) {
+    const std::exception_ptr original = std::current_exception();
+    if (ca.tp_world_size == 2) {
+      try {
+        fail_step(lookup(ca.group_tp, ca.tp_rank_id, 2, op, "tp_world_size", label), {0, 1}, op, label, e.what());
+      } catch (...) {
+      }
+    }
+    fail_step(ep, fallback_members(ca.elastic_info, ca.ep_world_size), op, label, e.what());
+    std::rethrow_exception(original);
+  }
+  Tensor combined = ops::combine_v2(ca);
+  CombineAddRmsNormResult out;
+  out.y = Tensor(c.dtype, {c.BS, 1, c.H});
+  out.rstd = Tensor(DType::kFloat32, {c.BS, 1, 1});
+  out.x = Tensor(c.dtype, {c.BS, 1, c.H});
+  add_rms_norm_rows(c, combined.data_as<uint16_t>(), a, out.y.data_as<uint16_t>(), out.rstd.data_as<float>(),
+                    out.x.data_as<uint16_t>());
+  return out;
+}
+
 }  // namespace moedist::ops
 
 namespace moedist {
 Tensor combine_v2(const CombineArgs& args) { return ops::combine_v2(args); }
+uint64_t combine_setup(const CombineArgs& args) { return ops::combine_setup(args); }
+Tensor combine_teardown(uint64_t handle) { return ops::combine_teardown(handle); }
+CombineAddRmsNormResult combine_add_rms_norm(const CombineAddRmsNormArgs& args) { return ops::combine_add_rms_norm(args); }
 }  // namespace moedist

@@ -2,6 +2,9 @@
 // and the counts (ep_recv_counts, expert_token_nums, tp_recv_counts).
 #include <algorithm>
 #include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
 #include <exception>
 
 #include "core/half.h"
@@ -56,16 +59,36 @@ const T* contiguous(const TensorView& v, std::vector<T>& storage) {
 
 }  // namespace
 
-DispatchResult dispatch_v2(const DispatchArgs& a) {
+// One dispatch: begin() validates and sends (with `split`, only begins the EP exchange), finish() waits for
+// the peers' rows, builds the counts and runs the TP step. Heap-held and never moved (the context refers
+// to its members), so that dispatch_setup can keep it between the two halves.
+struct DispatchOp {
+  explicit DispatchOp(const DispatchArgs& args) : a(args) {}
+  void begin(bool want_split, const char* op_name);
+  DispatchResult finish();
+
+  DispatchArgs a;
   const char* op = "dispatch_v2";
+  std::shared_ptr<Transport> ep, tpt;
+  std::string label;
+  core::EpConfig c;
+  std::unique_ptr<DispatchCtx> dctx;
+  std::vector<uint16_t> xs;
+  std::vector<float> ss, ws;
+  DispatchResult res;
+  RowSinks out;
+  DispatchCounts got;
+  Step step;  // the begun EP exchange (split)
+};
+
+void DispatchOp::begin(bool want_split, const char* op_name) {
+  op = op_name;
   const std::string label0 = detail::str_cat("[rank ", a.ep_rank_id, "/", a.ep_world_size, "] ");
-  auto ep = lookup(a.group_ep, a.ep_rank_id, a.ep_world_size, op, "ep_world_size", label0);
-  const std::string label = label_of(a.ep_rank_id, a.ep_world_size);
-  std::shared_ptr<Transport> tpt;
+  ep = lookup(a.group_ep, a.ep_rank_id, a.ep_world_size, op, "ep_world_size", label0);
+  label = label_of(a.ep_rank_id, a.ep_world_size);
   if (a.tp_world_size == 2) tpt = lookup(a.group_tp, a.tp_rank_id, 2, op, "tp_world_size", label0);
 
   // Validate; a rank that fails still takes part once, so its peers fail at once, naming it.
-  core::EpConfig c;
   try {
     c = core::resolve_dispatch(a);
   } catch (const Error& e) {
@@ -75,16 +98,14 @@ DispatchResult dispatch_v2(const DispatchArgs& a) {
     std::rethrow_exception(original);
   }
 
-  DispatchCtx d{a, c, ep, label};
+  dctx.reset(new DispatchCtx{a, c, ep, label});
+  DispatchCtx& d = *dctx;
   d.quant = a.quant_mode == 2;
   d.row_bytes = static_cast<size_t>(c.H) * (d.quant ? 1 : 2);
-  std::vector<uint16_t> xs;
-  std::vector<float> ss, ws;
   d.x = contiguous<uint16_t>(a.x, xs);
   d.smooth = contiguous<float>(a.scales, ss);
   d.weights = contiguous<float>(a.expert_scales, ws);
 
-  DispatchResult res;
   const int64_t A = c.A, H = c.H;
   // Outputs that peers write into come from the transport (shared memory: this rank's window), so every
   // row is written once, straight into its final place. Rows past the received count are not written.
@@ -93,8 +114,6 @@ DispatchResult dispatch_v2(const DispatchArgs& a) {
     for (int64_t v : shape) n *= v;
     return Tensor(dt, shape, ep->alloc(static_cast<size_t>(n) * dtype_size(dt)));
   };
-  RowSinks out;
-  DispatchCounts got;
   const uint64_t steps0 = steps_started();
   try {
     res.expand_x = out_tensor(d.quant ? DType::kInt8 : c.dtype, {c.tp * A, H});
@@ -106,13 +125,29 @@ DispatchResult dispatch_v2(const DispatchArgs& a) {
     res.expand_scales = out_tensor(DType::kFloat32, {A});
     out = RowSinks{static_cast<unsigned char*>(res.expand_x.data()), res.dynamic_scales.data_as<float>(),
                    res.assist_info_for_combine.data_as<int32_t>(), res.expand_scales.data_as<float>(), A};
-    got = c.alg == core::Alg::kHierarchy ? hierarchy_dispatch(d, out) : fullmesh_dispatch(d, out);
+    // Split where the exchange is one EP step: fullmesh without TP. Otherwise the whole op runs here.
+    const bool split = want_split && c.alg == core::Alg::kFullmesh && !tpt;
+    got = c.alg == core::Alg::kHierarchy ? hierarchy_dispatch(d, out) : fullmesh_dispatch(d, out, split ? &step : nullptr);
   } catch (const std::exception& e) {
     // Failed before its exchange (e.g. out of memory): the peers must hear of it, not wait for it.
     if (steps_started() == steps0) reject_step(ep, c.members(), op, "", label, e.what());
     if (tpt) reject_step(tpt, {0, 1}, op, "TP", label, "its EP group failed");
     throw;
   }
+}
+
+DispatchResult DispatchOp::finish() {
+  if (step.split) {
+    step.split = false;
+    try {
+      step.end();
+    } catch (const std::exception&) {
+      if (tpt) reject_step(tpt, {0, 1}, op, "TP", label, "its EP group failed");
+      throw;
+    }
+  }
+  const int64_t A = c.A;
+  const DispatchCtx& d = *dctx;
   // Per-row scalars past the rows are zeros (cheap, and keeps them deterministic).
   std::memset(out.dynamic_scales + got.rows, 0, static_cast<size_t>(c.tp * A - got.rows) * 4);
   std::memset(out.expand_scales + got.rows, 0, static_cast<size_t>(A - got.rows) * 4);
@@ -174,8 +209,57 @@ DispatchResult dispatch_v2(const DispatchArgs& a) {
   return res;
 }
 
+
+namespace {
+// Open split calls by handle (used once).
+template <typename Op>
+class Pending {
+ public:
+  uint64_t add(std::unique_ptr<Op> op) {
+    std::lock_guard<std::mutex> lk(mu_);
+    const uint64_t id = ++next_;
+    open_[id] = std::move(op);
+    return id;
+  }
+  std::unique_ptr<Op> take(uint64_t id, const char* op) {
+    std::lock_guard<std::mutex> lk(mu_);
+    auto it = open_.find(id);
+    if (it == open_.end())
+      throw InvalidArgument(detail::str_cat(op, ": handle ", id, " is not an open setup (each setup's handle is torn down once)"));
+    auto p = std::move(it->second);
+    open_.erase(it);
+    return p;
+  }
+
+ private:
+  std::mutex mu_;
+  uint64_t next_ = 0;
+  std::map<uint64_t, std::unique_ptr<Op>> open_;
+};
+Pending<DispatchOp>& open_dispatches() {
+  static Pending<DispatchOp> p;
+  return p;
+}
+}  // namespace
+
+uint64_t dispatch_setup(const DispatchArgs& a) {
+  auto op = std::make_unique<DispatchOp>(a);
+  op->begin(true, "dispatch_setup");
+  return open_dispatches().add(std::move(op));
+}
+
+DispatchResult dispatch_teardown(uint64_t handle) { return open_dispatches().take(handle, "dispatch_teardown")->finish(); }
+
+DispatchResult dispatch_v2(const DispatchArgs& a) {
+  DispatchOp d(a);
+  d.begin(false, "dispatch_v2");
+  return d.finish();
+}
+
 }  // namespace moedist::ops
 
 namespace moedist {
 DispatchResult dispatch_v2(const DispatchArgs& args) { return ops::dispatch_v2(args); }
+uint64_t dispatch_setup(const DispatchArgs& args) { return ops::dispatch_setup(args); }
+DispatchResult dispatch_teardown(uint64_t handle) { return ops::dispatch_teardown(handle); }
 }  // namespace moedist

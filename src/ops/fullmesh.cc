@@ -16,10 +16,12 @@
 
 namespace moedist::ops {
 
-DispatchCounts fullmesh_dispatch(const DispatchCtx& d, const RowSinks& sinks) {
+DispatchCounts fullmesh_dispatch(const DispatchCtx& d, const RowSinks& sinks, Step* split) {
   const core::EpConfig& c = d.cfg;
   const int64_t W = c.W, L = c.L, K = c.K;
-  Step step;
+  Step local;
+  Step& step = split ? *split : local;
+  step.split = split != nullptr;
   step.transport = d.ep;
   step.members = c.members();
   step.cfg = &c;
@@ -78,7 +80,7 @@ DispatchCounts fullmesh_dispatch(const DispatchCtx& d, const RowSinks& sinks) {
       for (int64_t k = 0; k < K; ++k) {
         if (!c.sel(t, k)) continue;
         const int64_t g = c.ids[static_cast<size_t>(t * K + k)];
-        emit(c.moe_rank_of(g), g % L, t, k, c.S + g, d.weights ? d.weights[t * K + k] : 0.f);
+        emit(c.moe_rank_of(g), g % L, t, k, c.scale_row_base + g, d.weights ? d.weights[t * K + k] : 0.f);
       }
       if (c.token_on[static_cast<size_t>(t)])
         for (int64_t s = 0; s < c.S; ++s) emit(c.shared_dest(c.rank, s), 0, t, K + s, s, d.weights ? 1.f : 0.f);
@@ -173,21 +175,28 @@ void add_shared_x(const CombineCtx& cc, int64_t t, float* acc) {
 }
 
 void fullmesh_combine(const CombineCtx& cc, uint16_t* out) {
+  CombineSplit s;
+  fullmesh_combine_send(cc, s);
+  fullmesh_combine_reduce(cc, s, out);
+}
+
+void fullmesh_combine_send(const CombineCtx& cc, CombineSplit& s) {
   const core::EpConfig& c = cc.cfg;
-  const int64_t K = c.K, H = c.H, SL = c.slots();
-  const DType dt = c.dtype;
-  Step step;
+  const int64_t H = c.H, SL = c.slots();
+  Step& step = s.step;
   step.transport = cc.ep;
   step.members = c.members();
   step.cfg = &c;
   step.extra_uniform = {{"comm_quant_mode", cc.quant ? 2 : 0}};
   put_pod<int64_t>(step.payload, c.BS);
   const size_t region = static_cast<size_t>(c.BS * SL) * cc.slot_bytes;
-  auto* buf = static_cast<unsigned char*>(cc.ep->scratch(4, region));
-  step.recv = {RecvRegion{buf, region}};
+  s.buf = static_cast<unsigned char*>(cc.ep->scratch(4, region));
+  step.recv = {RecvRegion{s.buf, region}};
   // This rank's own rows need no copy when they go out unchanged: the reduction reads them in place.
-  const bool in_place = !cc.quant && !cc.tp_partial;
-  std::vector<const unsigned char*> direct(in_place ? static_cast<size_t>(c.BS * SL) : 0, nullptr);
+  s.in_place = !cc.quant && !cc.tp_partial;
+  const bool in_place = s.in_place;
+  s.direct.assign(in_place ? static_cast<size_t>(c.BS * SL) : 0, nullptr);
+  auto& direct = s.direct;
   step.run("combine_v2", cc.label, nullptr, [&](PutWriter& w) {
     std::vector<uint16_t> tmp;
     for (int64_t i = 0; i < cc.own_rows; ++i) {
@@ -205,6 +214,16 @@ void fullmesh_combine(const CombineCtx& cc, uint16_t* out) {
       cc.wire_row(i, dst, tmp);
     }
   });
+}
+
+void fullmesh_combine_reduce(const CombineCtx& cc, CombineSplit& s, uint16_t* out) {
+  if (s.step.split) s.step.end();
+  const core::EpConfig& c = cc.cfg;
+  const int64_t K = c.K, H = c.H, SL = c.slots();
+  const DType dt = c.dtype;
+  const unsigned char* buf = s.buf;
+  const bool in_place = s.in_place;
+  const auto& direct = s.direct;
 
   // Reduce in the spec's order: k ascending (MoE, copy, const), shared slots, shared_expert_x.
   // Tokens whose terms are all rows (MoE, copy, shared, shared_expert_x) take the chunked kernel;

@@ -2,7 +2,7 @@
 //  dispatch (spec 3): rows of MoE rank d: local expert e ascending, then source rank ascending, then
 //    token ascending; rows of shared rank d: source ranks r with r % R == d % R ascending, then token.
 //    expand_x row = x row (quant_mode 0) or its dynamic int8 quantization with the source's smooth
-//    scale row S + g (MoE) / s (shared); assist triple = (source rank, token, k) with k = K + s for
+//    scale row S + g (MoE, S as created) / s (shared); assist triple = (source rank, token, k) with k = K + s for
 //    shared rows; ep_recv_counts = inclusive prefix sums over (e, r); TP: [own rows; peer's rows].
 //  combine (spec 12): y = expand_x row (TP: rne(float(own) + float(peer partial))); with comm quant,
 //    y = dequant(quant(y)); per active token acc = 0f; k ascending: MoE acc += y*w, copy acc += x*w,
@@ -11,6 +11,7 @@
 #include "moedist/reference.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <map>
 #include <tuple>
@@ -108,7 +109,7 @@ std::vector<DispatchResult> dispatch_v2(const std::vector<DispatchArgs>& calls, 
             for (int64_t t = 0; t < cr.BS; ++t)
               for (int64_t k = 0; k < K; ++k)
                 if (cr.sel(t, k) && cr.ids[static_cast<size_t>(t * K + k)] == gid) {
-                  rows.push_back({r, t, k, cr.S + gid});
+                  rows.push_back({r, t, k, cr.scale_row_base + gid});
                   ++cnt[static_cast<size_t>(e * W + r)];
                 }
           }
@@ -343,6 +344,55 @@ std::vector<Tensor> combine_v2(const std::vector<CombineArgs>& calls, const Opti
       for (int64_t h = 0; h < H; ++h) po[t * H + h] = core::float_to_half(dt, acc[static_cast<size_t>(h)]);
     }
     out.push_back(std::move(o));
+  }
+  return out;
+}
+
+std::vector<CombineAddRmsNormResult> combine_add_rms_norm(const std::vector<CombineAddRmsNormArgs>& calls,
+                                                         const Options& options) {
+  std::vector<CombineArgs> combine_calls;
+  for (const auto& a : calls) combine_calls.push_back(a.combine);
+  std::vector<Tensor> combined = combine_v2(combine_calls, options);
+  std::vector<CombineAddRmsNormResult> out;
+  for (size_t i = 0; i < calls.size(); ++i) {
+    const CombineAddRmsNormArgs& a = calls[i];
+    const EpConfig c = core::resolve_combine(a.combine);
+    core::check_add_rms_norm(c, a);
+    const DType dt = c.dtype;
+    const int64_t BS = c.BS, H = c.H;
+    const float eps = static_cast<float>(a.norm_eps);
+    CombineAddRmsNormResult r;
+    r.y = Tensor(dt, {BS, 1, H});
+    r.rstd = Tensor(DType::kFloat32, {BS, 1, 1});
+    r.x = Tensor(dt, {BS, 1, H});
+    const uint16_t* cb = combined[i].data_as<uint16_t>();
+    for (int64_t t = 0; t < BS; ++t) {
+      // x = combine row (already rounded) + residual, rounded once.
+      float sum = 0.f;
+      for (int64_t h = 0; h < H; ++h) {
+        const TensorView& res = a.residual_x;
+        const uint16_t rv = res.dim() == 3 ? *static_cast<const uint16_t*>(res.at({t, 0, h})) : core::at2<uint16_t>(res, t, h);
+        const float added = core::half_to_float(dt, cb[t * H + h]) + core::half_to_float(dt, rv);
+        const uint16_t xh = core::float_to_half(dt, added);
+        r.x.data_as<uint16_t>()[t * H + h] = xh;
+        // Sum of squares, h ascending: the square rounded to float32, then added.
+        const float xf = core::half_to_float(dt, xh);
+        const float sq = xf * xf;
+        sum = sum + sq;
+      }
+      // rstd = 1 / sqrt(mean + eps), all float32.
+      const float mean = sum / static_cast<float>(H);
+      const float rstd = 1.f / std::sqrt(mean + eps);
+      r.rstd.data_as<float>()[t] = rstd;
+      // y = (x * rstd) * gamma, rounded once.
+      for (int64_t h = 0; h < H; ++h) {
+        const float xf = core::half_to_float(dt, r.x.data_as<uint16_t>()[t * H + h]);
+        const float normed = xf * rstd;
+        const float scaled = normed * core::half_to_float(dt, core::at1<uint16_t>(a.gamma, h));
+        r.y.data_as<uint16_t>()[t * H + h] = core::float_to_half(dt, scaled);
+      }
+    }
+    out.push_back(std::move(r));
   }
   return out;
 }

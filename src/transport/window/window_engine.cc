@@ -121,12 +121,19 @@ void WindowEngine::abandon(const std::string& why) {
   st->failed.store(1, std::memory_order_release);
 }
 
-void WindowEngine::exchange(const ExchangeSpec& spec) {
+void WindowEngine::check_usable(const char* op) {
   if (!broken_.empty())
-    throw TransportError(detail::str_cat("[rank ", rank_, "/", world_, "] ", spec.op, ": this group can no longer be used: an earlier call ",
+    throw TransportError(detail::str_cat("[rank ", rank_, "/", world_, "] ", op, ": this group can no longer be used: an earlier call ",
                                          "was abandoned (", broken_, ")"));
   const std::string void_group = group_failure();
-  if (!void_group.empty()) throw TransportError(detail::str_cat("[rank ", rank_, "/", world_, "] ", spec.op, ": ", void_group));
+  if (!void_group.empty()) throw TransportError(detail::str_cat("[rank ", rank_, "/", world_, "] ", op, ": ", void_group));
+  if (pending_.active)
+    throw InvalidArgument(detail::str_cat("[rank ", rank_, "/", world_, "] ", op, ": a split exchange (", pending_.op,
+                                          ") is still open on this group: finish it (its teardown) first"));
+}
+
+void WindowEngine::exchange(const ExchangeSpec& spec) {
+  check_usable(spec.op);
   completed_ = false;
   try {
     run_exchange(spec);
@@ -136,7 +143,34 @@ void WindowEngine::exchange(const ExchangeSpec& spec) {
   }
 }
 
+void WindowEngine::exchange_begin(const ExchangeSpec& spec) {
+  check_usable(spec.op);
+  completed_ = false;
+  try {
+    run_begin(spec);
+  } catch (const std::exception& e) {
+    pending_ = Pending{};
+    abandon(e.what());
+    throw;
+  }
+}
+
+void WindowEngine::exchange_end() {
+  MOEDIST_ASSERT(pending_.active, "exchange_end without exchange_begin");
+  try {
+    run_end();
+  } catch (const std::exception& e) {
+    if (!completed_) abandon(e.what());
+    throw;
+  }
+}
+
 void WindowEngine::run_exchange(const ExchangeSpec& spec) {
+  run_begin(spec);
+  run_end();
+}
+
+void WindowEngine::run_begin(const ExchangeSpec& spec) {
   const auto& members = spec.members;
   const size_t n = members.size();
   MOEDIST_ASSERT(spec.blob_bytes <= layout_.blob_max, "blob of ", spec.blob_bytes, " bytes > ", layout_.blob_max);
@@ -209,17 +243,30 @@ void WindowEngine::run_exchange(const ExchangeSpec& spec) {
     f->done_failed.store(local_error ? 1u : 0u, std::memory_order_relaxed);
     f->done.store(epoch_[static_cast<size_t>(p)], std::memory_order_release);
   }
+  pending_.active = true;
+  pending_.members.assign(members.begin(), members.end());
+  pending_.op = spec.op;
+  pending_.local_error = local_error;
+}
+
+void WindowEngine::run_end() {
+  const std::vector<int> members = std::move(pending_.members);
+  const char* op = pending_.op;
+  const std::exception_ptr local_error = pending_.local_error;
+  pending_ = Pending{};
+  const size_t n = members.size();
+  void* mine = ctrl_base(rank_);
   int failed_peer = -1;
   for (size_t i = 0; i < n; ++i) {
     const int p = members[i];
     PeerFlags* f = layout_.flags(mine, p);
-    wait_flag(f->done, epoch_[static_cast<size_t>(p)], p, spec.op, "finish writing");
+    wait_flag(f->done, epoch_[static_cast<size_t>(p)], p, op, "finish writing");
     if (f->done_failed.load(std::memory_order_relaxed) && failed_peer < 0 && p != rank_) failed_peer = p;
   }
   completed_ = true;  // errors from here on were seen by every member alike: the group stays in step
   if (local_error) std::rethrow_exception(local_error);
   if (failed_peer >= 0)
-    throw TransportError(detail::str_cat("[rank ", rank_, "/", world_, "] ", spec.op, ": rank ", failed_peer,
+    throw TransportError(detail::str_cat("[rank ", rank_, "/", world_, "] ", op, ": rank ", failed_peer,
                                          " failed while writing its data (its own error names the cause)"));
 }
 

@@ -10,6 +10,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <exception>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -71,6 +72,8 @@ class WindowEngine : public Transport {
   int world_size() const override { return world_; }
   std::chrono::milliseconds timeout() const override { return timeout_; }
   void exchange(const ExchangeSpec& spec) override;
+  void exchange_begin(const ExchangeSpec& spec) override;
+  void exchange_end() override;
   TransportStats stats() const override;
 
  protected:
@@ -87,6 +90,9 @@ class WindowEngine : public Transport {
  private:
   void wait_flag(const std::atomic<uint64_t>& flag, uint64_t epoch, int peer, const char* op, const char* what);
   void run_exchange(const ExchangeSpec& spec);
+  void run_begin(const ExchangeSpec& spec);  // waves 1 and the payload, "done" signalled
+  void run_end();                            // wave 2: every member's "done"
+  void check_usable(const char* op);
   // This rank leaves a call unfinished: peers are told (OwnerStatus) and later calls fail at once.
   void abandon(const std::string& why);
 
@@ -96,6 +102,13 @@ class WindowEngine : public Transport {
   std::vector<uint64_t> epoch_;  // per peer
   int spin_;                     // polls before the first yield: fewer when ranks outnumber CPUs
   bool completed_ = false;       // the current exchange finished on this rank (both waves)
+  // Between run_begin and run_end: the members, the op and this rank's own error from produce.
+  struct Pending {
+    bool active = false;
+    std::vector<int> members;
+    const char* op = "";
+    std::exception_ptr local_error;
+  } pending_;
   std::string broken_;           // set once a call was abandoned: the group's epochs are out of step
   // Traffic counters: written by this rank's thread only (relaxed), readable from any thread.
   std::atomic<uint64_t> bytes_sent_{0}, payload_bytes_{0}, messages_{0}, exchanges_{0};
