@@ -311,8 +311,9 @@ std::vector<std::string> parse_words(const std::string& s, char sep) {
   return v;
 }
 
-[[maybe_unused]] int bench_usage() {
-  std::fprintf(stderr,
+// The usage text: to stdout for --help (exit 0), to stderr after a usage error (exit 2).
+int bench_usage(FILE* out = stderr) {
+  std::fprintf(out,
                "usage: moedist bench [--ranks 2,4,8] [--tokens 1,8,32,128,512] [--hidden 7168] [--experts 16,64]\n"
                "                     [--quant 0,2] [--topk 8] [--iters 30] [--warmup 5] [--out DIR] [--quick]\n"
                "                     [--transport shm|mpi|hybrid] [--comm-alg fullmesh,hierarchy] [--ranks-per-host N]\n"
@@ -329,7 +330,13 @@ std::vector<std::string> parse_words(const std::string& s, char sep) {
                "  that moedist and the baseline combine to the same bits; a difference fails the run.\n"
                "  The worker can be started directly: mpirun -np 8 --hostfile hosts moedist bench-worker [options]\n"
                "  prints one JSON object per configuration.\n");
-  return 2;
+  return out == stderr ? 2 : 0;
+}
+
+bool help_asked(int argc, char** argv) {
+  for (int i = 0; i < argc; ++i)
+    if (std::string(argv[i]) == "--help" || std::string(argv[i]) == "-h") return true;
+  return false;
 }
 
 [[maybe_unused]] bool parse_sweep(int argc, char** argv, Sweep& s) {
@@ -393,6 +400,7 @@ std::vector<std::string> parse_words(const std::string& s, char sep) {
 
 #ifndef MOEDIST_HAVE_MPI
 int bench_main(int argc, char** argv, const char*) {
+  if (help_asked(argc, argv)) return bench_usage(stdout);
   for (int i = 0; i < argc; ++i)
     if (std::string(argv[i]) == "--split") return split_bench::main_(argc, argv);
   std::fprintf(stderr, "moedist bench: this build has no MPI (install libopenmpi-dev openmpi-bin and rebuild)\n");
@@ -693,6 +701,7 @@ std::string json_stats(const char* name, const std::vector<double>& v) {
 
 int bench_worker_main(int argc, char** argv) {
   Sweep s;
+  if (help_asked(argc, argv)) return bench_usage(stdout);
   if (!parse_sweep(argc, argv, s)) return 2;
   MPI_Init(nullptr, nullptr);
   int W, rank;
@@ -784,10 +793,7 @@ int bench_main(int argc, char** argv, const char* argv0) {
   for (int i = 0; i < argc; ++i)
     if (std::string(argv[i]) == "--split") return split_bench::main_(argc, argv);
   Sweep s;
-  if (argc > 0 && (std::string(argv[0]) == "--help" || std::string(argv[0]) == "-h")) {
-    bench_usage();
-    return 0;
-  }
+  if (help_asked(argc, argv)) return bench_usage(stdout);
   if (!parse_sweep(argc, argv, s)) return bench_usage();
   std::string cmd_common = " --tokens " + join(s.tokens) + " --hidden " + join(s.hidden) + " --experts " + join(s.experts) +
                            " --quant " + join(s.quant) + " --topk " + std::to_string(s.topk) + " --iters " + std::to_string(s.iters) +

@@ -28,13 +28,30 @@ namespace {
 volatile sig_atomic_t g_signal = 0;
 void on_signal(int sig) { g_signal = sig; }
 
-int usage() {
-  std::fprintf(stderr,
+// The usage text: to stdout for --help (exit 0), to stderr after a usage error (exit 2).
+int usage(FILE* out = stderr) {
+  std::fprintf(out,
                "usage: moedist launch -n N [--timeout SECONDS] [--] PROGRAM [ARGS...]\n"
                "  Starts N ranks of PROGRAM on this host (processes; moedist groups use shared memory).\n"
                "  Each rank gets MOEDIST_RANK, MOEDIST_WORLD_SIZE, MOEDIST_LOCAL_RANK, MOEDIST_JOB_ID.\n"
                "  A rank that fails stops the others; the exit code is the first failure's.\n");
-  return 2;
+  return out == stderr ? 2 : 0;
+}
+
+// `text` as a whole number >= min, or false.
+bool parse_count(const char* text, long min, long max, long& value) {
+  char* end = nullptr;
+  errno = 0;
+  value = std::strtol(text, &end, 10);
+  return *text != '\0' && *end == '\0' && errno == 0 && value >= min && value <= max;
+}
+
+// `text` as a number of seconds >= 0, or false.
+bool parse_seconds(const char* text, double& value) {
+  char* end = nullptr;
+  errno = 0;
+  value = std::strtod(text, &end);
+  return *text != '\0' && *end == '\0' && errno == 0 && value >= 0 && value == value;
 }
 
 // A job id no other job has had: 128 random bits.
@@ -63,16 +80,24 @@ int launch_main(int argc, char** argv) {
   int i = 0;
   for (; i < argc; ++i) {
     const std::string a = argv[i];
-    if ((a == "-n" || a == "--np" || a == "--nproc") && i + 1 < argc) {
-      n = std::atoi(argv[++i]);
-    } else if (a == "--timeout" && i + 1 < argc) {
-      timeout_s = std::atof(argv[++i]);
+    if (a == "-n" || a == "--np" || a == "--nproc" || a == "--timeout") {
+      if (i + 1 >= argc) {
+        std::fprintf(stderr, "moedist launch: %s needs a value\n", a.c_str());
+        return usage();
+      }
+      const char* value = argv[++i];
+      long count = 0;
+      if (a == "--timeout" ? !parse_seconds(value, timeout_s) : !parse_count(value, 1, 100000, count)) {
+        std::fprintf(stderr, "moedist launch: %s %s is not %s\n", a.c_str(), value,
+                     a == "--timeout" ? "a number of seconds >= 0" : "a positive integer (1 to 100000)");
+        return usage();
+      }
+      if (a != "--timeout") n = static_cast<int>(count);
     } else if (a == "--") {
       ++i;
       break;
     } else if (a == "-h" || a == "--help") {
-      usage();
-      return 0;
+      return usage(stdout);
     } else if (!a.empty() && a[0] == '-') {
       std::fprintf(stderr, "moedist launch: unknown option %s\n", a.c_str());
       return usage();
@@ -81,7 +106,7 @@ int launch_main(int argc, char** argv) {
     }
   }
   if (n < 1) {
-    std::fprintf(stderr, "moedist launch: -n N is required (N >= 1), got %d\n", n);
+    std::fprintf(stderr, "moedist launch: -n N (the number of ranks) is required\n");
     return usage();
   }
   if (i >= argc) {

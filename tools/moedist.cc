@@ -15,7 +15,7 @@
 #include <vector>
 
 #include "bench.h"
-#include "demo.h"
+#include "demo/demo.h"
 #include "launch.h"
 #include "moedist/version.h"
 
@@ -83,7 +83,7 @@ int main(int argc, char** argv) {
     return 0;
   }
   if (command == "--help" || command == "-h" || command == "help") {
-    if (argc == 2) {
+    if (argc == 2 || std::string_view(argv[2]) == "--help" || std::string_view(argv[2]) == "-h") {
       print_usage(std::cout);
       return 0;
     }

@@ -4,6 +4,7 @@
 #include "moedist/elastic.h"
 #include "moedist/error.h"
 #include "moedist/group.h"
+#include "moedist/half.h"
 #include "moedist/ops.h"
 #include "moedist/reference.h"
 #include "moedist/tensor.h"
