@@ -1422,16 +1422,22 @@ std::ostream& operator<<(std::ostream& os, const Mismatch& m) { return os << m.n
 
 class UniformMismatch : public ::testing::TestWithParam<Mismatch> {};
 
-TEST_P(UniformMismatch, EveryRankFailsNamingIt) {
+// Four ranks call dispatch_v2 on thread groups, rank 1 with its arguments changed by `odd`.
+std::vector<Result> dispatch_with_odd_rank1(const std::function<void(DispatchArgs&, Store&)>& odd) {
   Group g(4, std::chrono::milliseconds(5000), "uni");
   std::vector<RankInputs> in;
   for (int r = 0; r < 4; ++r) in.emplace_back(r);
   std::vector<Store> stores(4);
   std::vector<DispatchArgs> da;
   for (int r = 0; r < 4; ++r) da.push_back(in[static_cast<size_t>(r)].args(g.name, r));
-  GetParam().odd(da[1], stores[1]);
+  odd(da[1], stores[1]);
   std::vector<Result> res(4);
   run_ranks(4, [&](int r) { res[static_cast<size_t>(r)] = observe([&] { dispatch_v2(da[static_cast<size_t>(r)]); }); });
+  return res;
+}
+
+TEST_P(UniformMismatch, EveryRankFailsNamingIt) {
+  const std::vector<Result> res = dispatch_with_odd_rank1(GetParam().odd);
   for (int r = 0; r < 4; ++r)
     EXPECT_TRUE(ended(res[static_cast<size_t>(r)], Outcome::kInvalid, {"[rank " + std::to_string(r) + "/4] dispatch_v2", GetParam().param}, 2.0))
         << "rank " << r;
@@ -1458,6 +1464,15 @@ INSTANTIATE_TEST_SUITE_P(
                                "BS"},
                       Mismatch{"Dtype", [](DispatchArgs& a, Store& st) { a.x = st.half(kFp16, 3, 16); }, "dtype"}),
     [](const ::testing::TestParamInfo<Mismatch>& i) { return i.param.name; });
+
+// The token dtypes are named, not shown as numbers.
+TEST(UniformMismatchMessage, NamesTheDtypes) {
+  const std::vector<Result> res = dispatch_with_odd_rank1([](DispatchArgs& a, Store& st) { a.x = st.half(kFp16, 3, 16); });
+  EXPECT_TRUE(ended(res[1], Outcome::kInvalid, {"dtype of the token data=float16 but rank 0 passed bfloat16"}, 2.0));
+  for (int r : {0, 2, 3})
+    EXPECT_TRUE(ended(res[static_cast<size_t>(r)], Outcome::kInvalid, {"dtype of the token data=bfloat16 but rank 1 passed float16"}, 2.0))
+        << "rank " << r;
+}
 
 // ================================================================================================
 // A two-rank case worked out by hand.

@@ -43,13 +43,26 @@ std::vector<int> EpConfig::members() const {
   return m;
 }
 
+namespace {
+constexpr const char* kDtypeParam = "dtype of the token data";
+constexpr const char* kCommAlgParam = "comm_alg";
+}  // namespace
+
+std::string uniform_value_str(const char* name, int64_t value) {
+  if (std::strcmp(name, kDtypeParam) == 0 && value >= 0 && value <= static_cast<int64_t>(DType::kBool))
+    return dtype_name(static_cast<DType>(value));
+  if (std::strcmp(name, kCommAlgParam) == 0 && (value == 0 || value == 1))
+    return static_cast<Alg>(value) == Alg::kFullmesh ? "fullmesh" : "hierarchy";
+  return std::to_string(value);
+}
+
 std::vector<std::pair<const char*, int64_t>> EpConfig::uniform_params() const {
   std::vector<std::pair<const char*, int64_t>> p = {
       {"ep_world_size", W_orig},     {"moe_expert_num", E_orig},    {"shared_expert_rank_num", Sr_orig},
       {"shared_expert_num", S},      {"tp_world_size", tp},         {"global_bs", global_bs},
-      {"expert_ids.size(1) (K)", K}, {"hidden size H", H},          {"dtype of the token data", static_cast<int64_t>(dtype)},
+      {"expert_ids.size(1) (K)", K}, {"hidden size H", H},          {kDtypeParam, static_cast<int64_t>(dtype)},
       {"zero_expert_num", Z},        {"copy_expert_num", C},        {"const_expert_num", Q},
-      {"comm_alg", static_cast<int64_t>(alg)}, {"elastic_info[1] (active ranks)", elastic ? W : 0},
+      {kCommAlgParam, static_cast<int64_t>(alg)}, {"elastic_info[1] (active ranks)", elastic ? W : 0},
       {"elastic_info[3] (moe experts)", elastic ? E : 0}, {"elastic_info[2] (shared ranks)", elastic ? Sr : 0}};
   if (global_bs == 0) p.push_back({"BS (with global_bs=0 every rank has the same BS)", BS});
   return p;

@@ -89,6 +89,10 @@ struct EpConfig {
   std::vector<std::pair<const char*, int64_t>> uniform_params() const;
 };
 
+// A value of uniform_params() as a message shows it: the dtype and comm_alg entries by name
+// ("bfloat16", "hierarchy"), every other one as the number.
+std::string uniform_value_str(const char* name, int64_t value);
+
 EpConfig resolve_dispatch(const DispatchArgs& a);
 EpConfig resolve_combine(const CombineArgs& a);
 

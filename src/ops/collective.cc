@@ -91,8 +91,10 @@ void Step::run(const char* op, const std::string& self_label, const std::string*
       std::memcpy(&ph, blobs.data() + i * bb, sizeof(ph));
       for (int32_t j = 0; j < ph.n_uniform && j < hdr.n_uniform; ++j)
         if (ph.uniform[j] != hdr.uniform[j])
-          throw InvalidArgument(detail::str_cat(self_label, op, ": ", uni[static_cast<size_t>(j)].first, "=", hdr.uniform[j], " but rank ",
-                                                members[i], " passed ", ph.uniform[j], " (must be equal on every rank)"));
+          throw InvalidArgument(detail::str_cat(self_label, op, ": ", uni[static_cast<size_t>(j)].first, "=",
+                                                core::uniform_value_str(uni[static_cast<size_t>(j)].first, hdr.uniform[j]), " but rank ",
+                                                members[i], " passed ", core::uniform_value_str(uni[static_cast<size_t>(j)].first, ph.uniform[j]),
+                                                " (must be equal on every rank)"));
       if (ph.payload_bytes != hdr.payload_bytes)
         throw InvalidArgument(detail::str_cat(self_label, op, ": rank ", members[i], " sent ", ph.payload_bytes, " bytes of counts, this rank ",
                                               hdr.payload_bytes, " (the ranks disagree on ep_world_size, moe_expert_num or shared_expert_rank_num)"));

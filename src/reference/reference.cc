@@ -59,8 +59,8 @@ void check_uniform(const std::vector<EpConfig>& cfgs) {
     const auto p = cfgs[i].uniform_params();
     for (size_t j = 0; j < base.size() && j < p.size(); ++j)
       if (p[j].second != base[j].second)
-        cfgs[i].ctx.fail(detail::str_cat(p[j].first, "=", p[j].second, " but rank ", cfgs[0].rank_orig, " passed ", base[j].second,
-                                         " (must be equal on every rank)"));
+        cfgs[i].ctx.fail(detail::str_cat(p[j].first, "=", core::uniform_value_str(p[j].first, p[j].second), " but rank ", cfgs[0].rank_orig,
+                                         " passed ", core::uniform_value_str(p[j].first, base[j].second), " (must be equal on every rank)"));
   }
 }
 
