@@ -3,11 +3,11 @@
 // (mpirun -np 4 or torchrun work too: moedist::launch_env() reads their variables.)
 #include <moedist/moedist.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <random>
 #include <vector>
 
-#include "core/half.h"
 
 int main() {
   const moedist::LaunchEnv env = moedist::launch_env();
@@ -22,7 +22,7 @@ int main() {
     moedist::register_group("ep", {moedist::make_shm_group("ep", W, rank)});
     std::mt19937 rng(100 + rank);
     std::vector<uint16_t> x(BS * H);
-    for (auto& v : x) v = moedist::core::float_to_bf16(std::uniform_real_distribution<float>(-1, 1)(rng));
+    for (auto& v : x) v = moedist::float_to_bf16(std::uniform_real_distribution<float>(-1, 1)(rng));
     std::vector<int32_t> ids;
     std::vector<float> w;
     for (int t = 0; t < BS; ++t) {
@@ -48,7 +48,7 @@ int main() {
     for (int64_t e = 0; e < r.expert_token_nums.numel(); ++e) rows += r.expert_token_nums.data_as<int64_t>()[e];
     for (int64_t i = 0; i < rows; ++i)
       for (int h = 0; h < H; ++h)
-        y.data_as<uint16_t>()[i * H + h] = moedist::core::float_to_bf16(
+        y.data_as<uint16_t>()[i * H + h] = moedist::float_to_bf16(
             static_cast<float>(r.expand_x.data_as<int8_t>()[i * H + h]) * r.dynamic_scales.data_as<float>()[i]);
     moedist::Tensor out = moedist::combine_v2({.expand_x = y,
                                                .expert_ids = d.expert_ids,
@@ -62,8 +62,8 @@ int main() {
     // Every expert is the identity (up to int8), weights sum to 1: out ~ x.
     double max_err = 0;
     for (int i = 0; i < BS * H; ++i)
-      max_err = std::max(max_err, std::abs(double(moedist::core::bf16_to_float(out.data_as<uint16_t>()[i])) -
-                                           moedist::core::bf16_to_float(x[i])));
+      max_err = std::max(max_err, std::abs(double(moedist::bf16_to_float(out.data_as<uint16_t>()[i])) -
+                                           moedist::bf16_to_float(x[i])));
     std::printf("shm_ranks: rank %d/%d received %lld rows, max |out - x| = %.3g\n", rank, W, static_cast<long long>(rows), max_err);
     return max_err < 0.05 ? 0 : 1;
   } catch (const moedist::Error& e) {

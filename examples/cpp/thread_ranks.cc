@@ -2,12 +2,13 @@
 // against the reference model. Build: part of the CMake project (examples/cpp); run: ./thread_ranks
 #include <moedist/moedist.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <random>
 #include <thread>
 #include <vector>
 
-#include "core/half.h"  // bf16 conversions for making the inputs (any bf16 library would do)
+// bf16 <-> float conversions: moedist/half.h (part of moedist/moedist.h)
 
 int main() {
   constexpr int W = 4, BS = 16, H = 256, K = 4, E = 8;
@@ -19,7 +20,7 @@ int main() {
   std::vector<std::vector<float>> weights(W);
   std::mt19937 rng(7);
   for (int r = 0; r < W; ++r) {
-    for (auto& v : x[r]) v = moedist::core::float_to_bf16(std::uniform_real_distribution<float>(-1, 1)(rng));
+    for (auto& v : x[r]) v = moedist::float_to_bf16(std::uniform_real_distribution<float>(-1, 1)(rng));
     for (int t = 0; t < BS; ++t) {
       std::vector<int> pool = {0, 1, 2, 3, 4, 5, 6, 7};
       std::shuffle(pool.begin(), pool.end(), rng);
@@ -50,8 +51,8 @@ int main() {
       for (int64_t e = 0; e < d.expert_token_nums.numel(); ++e) rows += d.expert_token_nums.data_as<int64_t>()[e];
       expert_out[rank] = moedist::Tensor(moedist::DType::kBFloat16, {d.expand_x.size(0), H});
       for (int64_t i = 0; i < rows * H; ++i) {
-        const float v = moedist::core::bf16_to_float(d.expand_x.data_as<uint16_t>()[i]);
-        expert_out[rank].data_as<uint16_t>()[i] = moedist::core::float_to_bf16(2 * v);
+        const float v = moedist::bf16_to_float(d.expand_x.data_as<uint16_t>()[i]);
+        expert_out[rank].data_as<uint16_t>()[i] = moedist::float_to_bf16(2 * v);
       }
       cargs[rank] = {.expand_x = expert_out[rank],
                      .expert_ids = dargs[rank].expert_ids,
@@ -74,8 +75,8 @@ int main() {
   for (int r = 0; r < W; ++r)
     for (int64_t i = 0; i < BS * H; ++i) {
       same &= out[r].data_as<uint16_t>()[i] == ref[r].data_as<uint16_t>()[i];
-      const double want = 2.0 * moedist::core::bf16_to_float(x[r][i]);
-      max_err = std::max(max_err, std::abs(moedist::core::bf16_to_float(out[r].data_as<uint16_t>()[i]) - want));
+      const double want = 2.0 * moedist::bf16_to_float(x[r][i]);
+      max_err = std::max(max_err, std::abs(moedist::bf16_to_float(out[r].data_as<uint16_t>()[i]) - want));
     }
   std::printf("thread_ranks: %d ranks, bit-exact vs reference: %s, max |out - 2x| = %.3g\n", W, same ? "yes" : "no", max_err);
   return same && max_err < 0.05 ? 0 : 1;

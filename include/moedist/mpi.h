@@ -1,5 +1,5 @@
 // Ranks that are MPI processes, on one host or several. Needs <mpi.h> (Open MPI or any MPI-3 library);
-// available when moedist was built with MPI (CMake found it: moedist then links MPI::MPI_C).
+// available when moedist was built with MPI (CMake found it: moedist then links MPI::MPI_CXX; after find_package(moedist), moedist_HAVE_MPI says so).
 //
 //   MPI_Init(&argc, &argv);
 //   moedist::register_group("ep", moedist::make_mpi_group(MPI_COMM_WORLD));      // MPI between all ranks
