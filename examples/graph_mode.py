@@ -1,5 +1,5 @@
-"""The seed document's graph-mode example on CPU processes: a model calling dispatch_v2 and combine_v2,
-compiled with torch.compile(fullgraph=True) (inductor by default, in place of torchair's NPU backend),
+"""The graph-mode example of torch_npu's npu_moe_distribute_combine_v2 documentation, on CPU processes:
+a model calling dispatch_v2 and combine_v2, compiled with torch.compile(fullgraph=True) (inductor by default, in place of torchair's NPU backend),
 moedist in place of torch_npu, gloo in place of hccl. The compiled model's output is compared with the
 same model run eagerly, bit for bit.
 
@@ -8,7 +8,7 @@ same model run eagerly, bit for bit.
     python examples/graph_mode.py --help
 
 The ops are torch custom operators with fake implementations (output shapes from the integer arguments),
-so the whole forward is one graph. As in the seed, the group names and integers are forward() inputs;
+so the whole forward is one graph. As in that example, the group names and integers are forward() inputs;
 torch.compile treats them as constants of the graph.
 """
 import argparse

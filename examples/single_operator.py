@@ -1,5 +1,5 @@
-"""The seed document's single-operator example of npu_moe_distribute_dispatch_v2 / combine_v2, on CPU
-processes: moedist in place of torch_npu, gloo in place of hccl, moedist.get_comm_name in place of
+"""The single-operator example of torch_npu's npu_moe_distribute_combine_v2 documentation (dispatch_v2, then
+combine_v2), on CPU processes: moedist in place of torch_npu, gloo in place of hccl, moedist.get_comm_name in place of
 get_hccl_comm_name, small sizes. Every rank also checks its outputs against moedist's reference of the
 whole step (the inputs of all ranks are gathered for that), bit for bit.
 
@@ -7,7 +7,7 @@ whole step (the inputs of all ranks are gathered for that), bit for bit.
     python examples/single_operator.py --world-size 4 --tp-world-size 2 --no-elastic
     python examples/single_operator.py --help
 
-Differences from the seed text, which does not run as printed: elastic_info is built from the control
+Differences from that example, which does not run as printed: elastic_info is built from the control
 variables (E' = local experts * MoE ranks after the scale-down, as the operator requires), removed ranks do
 not call the operators, const_expert_v has shape (const_expert_num, H) as the combine document states.
 """
@@ -44,7 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--port", type=int, default=0, help="rendezvous port on 127.0.0.1 (0: a free one)")
     a = p.parse_args(argv)
 
-    # The control variables of the seed document.
+    # The control variables of that example.
     cfg = dict(
         quant_mode=a.quant_mode, is_dispatch_scales=a.quant_mode == 2 and not a.no_dispatch_scales,
         input_dtype=a.dtype, world_size=a.world_size, shared_expert_rank_num=a.shared_expert_rank_num,
@@ -148,7 +148,7 @@ def dispatch_kwargs(cfg, rank, t, ep_hcomm_info, tp_hcomm_info):
 def combine_kwargs(cfg, rank, t, dispatch_out, ep_hcomm_info, tp_hcomm_info):
     expand_x, _, assist_info_for_combine, _, ep_recv_counts, tp_recv_counts, _ = dispatch_out
     if cfg["quant_mode"] > 0:
-        expand_x = expand_x.to(getattr(torch, cfg["input_dtype"]))  # the seed's stand-in for the experts
+        expand_x = expand_x.to(getattr(torch, cfg["input_dtype"]))  # the example's stand-in for the experts
     tp = cfg["tp_world_size"]
     return dict(expand_x=expand_x, expert_ids=t["expert_ids"], assist_info_for_combine=assist_info_for_combine,
                 ep_send_counts=ep_recv_counts, tp_send_counts=tp_recv_counts, expert_scales=t["expert_scales"],

@@ -263,7 +263,7 @@ TEST(Fp16, FromFloatMatchesCompiler) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// dispatch quant_mode 2: dynamic per-token int8 (spec section 5)
+// dispatch quant_mode 2: dynamic per-token int8 (docs/semantics.md §5)
 
 std::vector<uint16_t> halves(DType dt, std::initializer_list<float> v) {
   std::vector<uint16_t> out;
@@ -364,7 +364,7 @@ TEST(DynamicQuant, RoundTripBound) {
 
 // ---------------------------------------------------------------------------------------------
 // combine comm_quant_mode 2: groups of 8, scale = max|f| * (1/127) stored in the token dtype
-// (spec section 13). Packed row: H int8 values, then ceil(H/8) scales, 2 bytes each.
+// (docs/semantics.md §13). Packed row: H int8 values, then ceil(H/8) scales, 2 bytes each.
 
 uint16_t stored_scale(const std::vector<unsigned char>& packed, int64_t H, int64_t g) {
   uint16_t s;

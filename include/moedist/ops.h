@@ -1,6 +1,6 @@
 // dispatch_v2 / combine_v2: the contract of npu_moe_distribute_dispatch_v2 / _combine_v2.
-// Parameter names, meanings and defaults follow the Ascend operators (see docs/semantics.md);
-// the exact semantics (row order, rounding, special experts) are those of spec/dispatch_combine_v2.md.
+// Parameter names, meanings and defaults follow the Ascend operators; the exact semantics (row order,
+// rounding, special experts) are stated in docs/semantics.md.
 //
 // Notation: W = ep_world_size, Sr = shared_expert_rank_num, S = effective shared expert count (0 when
 // Sr == 0), E = moe_expert_num, L = E / (W - Sr) local experts on a MoE rank, K = top-k, BS tokens, H hidden.

@@ -317,7 +317,7 @@ EpConfig resolve_common(const Common& a) {
     }
   }
 
-  // output rows A (spec section 2)
+  // output rows A (docs/semantics.md §2)
   const int64_t a_moe = global_bs_real * std::min(c.L, c.K);
   const int64_t r_orig = a.Sr > 0 ? a.Sr / a.shared_num : 1;  // ranks per shared expert, as created
   const int64_t a_shared = a.Sr > 0 ? c.max_bs * ((a.W + r_orig - 1) / r_orig) : 0;

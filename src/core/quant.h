@@ -8,12 +8,12 @@
 
 namespace moedist::core {
 
-// dispatch quant_mode 2, one row (spec section 5): xf = float(x) [* smooth]; amax = max|xf|;
+// dispatch quant_mode 2, one row (docs/semantics.md §5): xf = float(x) [* smooth]; amax = max|xf|;
 // m = 127/amax; q = rint_even(xf*m); scale = 1/m. amax == 0 gives q = 0 and scale = 0.
 // `x` is H contiguous bf16/fp16 values; `smooth` is H floats or null.
 void dynamic_quant_row(DType dt, const uint16_t* x, const float* smooth, int64_t H, int8_t* q, float* scale);
 
-// combine comm_quant_mode 2 (spec section 13): groups of 8 elements, scale = max|f| * (1/127) stored
+// combine comm_quant_mode 2 (docs/semantics.md §13): groups of 8 elements, scale = max|f| * (1/127) stored
 // rounded to dt, q = int8(rint(fp16_rne(f / unrounded_scale))). Packed row layout: H int8 values then
 // ceil(H/8) scales as dt (2 bytes each).
 int64_t comm_quant_row_bytes(int64_t H);

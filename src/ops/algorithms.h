@@ -82,7 +82,7 @@ void fullmesh_combine_send(const CombineCtx& c, CombineSplit& s);
 void fullmesh_combine_reduce(const CombineCtx& c, CombineSplit& s, uint16_t* out);
 void hierarchy_combine(const CombineCtx& c, uint16_t* out);
 
-// acc += the copy or const expert term of (t, k) (spec 9), weight w.
+// acc += the copy or const expert term of (t, k) (docs/semantics.md §9), weight w.
 void add_special_term(const CombineCtx& c, int64_t t, int64_t id, float w, float* acc);
 // acc += shared_expert_x[t] when given.
 void add_shared_x(const CombineCtx& c, int64_t t, float* acc);

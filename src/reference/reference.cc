@@ -1,10 +1,10 @@
 // The golden model. Plain loops over all ranks of one step, in the order the spec states:
-//  dispatch (spec 3): rows of MoE rank d: local expert e ascending, then source rank ascending, then
+//  dispatch (docs/semantics.md §3): rows of MoE rank d: local expert e ascending, then source rank ascending, then
 //    token ascending; rows of shared rank d: source ranks r with r % R == d % R ascending, then token.
 //    expand_x row = x row (quant_mode 0) or its dynamic int8 quantization with the source's smooth
 //    scale row S + g (MoE, S as created) / s (shared); assist triple = (source rank, token, k) with k = K + s for
 //    shared rows; ep_recv_counts = inclusive prefix sums over (e, r); TP: [own rows; peer's rows].
-//  combine (spec 12): y = expand_x row (TP: rne(float(own) + float(peer partial))); with comm quant,
+//  combine (docs/semantics.md §12): y = expand_x row (TP: rne(float(own) + float(peer partial))); with comm quant,
 //    y = dequant(quant(y)); per active token acc = 0f; k ascending: MoE acc += y*w, copy acc += x*w,
 //    const acc += (a1*x + a2*v)*w (each product and sum rounded to fp32, no FMA); then shared slots
 //    K..K+S-1 unweighted; then shared_expert_x; out = rne(acc). Inactive tokens: zeros.

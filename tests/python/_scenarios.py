@@ -77,7 +77,7 @@ def make_cfg(world: int, **over) -> dict:
 
 
 def elastic_info(c):
-    """elastic_info as the seed document builds it: [is_elastic, W', Sr', E', T1[W], T2[W]]."""
+    """elastic_info as torch_npu's combine_v2 documentation builds it: [is_elastic, W', Sr', E', T1[W], T2[W]]."""
     if not c["removed"] and not c["elastic_noop"]:
         return None
     W = c["W"]
@@ -95,7 +95,7 @@ def elastic_info(c):
 
 
 def topology(c, g: int):
-    """(ep_rank, tp_rank) of global rank g, as in the seed document: ep = g // tp, tp = g % tp."""
+    """(ep_rank, tp_rank) of global rank g, as in torch_npu's combine_v2 documentation: ep = g // tp, tp = g % tp."""
     return g // c["tpn"], g % c["tpn"]
 
 
@@ -283,7 +283,7 @@ def roundtrip(ctx: Ctx, repeat: int = 1, **over) -> dict:
 
 
 class MoeLayer(torch.nn.Module):
-    """The seed document's graph-mode model: dispatch, 'expert', combine, with the arguments as inputs."""
+    """The graph-mode model of torch_npu's combine_v2 documentation: dispatch, 'expert', combine, with the arguments as inputs."""
 
     def forward(self, x, expert_ids, group_ep, group_tp, ep_world_size, tp_world_size, ep_rank_id, tp_rank_id,
                 shared_expert_rank_num, moe_expert_num, scales, quant_mode, expert_scales, x_active_mask):

@@ -12,7 +12,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 import moedist
 import _scenarios as sc
 
-# The signatures of spec section 2 (dispatch) and of the seed document (combine), verbatim.
+# The signatures of torch_npu's npu_moe_distribute_dispatch_v2 and npu_moe_distribute_combine_v2, verbatim.
 DISPATCH_SIG = (
     "(x, expert_ids, group_ep, ep_world_size, ep_rank_id, moe_expert_num, *, scales=None, x_active_mask=None, "
     "expert_scales=None, elastic_info=None, group_tp='', tp_world_size=0, tp_rank_id=0, expert_shard_type=0, "

@@ -97,7 +97,7 @@ Accuracy compare_with_dense(const Layer& l, const RankState& st, const std::vect
 }
 
 // "" if the first `elements` elements of got and want (all of them when negative) hold the same bits.
-// Only the meaningful prefix is compared: rows past the received count are unspecified (spec section 2).
+// Only the meaningful prefix is compared: rows past the received count are unspecified (docs/semantics.md §2).
 std::string first_difference(const Tensor& got, const Tensor& want, int64_t elements, const std::string& what) {
   if (got.dtype() != want.dtype()) return cat(what, ": dtype ", dtype_name(got.dtype()), " vs reference ", dtype_name(want.dtype()));
   if (got.shape() != want.shape()) return cat(what, ": shape ", got.view().shape_str(), " vs reference ", want.view().shape_str());

@@ -33,10 +33,10 @@ struct FfnScratch {
 // half of the intermediate dims, so y is its partial sum (row-parallel W2) and combine adds the two.
 void ffn_forward(const ExpertWeights& w, const float* x, int64_t f0, int64_t f1, FfnScratch& s, float* y);
 
-// The experts a rank hosts (spec section 1): shared ranks come first, then L routed experts per rank.
+// The experts a rank hosts (docs/semantics.md §1): shared ranks come first, then L routed experts per rank.
 std::vector<ExpertKey> hosted_experts(const Layer& l, int64_t ep_rank);
 
-// Per-token dynamic int8 quantization as dispatch_v2 does it (spec section 5, no smooth scales), then
+// Per-token dynamic int8 quantization as dispatch_v2 does it (docs/semantics.md §5, no smooth scales), then
 // dequantized: the values the experts see with --quant 2.
 void quantize_dequantize(std::vector<float>& row);
 

@@ -28,7 +28,7 @@ struct Layer {
   DType dtype() const { return opt.dtype; }
   int64_t router_columns() const { return E_active + special; }
   // Router column j picks routed expert j, or a special expert; special ids stay offset by the
-  // original E even after scale-down (spec section 10).
+  // original E even after scale-down (docs/semantics.md §10).
   int32_t column_expert_id(int64_t j) const { return static_cast<int32_t>(j < E_active ? j : E + (j - E_active)); }
   int64_t calling_ranks() const { return tp * active_ranks; }  // ranks that call the ops
   bool is_shared_rank(int64_t ep_rank) const { return ep_rank < Sr; }
