@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The main job: builds moedist and runs `moedist demo` (arguments are passed on).
+# The main job: builds moedist (showing the build's progress), then runs `moedist demo` (arguments are
+# passed on).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/build.sh >/dev/null
+bash scripts/build.sh
+echo
 exec ./build/moedist demo "$@"

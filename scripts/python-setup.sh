@@ -2,14 +2,22 @@
 # Installs what the Python package and its tests need, then `pip install .` (the extension is built by
 # scikit-build-core into build-py/). Writes the interpreter to use to build-py/python, so that
 #   "$(cat build-py/python)" -m pytest tests/python
-# runs the suite. Uses $MOEDIST_PYTHON if set, else python3, or a virtual environment in build-py/venv
-# when python3's site-packages are managed by the system (PEP 668).
+# runs the suite.
 #
-# torch: PyPI's wheel is the CUDA build, whose dependencies are several GB of nvidia-* packages that a CPU
-# run never uses. It is installed with --no-deps plus its pure-Python dependencies; the CUDA libraries
+# The interpreter: $MOEDIST_PYTHON if set (its environment is used as it is), else the project's own
+# virtual environment build-py/venv, made from python3 with --system-site-packages (so a torch that
+# python3 already has is used, not downloaded again; whatever is missing is installed into the venv,
+# never into python3's own site-packages).
+#   --deps-only   stop after the dependencies (torch, pytest, ...): scripts/test.sh fetches them while
+#                 it builds the C++ tests, and installs moedist afterwards
+#
+# torch: PyPI's wheel is the CUDA build, whose dependencies are several GB of nvidia-* packages that a
+# CPU run never uses. It is installed with --no-deps plus its pure-Python dependencies; the CUDA libraries
 # that libtorch links against and that the machine lacks (or has in an older version, e.g. NCCL from the
 # CUDA toolkit) are then installed, pinned to torch's own requirements, one by one until `import torch`
-# works (on a machine with the CUDA toolkit: cusparselt, nvshmem, nccl, cufile).
+# works (on a machine with the CUDA toolkit: cusparselt, nvshmem, nccl, cufile). pip then reports the
+# other nvidia-* packages as missing requirements of torch ("ERROR: pip's dependency resolver ..."):
+# expected, so those lines are left out of the output of a pip run that succeeded.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2}
@@ -17,36 +25,58 @@ mkdir -p build-py
 
 bash scripts/install-deps.sh  # cmake, g++ (Debian)
 
-PY=${MOEDIST_PYTHON:-python3}
-if ! command -v "$PY" >/dev/null 2>&1; then
+deps_only=0
+[ "${1:-}" = "--deps-only" ] && deps_only=1
+export PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
+
+install_python() {  # python3 with venv and headers, from Debian
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3 python3-pip python3-venv python3-dev >/dev/null
-  PY=python3
-fi
-managed=$("$PY" -c 'import sysconfig, os; print(int(os.path.exists(os.path.join(sysconfig.get_path("stdlib"), "EXTERNALLY-MANAGED"))))')
-if [ -z "${MOEDIST_PYTHON:-}" ] && [ "$managed" = 1 ]; then
+}
+
+if [ -n "${MOEDIST_PYTHON:-}" ]; then
+  PY=$MOEDIST_PYTHON
+  command -v "$PY" >/dev/null 2>&1 || { echo "MOEDIST_PYTHON=$PY: no such interpreter" >&2; exit 1; }
+else
   if [ ! -x build-py/venv/bin/python ]; then
-    "$PY" -m venv build-py/venv 2>/dev/null || {
-      SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-      $SUDO apt-get update -qq
-      DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq python3-venv python3-dev >/dev/null
-      "$PY" -m venv build-py/venv
+    command -v python3 >/dev/null 2>&1 || install_python
+    echo "making the virtual environment build-py/venv (python3 --system-site-packages)"
+    python3 -m venv --system-site-packages build-py/venv 2>/dev/null || {
+      rm -rf build-py/venv
+      install_python
+      python3 -m venv --system-site-packages build-py/venv
     }
   fi
   PY=$PWD/build-py/venv/bin/python
 fi
 PY=$("$PY" -c "import sys; print(sys.executable)")
-PIP=("$PY" -m pip install --disable-pip-version-check -q)
 echo "python: $PY ($("$PY" --version 2>&1))"
+
+# pip install, quiet; after a success the resolver's complaints about torch's CUDA requirements (see
+# above) are dropped, everything else is shown. After a failure everything is shown.
+PIP_ARGS=(-m pip install -q)
+pip_install() {
+  local out rc=0
+  out=$("$PY" "${PIP_ARGS[@]}" "$@" 2>&1) || rc=$?
+  if [ $rc -ne 0 ]; then
+    printf '%s\n' "$out" >&2
+    return $rc
+  fi
+  printf '%s\n' "$out" | awk '
+    /^ERROR: pip.s dependency resolver does not currently take into account/ { skip = 1; next }
+    skip && / requires nvidia-[^,]*, which is not installed\.$/ { next }
+    skip && /^torch [^ ]+ requires nvidia-.* but you have / { next }
+    { skip = 0; if (NF) print }' >&2
+}
 
 torch_ok() { "$PY" -c 'import torch; torch.randn(2).sum()' >/dev/null 2>&1; }
 
 if ! torch_ok; then
   if ! "$PY" -m pip show -q torch >/dev/null 2>&1; then
     echo "installing torch (CPU use: without its CUDA dependencies)"
-    "${PIP[@]}" --no-deps torch
-    "${PIP[@]}" filelock typing-extensions sympy networkx jinja2 fsspec mpmath MarkupSafe setuptools
+    pip_install --no-deps torch
+    pip_install filelock typing-extensions sympy networkx jinja2 fsspec mpmath MarkupSafe setuptools
   fi
   # The shared libraries libtorch needs and cannot load, by soname -> the pip package that ships them.
   for _ in $(seq 20); do
@@ -87,16 +117,20 @@ EOF
       exit 1
     fi
     echo "torch needs $pkg: installing it (--no-deps)"
-    "${PIP[@]}" --no-deps "$pkg"
+    pip_install --no-deps "$pkg"
   done
   torch_ok || { echo "torch still does not import:" >&2; "$PY" -c 'import torch' >&2; exit 1; }
 fi
 "$PY" -c 'import torch; print("torch", torch.__version__)'
 
-"${PIP[@]}" pytest pytest-timeout numpy scikit-build-core pybind11 "transformers>=5.24"  # transformers: moedist.hf and its tests
+pip_install pytest pytest-timeout numpy scikit-build-core pybind11 "transformers>=5.24"  # transformers: moedist.hf and its tests
+if [ $deps_only = 1 ]; then
+  echo "$PY" > build-py/python
+  exit 0
+fi
 echo "building and installing moedist (pip install .)"
 # Without build isolation the build environment's path stays the same from run to run, so scikit-build-core
 # keeps build-py/ and rebuilds incrementally (a fresh isolated environment makes it start over).
-"${PIP[@]}" --no-build-isolation .
+pip_install --no-build-isolation .
 "$PY" -c 'import moedist; print("moedist", moedist.__version__, "installed at", moedist.__path__[0])'
 echo "$PY" > build-py/python

@@ -1,28 +1,191 @@
 #!/usr/bin/env bash
-# Every test: the Release build, then AddressSanitizer + UndefinedBehaviorSanitizer, then
-# ThreadSanitizer (in-process ranks are threads). Set MOEDIST_QUICK=1 to run the Release pass only.
-set -euo pipefail
+# Every test, then one summary. The suites, in this order:
+#   release     the Release build (build/) and its ctest: every C++ test, the examples, the command-line
+#               program, the MPI tests under mpirun (except the consumer test, its own suite below)
+#   consumer    the installed package used from another CMake project (ctest -L consumer)
+#   demo        `moedist demo` on 3 processes, as scripts/demo.sh runs it
+#   pytest      the Python package (pip install . into the project's virtual environment) and its tests
+#   asan+ubsan  AddressSanitizer + UndefinedBehaviorSanitizer build (build-asan/): the C++ tests
+#   tsan        ThreadSanitizer build (build-tsan/): the tests whose ranks are threads of one process
+# MOEDIST_QUICK=1 skips the two sanitizer suites. MOEDIST_PYTHON=/path/to/python uses that interpreter
+# (and its environment) instead of the project's virtual environment build-py/venv.
+#
+# What the sanitizer builds contain (each builds only its own tests, which is most of the time saved):
+#   asan+ubsan: test_core, test_conformance, test_validation, test_shm, and test_mpi with its mpirun
+#     tests except the two that repeat it on 16 ranks and on the hybrid transport with more ranks: the
+#     MPI transport's code runs under the sanitizers in mpi_np4 and mpi_np8 (every MPI test case). Not
+#     here: the examples, the command-line program, the consumer and netns tests (no library code that
+#     the tests above do not run).
+#   tsan: test_conformance, test_validation, test_shm. ThreadSanitizer sees races between threads of one
+#     process: the thread transport (ranks as threads) and the threads inside a rank process. Not here:
+#     test_core (single-threaded: the pure core, no threads to race) and test_mpi (ranks are processes;
+#     Open MPI itself is not built with ThreadSanitizer and reports its own internals).
+#
+# Speed: the compiler runs through ccache (Debian's ccache, installed by install-deps.sh), so a second
+# run rebuilds only what changed; the Python dependencies are fetched while the release build runs.
+# Each suite's full output is in build-logs/<suite>.log. The exit code is 1 when any suite failed.
+set -uo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/install-deps.sh
+bash scripts/install-deps.sh || exit 1
 jobs=$(nproc)
+quick=${MOEDIST_QUICK:-0}
+logs=$PWD/build-logs
+mkdir -p "$logs"
+if command -v ccache >/dev/null 2>&1; then
+  export CMAKE_CXX_COMPILER_LAUNCHER=ccache  # CMake takes it from the environment (also pip install .'s build)
+  export CCACHE_NOHASHDIR=true               # so that build/ and build-py/ share their objects
+fi
+export CMAKE_BUILD_PARALLEL_LEVEL=$jobs
 
-run_pass() {  # name, build dir, build type, extra cmake args...
-  local name=$1 dir=$2 type=$3
-  shift 3
-  echo "== $name =="
-  cmake -S . -B "$dir" -DCMAKE_BUILD_TYPE="$type" "$@" >/dev/null
-  cmake --build "$dir" -j"$jobs"
-  (cd "$dir" && ctest --output-on-failure -j"$jobs" --timeout 300)
+# --- the summary's rows -----------------------------------------------------------------------------
+names=() states=() passed=() failed=() skipped=() seconds=()
+record() {  # suite state passed failed skipped seconds
+  names+=("$1") states+=("$2") passed+=("$3") failed+=("$4") skipped+=("$5") seconds+=("$6")
+  echo "== $1: $2 ($3 passed, $4 failed, $5 skipped, $6 s)"
+}
+section() { echo; echo "== $* =="; }
+
+# ctest_counts LOG -> "passed failed skipped" from ctest's output
+ctest_counts() {
+  local line total fail skip
+  line=$(grep -E '^[0-9]+% tests passed, [0-9]+ tests? failed out of [0-9]+' "$1" | tail -n 1)
+  if [ -z "$line" ]; then
+    # "No tests were found" or ctest did not get that far
+    echo "0 1 0"
+    return
+  fi
+  fail=$(sed -E 's/.* ([0-9]+) tests? failed out of.*/\1/' <<<"$line")
+  total=$(sed -E 's/.* out of ([0-9]+).*/\1/' <<<"$line")
+  # a skipped test shows as "***Skipped" (and again in the "(Skipped)" list at the end)
+  skip=$(grep -cE '\*\*\*Skipped' "$1")
+  echo "$((total - fail - skip)) $fail $skip"
 }
 
-run_pass "release" build Release
-./build/moedist demo --ranks 3 --experts 6 --tokens 16 --hidden 256 | tail -n 1
-echo "== python =="
-bash scripts/python-setup.sh
-"$(cat build-py/python)" -m pytest tests/python -q
-if [ "${MOEDIST_QUICK:-0}" != "1" ]; then
-  export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
-  run_pass "asan+ubsan" build-asan RelWithDebInfo -DMOEDIST_SANITIZE=address,undefined -DMOEDIST_BUILD_TOOLS=OFF -DMOEDIST_BUILD_EXAMPLES=OFF
-  export TSAN_OPTIONS=halt_on_error=1
-  run_pass "tsan" build-tsan RelWithDebInfo -DMOEDIST_SANITIZE=thread -DMOEDIST_BUILD_TOOLS=OFF -DMOEDIST_BUILD_EXAMPLES=OFF
+# run_ctest SUITE DIR START [ctest arguments...]: runs ctest in DIR, records the suite.
+run_ctest() {
+  local suite=$1 dir=$2 start=$3
+  shift 3
+  local log=$logs/$suite.log rc=0 counts
+  (cd "$dir" && ctest --output-on-failure -j"$jobs" --timeout 300 "$@") 2>&1 | tee -a "$log" || rc=$?
+  read -r p f s <<<"$(ctest_counts "$log")"
+  [ "$rc" -ne 0 ] && [ "$f" -eq 0 ] && f=1  # ctest failed without a failed test (e.g. a crash of ctest)
+  record "$suite" "$([ "$f" -eq 0 ] && echo passed || echo failed)" "$p" "$f" "$s" $((SECONDS - start))
+}
+
+# build SUITE DIR TYPE [cmake arguments...]: configures and builds; on failure records the suite as
+# failed (one failure) and returns 1.
+build() {
+  local suite=$1 dir=$2 type=$3 start=$4
+  shift 4
+  local log=$logs/$suite.log
+  : >"$log"
+  echo "-- configure $dir ($type $*)"
+  if cmake -S . -B "$dir" -DCMAKE_BUILD_TYPE="$type" "$@" >>"$log" 2>&1 &&
+     cmake --build "$dir" 2>&1 | tee -a "$log" | grep -E --line-buffered '^\[ *[0-9]+%\]|error|warning' ; [ "${PIPESTATUS[0]}" -eq 0 ]; then
+    return 0
+  fi
+  echo "-- the build failed; the end of $log:"
+  tail -n 40 "$log"
+  record "$suite" failed 0 1 0 $((SECONDS - start))
+  return 1
+}
+
+skip_suite() { record "$1" skipped 0 0 0 0; }
+
+# --- Python dependencies: fetched in the background while the release build runs ---------------------
+py_deps_log=$logs/python-deps.log
+bash scripts/python-setup.sh --deps-only >"$py_deps_log" 2>&1 &
+py_deps_pid=$!
+
+# --- release ------------------------------------------------------------------------------------------
+section "release: build (build/), then ctest"
+start=$SECONDS
+if build release build Release; then
+  run_ctest release build "$start" -LE consumer
+  release_ok=1
+else
+  release_ok=0
 fi
+
+section "consumer: the installed package from another CMake project"
+start=$SECONDS
+if [ $release_ok = 1 ]; then
+  : >"$logs/consumer.log"
+  run_ctest consumer build "$start" -L consumer
+else
+  skip_suite consumer
+fi
+
+section "demo: moedist demo --ranks 3 --experts 6 --tokens 16 --hidden 256"
+start=$SECONDS
+if [ $release_ok = 1 ]; then
+  ./build/moedist demo --ranks 3 --experts 6 --tokens 16 --hidden 256 2>&1 | tee "$logs/demo.log"
+  if [ "${PIPESTATUS[0]}" -eq 0 ] && tail -n 1 "$logs/demo.log" | grep -q "moedist demo: PASS"; then
+    record demo passed 1 0 0 $((SECONDS - start))
+  else
+    record demo failed 0 1 0 $((SECONDS - start))
+  fi
+else
+  skip_suite demo
+fi
+
+# --- pytest -------------------------------------------------------------------------------------------
+section "pytest: the Python package (python-setup.sh), then pytest tests/python"
+start=$SECONDS
+log=$logs/pytest.log
+if wait "$py_deps_pid"; then
+  cat "$py_deps_log" >"$log"
+  cat "$py_deps_log"
+  if bash scripts/python-setup.sh 2>&1 | tee -a "$log"; [ "${PIPESTATUS[0]}" -eq 0 ]; then
+    "$(cat build-py/python)" -m pytest tests/python -q 2>&1 | tee -a "$log"
+    rc=${PIPESTATUS[0]}
+    last=$(grep -E '[0-9]+ (passed|failed|skipped|errors?)' "$log" | tail -n 1)
+    count() { grep -oE "[0-9]+ $1" <<<"$last" | grep -oE '^[0-9]+' || echo 0; }
+    p=$(count passed) f=$(($(count failed) + $(count error) + $(count errors))) s=$(count skipped)
+    [ "$rc" -ne 0 ] && [ "$f" -eq 0 ] && f=1
+    record pytest "$([ "$f" -eq 0 ] && echo passed || echo failed)" "$p" "$f" "$s" $((SECONDS - start))
+  else
+    record pytest failed 0 1 0 $((SECONDS - start))
+  fi
+else
+  cat "$py_deps_log" | tee "$log"
+  echo "-- installing the Python dependencies failed (above)"
+  record pytest failed 0 1 0 $((SECONDS - start))
+fi
+
+# --- sanitizers ---------------------------------------------------------------------------------------
+sanitizer_args=(-DMOEDIST_BUILD_TOOLS=OFF -DMOEDIST_BUILD_EXAMPLES=OFF -DMOEDIST_TEST_NETNS=OFF)
+if [ "$quick" != 1 ]; then
+  section "asan+ubsan: build (build-asan/), then ctest"
+  start=$SECONDS
+  export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
+  if build asan+ubsan build-asan RelWithDebInfo -DMOEDIST_SANITIZE=address,undefined "${sanitizer_args[@]}" \
+       "-DMOEDIST_TESTS=test_core;test_conformance;test_validation;test_shm;test_mpi"; then
+    run_ctest asan+ubsan build-asan "$start" -E '^(mpi_np16_conformance|mpi_hybrid_np8)$'
+  fi
+
+  section "tsan: build (build-tsan/), then ctest"
+  start=$SECONDS
+  export TSAN_OPTIONS=halt_on_error=1
+  if build tsan build-tsan RelWithDebInfo -DMOEDIST_SANITIZE=thread "${sanitizer_args[@]}" \
+       "-DMOEDIST_TESTS=test_conformance;test_validation;test_shm"; then
+    run_ctest tsan build-tsan "$start"
+  fi
+else
+  skip_suite asan+ubsan
+  skip_suite tsan
+fi
+
+# --- summary ------------------------------------------------------------------------------------------
+echo
+echo "== summary (full logs: build-logs/) =="
+printf '%-12s %-8s %7s %7s %8s %8s\n' suite result passed failed skipped time
+tp=0 tf=0 ts=0
+for i in "${!names[@]}"; do
+  printf '%-12s %-8s %7d %7d %8d %5dm%02ds\n' "${names[$i]}" "${states[$i]}" "${passed[$i]}" "${failed[$i]}" "${skipped[$i]}" \
+    $((seconds[i] / 60)) $((seconds[i] % 60))
+  tp=$((tp + passed[i])) tf=$((tf + failed[i])) ts=$((ts + skipped[i]))
+done
+printf 'total time %dm%02ds\n' $((SECONDS / 60)) $((SECONDS % 60))
+echo "$tp passed, $tf failed, $ts skipped"
+[ "$tf" -eq 0 ]
