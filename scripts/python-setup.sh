@@ -15,9 +15,9 @@
 # CPU run never uses. It is installed with --no-deps plus its pure-Python dependencies; the CUDA libraries
 # that libtorch links against and that the machine lacks (or has in an older version, e.g. NCCL from the
 # CUDA toolkit) are then installed, pinned to torch's own requirements, one by one until `import torch`
-# works (on a machine with the CUDA toolkit: cusparselt, nvshmem, nccl, cufile). pip then reports the
-# other nvidia-* packages as missing requirements of torch ("ERROR: pip's dependency resolver ..."):
-# expected, so those lines are left out of the output of a pip run that succeeded.
+# works (on a machine with the CUDA toolkit: cusparselt, nvshmem, nccl, cufile). pip then reports torch's
+# other requirements (nvidia-*, triton) as missing ("ERROR: pip's dependency resolver ..."): expected,
+# so those lines are left out of the output of a pip run that succeeded; other conflicts are shown.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2}
@@ -64,10 +64,10 @@ pip_install() {
     return $rc
   fi
   printf '%s\n' "$out" | awk '
-    /^ERROR: pip.s dependency resolver does not currently take into account/ { skip = 1; next }
-    skip && / requires nvidia-[^,]*, which is not installed\.$/ { next }
-    skip && /^torch [^ ]+ requires nvidia-.* but you have / { next }
-    { skip = 0; if (NF) print }' >&2
+    /^ERROR: pip.s dependency resolver does not currently take into account/ { header = $0; block = 1; next }
+    block && /^torch [^ ]+ requires / { next }  # installed with --no-deps on purpose
+    block && / requires / { if (header != "") print header; header = ""; print; next }
+    { block = 0; header = ""; if (NF) print }' >&2
 }
 
 torch_ok() { "$PY" -c 'import torch; torch.randn(2).sum()' >/dev/null 2>&1; }

@@ -25,6 +25,7 @@
 # run rebuilds only what changed; the Python dependencies are fetched while the release build runs.
 # Each suite's full output is in build-logs/<suite>.log. The exit code is 1 when any suite failed.
 set -uo pipefail
+{  # the whole script is read before it runs, so that editing it meanwhile does not change a run
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh || exit 1
 jobs=$(nproc)
@@ -72,7 +73,7 @@ run_ctest() {
   record "$suite" "$([ "$f" -eq 0 ] && echo passed || echo failed)" "$p" "$f" "$s" $((SECONDS - start))
 }
 
-# build SUITE DIR TYPE [cmake arguments...]: configures and builds; on failure records the suite as
+# build SUITE DIR TYPE START [cmake arguments...]: configures and builds; on failure records the suite as
 # failed (one failure) and returns 1.
 build() {
   local suite=$1 dir=$2 type=$3 start=$4
@@ -96,11 +97,12 @@ skip_suite() { record "$1" skipped 0 0 0 0; }
 py_deps_log=$logs/python-deps.log
 bash scripts/python-setup.sh --deps-only >"$py_deps_log" 2>&1 &
 py_deps_pid=$!
+trap 'kill "$py_deps_pid" 2>/dev/null' EXIT
 
 # --- release ------------------------------------------------------------------------------------------
 section "release: build (build/), then ctest"
 start=$SECONDS
-if build release build Release; then
+if build release build Release "$start"; then
   run_ctest release build "$start" -LE consumer
   release_ok=1
 else
@@ -140,7 +142,7 @@ if wait "$py_deps_pid"; then
     "$(cat build-py/python)" -m pytest tests/python -q 2>&1 | tee -a "$log"
     rc=${PIPESTATUS[0]}
     last=$(grep -E '[0-9]+ (passed|failed|skipped|errors?)' "$log" | tail -n 1)
-    count() { grep -oE "[0-9]+ $1" <<<"$last" | grep -oE '^[0-9]+' || echo 0; }
+    count() { grep -oE "[0-9]+ $1\b" <<<"$last" | grep -oE '^[0-9]+' || echo 0; }
     p=$(count passed) f=$(($(count failed) + $(count error) + $(count errors))) s=$(count skipped)
     [ "$rc" -ne 0 ] && [ "$f" -eq 0 ] && f=1
     record pytest "$([ "$f" -eq 0 ] && echo passed || echo failed)" "$p" "$f" "$s" $((SECONDS - start))
@@ -159,7 +161,7 @@ if [ "$quick" != 1 ]; then
   section "asan+ubsan: build (build-asan/), then ctest"
   start=$SECONDS
   export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
-  if build asan+ubsan build-asan RelWithDebInfo -DMOEDIST_SANITIZE=address,undefined "${sanitizer_args[@]}" \
+  if build asan+ubsan build-asan RelWithDebInfo "$start" -DMOEDIST_SANITIZE=address,undefined "${sanitizer_args[@]}" \
        "-DMOEDIST_TESTS=test_core;test_conformance;test_validation;test_shm;test_mpi"; then
     run_ctest asan+ubsan build-asan "$start" -E '^(mpi_np16_conformance|mpi_hybrid_np8)$'
   fi
@@ -167,7 +169,7 @@ if [ "$quick" != 1 ]; then
   section "tsan: build (build-tsan/), then ctest"
   start=$SECONDS
   export TSAN_OPTIONS=halt_on_error=1
-  if build tsan build-tsan RelWithDebInfo -DMOEDIST_SANITIZE=thread "${sanitizer_args[@]}" \
+  if build tsan build-tsan RelWithDebInfo "$start" -DMOEDIST_SANITIZE=thread "${sanitizer_args[@]}" \
        "-DMOEDIST_TESTS=test_conformance;test_validation;test_shm"; then
     run_ctest tsan build-tsan "$start"
   fi
@@ -189,3 +191,5 @@ done
 printf 'total time %dm%02ds\n' $((SECONDS / 60)) $((SECONDS % 60))
 echo "$tp passed, $tf failed, $ts skipped"
 [ "$tf" -eq 0 ]
+exit
+}
