@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# `moedist` as a user calls it for help and with a mistake: help goes to stdout with exit code 0, a
+# usage error to stderr with exit code 2, naming the bad value.  usage: cli-usage.sh PATH/TO/moedist
+set -uo pipefail
+moedist=$1
+fail() { echo "FAIL: $*" >&2; exit 1; }
+for cmd in "--help" "help" "help demo" "help bench" "help launch" "demo --help" "bench --help" "launch --help" "help --help"; do
+  # shellcheck disable=SC2086
+  out=$("$moedist" $cmd 2>/tmp/cli-usage-err.$$) || fail "moedist $cmd exited with $?"
+  err=$(cat /tmp/cli-usage-err.$$)
+  grep -q "usage: moedist" <<<"$out" || fail "moedist $cmd: no usage on stdout (stdout: '$out')"
+  [ -z "$err" ] || fail "moedist $cmd wrote to stderr: $err"
+done
+rm -f /tmp/cli-usage-err.$$
+expect_usage_error() {  # expected-text args...
+  local want=$1 out err rc
+  shift
+  out=$("$moedist" "$@" 2>/tmp/cli-usage-err.$$); rc=$?
+  err=$(cat /tmp/cli-usage-err.$$); rm -f /tmp/cli-usage-err.$$
+  [ "$rc" -eq 2 ] || fail "moedist $*: exit code $rc (expected 2)"
+  [ -z "$out" ] || fail "moedist $*: wrote to stdout: $out"
+  grep -qF -- "$want" <<<"$err" || fail "moedist $*: stderr lacks '$want': $err"
+}
+expect_usage_error "-n x is not a positive integer" launch -n x -- true
+expect_usage_error "-n 0 is not a positive integer" launch -n 0 -- true
+expect_usage_error "--timeout soon is not a number of seconds" launch -n 2 --timeout soon -- true
+expect_usage_error "-n needs a value" launch -n
+expect_usage_error "unknown command 'frobnicate'" frobnicate
+expect_usage_error "--ranks expects an integer, got 'x'" demo --ranks x
+echo "cli usage: PASS"
