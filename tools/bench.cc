@@ -400,9 +400,9 @@ bool help_asked(int argc, char** argv) {
 
 #ifndef MOEDIST_HAVE_MPI
 int bench_main(int argc, char** argv, const char*) {
-  if (help_asked(argc, argv)) return bench_usage(stdout);
   for (int i = 0; i < argc; ++i)
     if (std::string(argv[i]) == "--split") return split_bench::main_(argc, argv);
+  if (help_asked(argc, argv)) return bench_usage(stdout);
   std::fprintf(stderr, "moedist bench: this build has no MPI (install libopenmpi-dev openmpi-bin and rebuild)\n");
   return 2;
 }
