@@ -76,9 +76,16 @@ struct Common {
   int64_t H;
 };
 
-// Every view: one stride per dimension, or none (contiguous).
+// Every view: data behind a shape with elements (a null pointer is only "absent" with no shape or
+// an empty one), and one stride per dimension, or none (contiguous).
 void check_strides(const CheckCtx& ctx, const TensorView& v, const char* name) {
-  if (!v.defined() || v.strides.empty()) return;
+  if (!v.defined()) return;
+  if (v.data == nullptr) {
+    bool empty = false;
+    for (int64_t s : v.shape) empty |= s == 0;
+    MOEDIST_CHECK(ctx, empty, name, " has shape ", v.shape_str(), " but a null data pointer (a tensor with elements needs its data)");
+  }
+  if (v.strides.empty()) return;
   MOEDIST_CHECK(ctx, static_cast<int64_t>(v.strides.size()) == v.dim(), name, " has ", v.strides.size(), " strides for shape ",
                 v.shape_str(), " (must be one per dimension)");
 }

@@ -202,7 +202,7 @@ std::shared_ptr<Transport> lookup(const std::string& group, int64_t rank, int64_
 std::vector<int> fallback_members(const TensorView& el, int64_t world) {
   std::vector<int> all;
   for (int i = 0; i < world; ++i) all.push_back(i);
-  if (!el.defined() || el.dtype != DType::kInt32 || el.dim() != 1 || el.size(0) != 4 + 2 * world) return all;
+  if (!el.defined() || el.data == nullptr || el.dtype != DType::kInt32 || el.dim() != 1 || el.size(0) != 4 + 2 * world) return all;
   if (core::at1<int32_t>(el, 0) == 0) return all;
   const int64_t wl = core::at1<int32_t>(el, 1);
   if (wl < 1 || wl > world) return all;

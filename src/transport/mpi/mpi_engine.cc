@@ -280,6 +280,7 @@ void MpiEngine::begin(const ExchangeSpec& spec, std::span<const int> remote, std
   sends_.clear();
   sends_to_.clear();
   MOEDIST_ASSERT(spec.recv.size() < kMaxRegionsMpi);
+  MOEDIST_ASSERT(spec.blob_bytes <= kMpiBlobMax, "blob of ", spec.blob_bytes, " bytes > ", kMpiBlobMax);
   ArriveHdr hdr{0, nonce_, static_cast<uint32_t>(spec.recv.size()), static_cast<uint32_t>(spec.blob_bytes)};
   const size_t abytes = sizeof(ArriveHdr) + 8 * spec.recv.size() + spec.blob_bytes;
   for (size_t i = 0; i < remote.size(); ++i) {

@@ -43,6 +43,9 @@
 
 namespace moedist::transport {
 
+// The largest blob one MPI exchange carries (its wave-1 message must stay below INT_MAX bytes).
+constexpr size_t kMpiBlobMax = size_t{1} << 30;
+
 // Raises TransportError "<label><what>: <MPI error class and string>" unless rc == MPI_SUCCESS.
 void check_mpi(int rc, const std::string& label, const char* what);
 std::string mpi_error_string(int rc);
