@@ -112,13 +112,24 @@ int finalize_callback(MPI_Comm, int, void*, void*) {
   }
   // MPI_Finalize waits for every rank of the job; one that is stopped or stuck never comes. The
   // watchdog ends the job then; a normal finalize returns first and the process exits before it fires.
-  std::thread([what, grace] {
-    std::this_thread::sleep_for(std::chrono::milliseconds(grace));
+  // One rank aborting is enough (it ends the job), and several at once make Open MPI's mpirun more
+  // likely to stumble: the ranks' watchdogs fire 250 ms apart, in rank order.
+  int world_rank = 0;
+  MPI_Comm_rank(MPI_COMM_WORLD, &world_rank);
+  const long stagger = 250L * std::min(world_rank, 20);
+  std::thread([what, grace, stagger] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(grace + stagger));
     std::fprintf(stderr,
                  "moedist: MPI_Finalize has not returned after %ld ms, and an MPI group of this process failed earlier: %s\n"
                  "moedist: the ranks MPI_Finalize waits for are stuck, stopped or dead: ending the job with MPI_Abort\n",
-                 grace, what.c_str());
+                 grace + stagger, what.c_str());
     std::fflush(stderr);
+    // MPI_Abort asks the launcher to end every rank; should that itself not return or end the
+    // process (the launcher is gone), the process ends on its own 10 s later.
+    std::thread([] {
+      std::this_thread::sleep_for(std::chrono::seconds(10));
+      _exit(1);
+    }).detach();
     MPI_Abort(MPI_COMM_WORLD, 1);
     _exit(1);
   }).detach();
