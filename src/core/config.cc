@@ -194,6 +194,7 @@ EpConfig resolve_common(const Common& a) {
 
   // global_bs
   MOEDIST_CHECK(ctx, a.global_bs >= 0, "global_bs=", a.global_bs, " (must be 0 or max_bs * ep_world_size)");
+  MOEDIST_CHECK(ctx, a.global_bs <= INT32_MAX, "global_bs=", a.global_bs, " (must be at most 2147483647: counts and token indices are int32)");
   if (a.global_bs != 0) {
     MOEDIST_CHECK(ctx, a.global_bs % a.W == 0, "global_bs=", a.global_bs, " is not a multiple of ep_world_size=", a.W, " (must be 0 or max_bs * ep_world_size)");
     MOEDIST_CHECK(ctx, a.global_bs >= c.BS * a.W, "global_bs=", a.global_bs, " < BS * ep_world_size = ", c.BS * a.W, " (BS=", c.BS, " is larger than global_bs / ep_world_size)");
@@ -319,6 +320,9 @@ EpConfig resolve_common(const Common& a) {
     c.A = std::max(a_shared, a_moe);
   else
     c.A = c.is_shared_rank() ? a_shared : a_moe;
+  // ep_recv_counts and assist_info_for_combine count rows in int32.
+  MOEDIST_CHECK(ctx, c.tp * c.A <= INT32_MAX, "global_bs=", a.global_bs, " with BS=", c.BS, " gives A=", c.A,
+                " rows per rank (max(tp_world_size, 1) * A must be at most 2147483647: rows are counted in int32)");
 
   // hierarchy limits
   if (c.alg == Alg::kHierarchy) {

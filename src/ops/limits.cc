@@ -1,6 +1,8 @@
 // What one call puts in the blob of its exchanges, and the check that it fits the transport's limit
 // (Transport::max_blob_bytes), done during validation so that a call too large for the transport is
 // refused, naming the parameters, before any byte moves.
+#include <unistd.h>
+
 #include <algorithm>
 
 #include "moedist/error.h"
@@ -34,6 +36,16 @@ void check_dispatch_fits(const core::EpConfig& c, const Transport& ep, const Tra
         c.W, " ranks x ", c.L, " local experts of counts (", need, " bytes with the header), and one control message of this transport holds ",
         limit, " bytes", max_l > 0 ? detail::str_cat(" (moe_expert_num must be at most ", max_l * moe_ranks, " here)") : std::string(" (ep_world_size is too large here)")));
   }
+  // The outputs are allocated before any byte moves; sizes no machine can hold are refused here
+  // rather than failing the allocation (or worse) later.
+  const double rows = static_cast<double>(c.tp) * static_cast<double>(c.A);
+  const double out_bytes = rows * static_cast<double>(c.H) * 2 + rows * 8 +
+                           std::max(static_cast<double>(c.BS) * static_cast<double>(c.K), 128.0 * static_cast<double>(c.A)) * 4;
+  const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
+  if (pages > 0 && page > 0 && out_bytes > static_cast<double>(pages) * static_cast<double>(page))
+    c.ctx.fail(detail::str_cat("global_bs=", c.global_bs, " with BS=", c.BS, ", H=", c.H, " gives outputs of ", static_cast<uint64_t>(out_bytes),
+                               " bytes (A=", c.A, " rows per rank; assist_info_for_combine holds 128 * A entries), more than this machine's ",
+                               static_cast<uint64_t>(pages) * static_cast<uint64_t>(page), " bytes of memory"));
   if (tp && sizeof(BlobHeader) + tp_counts_bytes(c) > tp->max_blob_bytes())
     c.ctx.unsupported(detail::str_cat("ep_world_size=", c.W_orig, " is too large for the TP exchange over the ", tp->name(), " transport (",
                                       sizeof(BlobHeader) + tp_counts_bytes(c), " bytes of counts, at most ", tp->max_blob_bytes(), ")"));

@@ -398,9 +398,9 @@ void MpiEngine::take_notices() {
     }
     if (!c.empty()) {
       culprits_ = c;
-      throw Timeout(detail::str_cat(label(), op_, ": rank ", p, " gave up this call after ", timeout_.count(), " ms waiting for ", ranks_str(c),
-                                    " (", c.size() == 1 ? "it" : "they", " did not call ", op_, ", or ", c.size() == 1 ? "is" : "are",
-                                    " stuck or dead)"));
+      throw Timeout(detail::str_cat(label(), op_, ": timed out after ", timeout_.count(), " ms waiting for ", ranks_str(c), " (rank ", p,
+                                    " gave up this call waiting for ", c.size() == 1 ? "it; it" : "them; they", " did not call ", op_, ", or ",
+                                    c.size() == 1 ? "is" : "are", " stuck or dead)"));
     }
     culprits_ = {p};
     throw TransportError(detail::str_cat(label(), op_, ": rank ", p, " failed in this call (its own error names the cause)"));
