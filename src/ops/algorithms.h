@@ -52,6 +52,8 @@ size_t tp_counts_bytes(const core::EpConfig& c);  // the same for the TP all-gat
 // Raises Unsupported, naming moe_expert_num / ep_world_size and the limit, if a dispatch with this
 // configuration would need a larger blob than `ep` (or `tp`, when given) carries.
 void check_dispatch_fits(const core::EpConfig& c, const Transport& ep, const Transport* tp);
+// Raises InvalidArgument if combine's output, (BS, H), is larger than this machine's memory.
+void check_combine_fits(const core::EpConfig& c);
 
 // With `split` (dispatch_setup), the exchange is only begun on *split; the caller finishes it (split->end())
 // before reading the sinks. The counts are known when this returns.

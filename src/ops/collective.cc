@@ -199,7 +199,7 @@ std::shared_ptr<Transport> lookup(const std::string& group, int64_t rank, int64_
   return t;
 }
 
-std::vector<int> fallback_members(const TensorView& el, int64_t world) {
+std::vector<int> fallback_members(const TensorView& el, int64_t world, int64_t rank) {
   std::vector<int> all;
   for (int i = 0; i < world; ++i) all.push_back(i);
   if (!el.defined() || el.data == nullptr || el.dtype != DType::kInt32 || el.dim() != 1 || el.size(0) != 4 + 2 * world) return all;
@@ -214,6 +214,7 @@ std::vector<int> fallback_members(const TensorView& el, int64_t world) {
   }
   std::sort(m.begin(), m.end());
   if (std::adjacent_find(m.begin(), m.end()) != m.end()) return all;
+  if (!std::binary_search(m.begin(), m.end(), static_cast<int>(rank))) return all;  // the caller is always a member
   return m;
 }
 

@@ -94,7 +94,7 @@ void DispatchOp::begin(bool want_split, const char* op_name) {
     check_dispatch_fits(c, *ep, tpt.get());
   } catch (const Error& e) {
     const std::exception_ptr original = std::current_exception();
-    reject_step(ep, fallback_members(a.elastic_info, a.ep_world_size), op, "", label, e.what());
+    reject_step(ep, fallback_members(a.elastic_info, a.ep_world_size, a.ep_rank_id), op, "", label, e.what());
     if (tpt) reject_step(tpt, {0, 1}, op, "TP", label, e.what());
     std::rethrow_exception(original);
   }

@@ -20,6 +20,21 @@ size_t dispatch_counts_bytes(const core::EpConfig& c, int ranks_per_server) {
   return n * 4;
 }
 
+namespace {
+double memory_bytes() {
+  const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
+  return pages > 0 && page > 0 ? static_cast<double>(pages) * static_cast<double>(page) : 1e300;
+}
+}  // namespace
+
+void check_combine_fits(const core::EpConfig& c) {
+  const double out_bytes = static_cast<double>(c.BS) * static_cast<double>(c.H) * 2;
+  if (out_bytes > memory_bytes())
+    c.ctx.fail(detail::str_cat("the output (BS, H) = (", c.BS, ", ", c.H, ") takes ", static_cast<uint64_t>(out_bytes),
+                               " bytes, more than this machine's ", static_cast<uint64_t>(memory_bytes()), " bytes of memory (hidden size H=",
+                               c.H, " comes from expand_x.size(1))"));
+}
+
 size_t tp_counts_bytes(const core::EpConfig& c) { return 8 + 4 * static_cast<size_t>(c.W); }
 
 void check_dispatch_fits(const core::EpConfig& c, const Transport& ep, const Transport* tp) {
@@ -41,11 +56,10 @@ void check_dispatch_fits(const core::EpConfig& c, const Transport& ep, const Tra
   const double rows = static_cast<double>(c.tp) * static_cast<double>(c.A);
   const double out_bytes = rows * static_cast<double>(c.H) * 2 + rows * 8 +
                            std::max(static_cast<double>(c.BS) * static_cast<double>(c.K), 128.0 * static_cast<double>(c.A)) * 4;
-  const long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGE_SIZE);
-  if (pages > 0 && page > 0 && out_bytes > static_cast<double>(pages) * static_cast<double>(page))
+  if (out_bytes > memory_bytes())
     c.ctx.fail(detail::str_cat("global_bs=", c.global_bs, " with BS=", c.BS, ", H=", c.H, " gives outputs of ", static_cast<uint64_t>(out_bytes),
                                " bytes (A=", c.A, " rows per rank; assist_info_for_combine holds 128 * A entries), more than this machine's ",
-                               static_cast<uint64_t>(pages) * static_cast<uint64_t>(page), " bytes of memory"));
+                               static_cast<uint64_t>(memory_bytes()), " bytes of memory"));
   if (tp && sizeof(BlobHeader) + tp_counts_bytes(c) > tp->max_blob_bytes())
     c.ctx.unsupported(detail::str_cat("ep_world_size=", c.W_orig, " is too large for the TP exchange over the ", tp->name(), " transport (",
                                       sizeof(BlobHeader) + tp_counts_bytes(c), " bytes of counts, at most ", tp->max_blob_bytes(), ")"));
