@@ -97,7 +97,7 @@ long finalize_grace_ms(std::chrono::milliseconds timeout) {
     const long x = std::strtol(v, &end, 10);
     if (end != v && *end == 0 && x > 0) return x;
   }
-  return std::clamp<long>(static_cast<long>(timeout.count()), 5000, 30000);
+  return std::clamp<long>(static_cast<long>(timeout.count()), 10000, 60000);
 }
 
 // Runs at the start of MPI_Finalize (deletion of an attribute of MPI_COMM_SELF).

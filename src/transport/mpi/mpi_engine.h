@@ -67,7 +67,7 @@ std::string mpi_group_failure();
 // Installs, once per process (MPI must be initialized), a callback that MPI_Finalize runs first
 // (an attribute of MPI_COMM_SELF). If an MPI group of this process failed, it prints the failure and
 // starts a watchdog: when MPI_Finalize has not returned within the grace period (the failed group's
-// timeout, clamped to [5 s, 30 s]; MOEDIST_MPI_FINALIZE_GRACE_MS overrides), MPI_Finalize is waiting
+// timeout, clamped to [10 s, 60 s]; MOEDIST_MPI_FINALIZE_GRACE_MS overrides), MPI_Finalize is waiting
 // for ranks that will never join it, and the watchdog ends the job with MPI_Abort (exit code 1). If
 // every rank reaches MPI_Finalize it returns normally and the watchdog never fires.
 void mpi_finalize_guard();
