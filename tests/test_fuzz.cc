@@ -9,6 +9,8 @@
 // deadline fails the run).
 // Reproducible: MOEDIST_FUZZ_SEED (default fixed) and MOEDIST_FUZZ_CASES choose the cases; a failure
 // prints the seed, the case index and its mutations; MOEDIST_FUZZ_CASE=i runs case i alone.
+// MOEDIST_FUZZ_TIMEOUT_MS sets the groups' deadline (default 200 ms; a few ms makes calls time out
+// at every stage of an exchange).
 // A third of the cases have one rank call combine_v2 while its peers call dispatch_v2 (every rank
 // must then fail cleanly); MOEDIST_FUZZ_MIXED_OPS=0 leaves them out.
 #include <gtest/gtest.h>
@@ -305,7 +307,7 @@ TensorView corrupt_i32(Rng& g, Arena& ar, const TensorView& v, std::string& log,
   for (int i = 0; i < n && !c.empty(); ++i) {
     const size_t at = static_cast<size_t>(pick(g, 0, static_cast<int64_t>(std::min<size_t>(c.size(), 64)) - 1));
     const int32_t vals[] = {-1, 0, 1, 2, 3, 7, 100, INT32_MAX, INT32_MIN};
-    c[at] = chance(g, 0.5) ? c[at] + static_cast<int32_t>(pick(g, -2, 2)) : vals[pick(g, 0, 8)];
+    c[at] = chance(g, 0.5) ? static_cast<int32_t>(static_cast<uint32_t>(c[at]) + static_cast<uint32_t>(pick(g, -2, 2))) : vals[pick(g, 0, 8)];
     log += std::string(" ") + name + "[" + std::to_string(at) + "]=" + std::to_string(c[at]);
   }
   return ar.view(DType::kInt32, c, v.shape);
@@ -487,7 +489,7 @@ std::string run_case(uint64_t seed, uint64_t index, bool mixed_ops, std::string&
         " max_bs=" + std::to_string(b.max_bs) + " |";
   const std::string group = "fuzz" + std::to_string(index);
   GroupOptions opt;
-  opt.timeout = std::chrono::milliseconds(200);
+  opt.timeout = std::chrono::milliseconds(env_u64("MOEDIST_FUZZ_TIMEOUT_MS", 200));
   opt.ranks_per_server = b.rps;
   register_group(group, make_thread_group(b.W, opt));
   struct Unreg {

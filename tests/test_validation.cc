@@ -17,6 +17,7 @@
 
 #include "core/config.h"
 #include "core/half.h"
+#include "ops/collective.h"
 #include "harness.h"
 #include "moedist/moedist.h"
 
@@ -1462,7 +1463,9 @@ TEST(PeerFailure, TooManyExpertsForTheTransportIsRefusedClearly) {
   Group g(2, std::chrono::milliseconds(5000), "bigE");
   const auto t = resolve_group(g.name, 0);
   EXPECT_EQ(t->max_blob_bytes(), 65536u);
-  for (int64_t E : {65536, 16234}) {
+  // W = 2, no shared ranks: the counts are W * (E / W) = E int32 after the step's header.
+  const int max_e = static_cast<int>((t->max_blob_bytes() - sizeof(ops::BlobHeader)) / 4);
+  for (int64_t E : {int64_t{65536}, int64_t{max_e} + 2}) {
     std::vector<RankInputs> in;
     for (int r = 0; r < 2; ++r) in.emplace_back(r);
     std::vector<Result> res(2);
@@ -1470,15 +1473,15 @@ TEST(PeerFailure, TooManyExpertsForTheTransportIsRefusedClearly) {
     for (int r = 0; r < 2; ++r)
       EXPECT_TRUE(ended(res[static_cast<size_t>(r)], Outcome::kUnsupported,
                         {"[rank " + std::to_string(r) + "/2] dispatch_v2: ", "moe_expert_num=" + std::to_string(E), "ep_world_size=2",
-                         "thread transport", "65536 bytes", "moe_expert_num must be at most 16232"},
+                         "thread transport", "65536 bytes", "moe_expert_num must be at most " + std::to_string(max_e)},
                         2.0))
           << "rank " << r << " E=" << E;
   }
   std::vector<RankInputs> in;
   for (int r = 0; r < 2; ++r) in.emplace_back(r);
   std::vector<Result> res(2);
-  run_ranks(2, [&](int r) { res[static_cast<size_t>(r)] = observe([&] { dispatch_v2(in[static_cast<size_t>(r)].args(g.name, r, 2, 16232)); }); });
-  for (int r = 0; r < 2; ++r) EXPECT_TRUE(ended(res[static_cast<size_t>(r)], Outcome::kOk, {}, 5.0)) << "rank " << r;
+  run_ranks(2, [&](int r) { res[static_cast<size_t>(r)] = observe([&] { dispatch_v2(in[static_cast<size_t>(r)].args(g.name, r, 2, max_e)); }); });
+  for (int r = 0; r < 2; ++r) EXPECT_TRUE(ended(res[static_cast<size_t>(r)], Outcome::kOk, {}, 5.0)) << "rank " << r << " E=" << max_e;
 }
 
 TEST(PeerFailure, RankThatNeverCallsTimesOut) {

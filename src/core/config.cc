@@ -147,6 +147,11 @@ EpConfig resolve_common(const Common& a) {
   MOEDIST_CHECK(ctx, a.Z >= 0, "zero_expert_num=", a.Z, " (must be >= 0)");
   MOEDIST_CHECK(ctx, a.C >= 0, "copy_expert_num=", a.C, " (must be >= 0)");
   MOEDIST_CHECK(ctx, a.Q >= 0, "const_expert_num=", a.Q, " (must be >= 0)");
+  // Each below 2^31 first, so that their sum cannot overflow.
+  MOEDIST_CHECK(ctx, a.E < INT32_MAX, "moe_expert_num=", a.E, " (must be < 2147483647)");
+  MOEDIST_CHECK(ctx, a.Z < INT32_MAX, "zero_expert_num=", a.Z, " (must be < 2147483647)");
+  MOEDIST_CHECK(ctx, a.C < INT32_MAX, "copy_expert_num=", a.C, " (must be < 2147483647)");
+  MOEDIST_CHECK(ctx, a.Q < INT32_MAX, "const_expert_num=", a.Q, " (must be < 2147483647)");
   MOEDIST_CHECK(ctx, a.E + a.Z + a.C + a.Q < INT32_MAX, "moe_expert_num + zero_expert_num + copy_expert_num + const_expert_num = ",
                 a.E + a.Z + a.C + a.Q, " (must be < 2147483647)");
   MOEDIST_CHECK(ctx, a.tp == 0 || a.tp == 1 || a.tp == 2, "tp_world_size=", a.tp, " (must be 0, 1 or 2)");

@@ -128,7 +128,7 @@ class Digest {
       for (int l = 0; l < 4; ++l) mix(l, load(b + i + 8 * l));
     for (; i + 8 <= bytes; i += 8) mix(0, load(b + i));
     uint64_t tail = 0;
-    std::memcpy(&tail, b + i, bytes - i);
+    if (bytes > i) std::memcpy(&tail, b + i, bytes - i);  // b may be null when bytes == 0
     mix(1, tail ^ (bytes << 56));
   }
   void add(int64_t v) { mix(2, static_cast<uint64_t>(v)); }
