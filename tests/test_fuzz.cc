@@ -9,7 +9,7 @@
 // deadline fails the run).
 // Reproducible: MOEDIST_FUZZ_SEED (default fixed) and MOEDIST_FUZZ_CASES choose the cases; a failure
 // prints the seed, the case index and its mutations; MOEDIST_FUZZ_CASE=i runs case i alone.
-// MOEDIST_FUZZ_TIMEOUT_MS sets the groups' deadline (default 200 ms; a few ms makes calls time out
+// MOEDIST_FUZZ_TIMEOUT_MS sets the groups' deadline (default 500 ms; a few ms makes calls time out
 // at every stage of an exchange).
 // A third of the cases have one rank call combine_v2 while its peers call dispatch_v2 (every rank
 // must then fail cleanly); MOEDIST_FUZZ_MIXED_OPS=0 leaves them out.
@@ -489,7 +489,7 @@ std::string run_case(uint64_t seed, uint64_t index, bool mixed_ops, std::string&
         " max_bs=" + std::to_string(b.max_bs) + " |";
   const std::string group = "fuzz" + std::to_string(index);
   GroupOptions opt;
-  opt.timeout = std::chrono::milliseconds(env_u64("MOEDIST_FUZZ_TIMEOUT_MS", 200));
+  opt.timeout = std::chrono::milliseconds(env_u64("MOEDIST_FUZZ_TIMEOUT_MS", 500));
   opt.ranks_per_server = b.rps;
   register_group(group, make_thread_group(b.W, opt));
   struct Unreg {
