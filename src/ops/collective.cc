@@ -229,7 +229,7 @@ void reject_call(const char* op, const Args& a, const std::string& message) {
   const std::string msg = message.empty() ? "rejected by the caller" : message;
   try {
     auto ep = ops::lookup(a.group_ep, a.ep_rank_id, a.ep_world_size, op, "ep_world_size", label);
-    ops::reject_step(ep, ops::fallback_members(a.elastic_info, a.ep_world_size), op, "", label, msg);
+    ops::reject_step(ep, ops::fallback_members(a.elastic_info, a.ep_world_size, a.ep_rank_id), op, "", label, msg);
   } catch (...) {
   }
   if (a.tp_world_size != 2) return;
