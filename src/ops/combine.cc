@@ -241,7 +241,7 @@ CombineAddRmsNormResult combine_add_rms_norm(const CombineAddRmsNormArgs& a) {
       } catch (...) {
       }
     }
-    fail_step(ep, fallback_members(ca.elastic_info, ca.ep_world_size), op, label, e.what());
+    fail_step(ep, fallback_members(ca.elastic_info, ca.ep_world_size, ca.ep_rank_id), op, label, e.what());
     std::rethrow_exception(original);
   }
   Tensor combined = ops::combine_v2(ca);
