@@ -573,6 +573,147 @@ TEST(DynamicQuantFast, MatchesPlainFormula) {
   }
 }
 
+// Non-finite values in quant_mode 2 (docs/semantics.md): a NaN anywhere in xf (= x, or x * smooth)
+// makes the dynamic scale NaN and every q 0, so the whole row dequantizes to NaN; otherwise an
+// infinity makes the scale +inf and q +-127 at the infinities, 0 elsewhere. Checked on the plain
+// formula (hand-written expectations), then the vectorized kernel against it at many positions and H.
+constexpr uint32_t kQuietNan = 0x7fc00000u;
+
+uint16_t half_nan(DType dt) { return dt == DType::kBFloat16 ? uint16_t{0x7fc0} : uint16_t{0x7e00}; }
+uint16_t half_inf(DType dt, bool neg) {
+  return static_cast<uint16_t>((dt == DType::kBFloat16 ? 0x7f80 : 0x7c00) | (neg ? 0x8000 : 0));
+}
+
+TEST(DynamicQuant, NanRowGivesNanScaleAndZeros) {
+  for (DType dt : {DType::kBFloat16, DType::kFloat16}) {
+    for (int pos : {0, 3, 7}) {  // NaN first, in the middle, last (after the largest value)
+      auto x = halves(dt, {1, -2, 0.5f, 4, -4, 0.25f, 3, 0});
+      x[static_cast<size_t>(pos)] = half_nan(dt);
+      int8_t q[8];
+      std::memset(q, 99, sizeof(q));
+      float scale = 0;
+      dynamic_quant_row(dt, x.data(), nullptr, 8, q, &scale);
+      EXPECT_EQ(float_bits(scale), kQuietNan) << dtype_name(dt) << " NaN at " << pos;
+      for (int i = 0; i < 8; ++i) EXPECT_EQ(q[i], 0) << dtype_name(dt) << " NaN at " << pos << " h=" << i;
+    }
+    // A NaN made by the smooth scale (inf * 0) counts as well.
+    auto y = halves(dt, {1, 2, 3});
+    y[1] = half_inf(dt, false);
+    const float smooth[3] = {1, 0, 1};
+    int8_t q[3] = {9, 9, 9};
+    float scale = 0;
+    dynamic_quant_row(dt, y.data(), smooth, 3, q, &scale);
+    EXPECT_EQ(float_bits(scale), kQuietNan) << dtype_name(dt) << " inf * smooth 0";
+    for (int i = 0; i < 3; ++i) EXPECT_EQ(q[i], 0);
+  }
+}
+
+TEST(DynamicQuant, InfRowGivesInfScaleAndSaturatedInfinities) {
+  for (DType dt : {DType::kBFloat16, DType::kFloat16}) {
+    auto x = halves(dt, {1, -2, 0.5f, 4, -4, 0.25f, 3, 0});
+    x[2] = half_inf(dt, false);
+    x[5] = half_inf(dt, true);
+    int8_t q[8];
+    float scale = 0;
+    dynamic_quant_row(dt, x.data(), nullptr, 8, q, &scale);
+    EXPECT_EQ(float_bits(scale), 0x7f800000u) << dtype_name(dt);
+    const int8_t want[8] = {0, 0, 127, 0, 0, -127, 0, 0};
+    for (int i = 0; i < 8; ++i) EXPECT_EQ(q[i], want[i]) << dtype_name(dt) << " h=" << i;
+    // NaN and inf in one row: the NaN rule.
+    x[7] = half_nan(dt);
+    dynamic_quant_row(dt, x.data(), nullptr, 8, q, &scale);
+    EXPECT_EQ(float_bits(scale), kQuietNan) << dtype_name(dt);
+    for (int i = 0; i < 8; ++i) EXPECT_EQ(q[i], 0) << dtype_name(dt) << " h=" << i;
+    // A finite x times a finite smooth scale that overflows to inf follows the inf rule.
+    const auto y = halves(dt, {2, 1, -2});
+    const float smooth[3] = {3e38f, 1, 3e38f};
+    dynamic_quant_row(dt, y.data(), smooth, 3, q, &scale);
+    EXPECT_EQ(float_bits(scale), 0x7f800000u) << dtype_name(dt);
+    EXPECT_EQ(q[0], 127);
+    EXPECT_EQ(q[1], 0);
+    EXPECT_EQ(q[2], -127);
+  }
+}
+
+TEST(DynamicQuantFast, NonFiniteRowsMatchThePlainRule) {
+  std::mt19937 rng(5);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  for (DType dt : {DType::kBFloat16, DType::kFloat16}) {
+    for (int64_t H : {1, 8, 15, 16, 17, 32, 48, 64, 100, 1024, 7168}) {
+      // Positions: first, last, inside the first / last vector, and random ones.
+      std::vector<int64_t> where = {0, H - 1, std::min<int64_t>(H - 1, 15), std::max<int64_t>(0, H - 16), H / 2};
+      for (int i = 0; i < 3; ++i) where.push_back(static_cast<int64_t>(rng() % static_cast<uint32_t>(H)));
+      for (int64_t pos : where) {
+        for (int kind = 0; kind < 4; ++kind) {  // 0 NaN, 1 +inf, 2 -inf, 3 +inf here and NaN at a random place
+          for (bool with_smooth : {false, true}) {
+            std::vector<uint16_t> x(static_cast<size_t>(H));
+            for (auto& v : x) v = float_to_half(dt, nd(rng) * 3.f);
+            x[static_cast<size_t>(pos)] = kind == 0 ? half_nan(dt) : half_inf(dt, kind == 2);
+            if (kind == 3) x[rng() % static_cast<uint32_t>(H)] = half_nan(dt);
+            std::vector<float> smooth(static_cast<size_t>(H));
+            for (auto& v : smooth) v = 0.5f + std::fabs(nd(rng));
+            const float* sm = with_smooth ? smooth.data() : nullptr;
+            std::vector<int8_t> want(static_cast<size_t>(H), 77), got(static_cast<size_t>(H), 99);
+            float want_scale = -1.f, got_scale = -2.f;
+            dynamic_quant_row(dt, x.data(), sm, H, want.data(), &want_scale);
+            dynamic_quant_row_fast(dt, x.data(), sm, H, got.data(), &got_scale);
+            const std::string what = std::string(dtype_name(dt)) + " H=" + std::to_string(H) + " pos=" + std::to_string(pos) +
+                                     " kind=" + std::to_string(kind) + (with_smooth ? " smooth" : "");
+            EXPECT_EQ(float_bits(got_scale), float_bits(want_scale)) << what;
+            EXPECT_EQ(got, want) << what;
+            // The rule itself, on both.
+            const bool nan = kind == 0 || kind == 3;
+            EXPECT_EQ(float_bits(got_scale), nan ? kQuietNan : 0x7f800000u) << what;
+            for (int64_t h = 0; h < H; ++h) {
+              const float xf = half_to_float(dt, x[static_cast<size_t>(h)]);
+              const int8_t expect = nan || !std::isinf(xf) ? 0 : xf > 0 ? 127 : -127;
+              if (got[static_cast<size_t>(h)] != expect) {
+                ADD_FAILURE() << what << " h=" << h << ": q=" << int{got[static_cast<size_t>(h)]} << ", want " << int{expect};
+                break;
+              }
+            }
+          }
+        }
+      }
+    }
+  }
+}
+
+TEST(CommQuant, NonFiniteGroups) {
+  for (DType dt : {DType::kBFloat16, DType::kFloat16}) {
+    // Group 0 finite, group 1 with a NaN, group 2 with +inf and -inf, group 3 (partial) with NaN and inf.
+    std::vector<float> v = {1, 2, 3, 4, 5, 6, 7, 8, 1, 2, 3, 4, 5, 6, 7, 8, 1, 2, 3, 4, 5, 6, 7, 8, 1, 2, 3};
+    std::vector<uint16_t> y;
+    for (float f : v) y.push_back(float_to_half(dt, f));
+    y[10] = half_nan(dt);
+    y[17] = half_inf(dt, false);
+    y[20] = half_inf(dt, true);
+    y[24] = half_inf(dt, false);
+    y[26] = half_nan(dt);
+    const int64_t H = static_cast<int64_t>(y.size());
+    std::vector<unsigned char> packed(static_cast<size_t>(comm_quant_row_bytes(H)), 0xAB);
+    comm_quant_row(dt, y.data(), H, packed.data());
+    auto q = [&](int64_t h) { return static_cast<int8_t>(packed[static_cast<size_t>(h)]); };
+    EXPECT_EQ(q(7), 127) << dtype_name(dt);
+    EXPECT_TRUE(std::isnan(half_to_float(dt, stored_scale(packed, H, 1)))) << dtype_name(dt);
+    EXPECT_TRUE(std::isnan(half_to_float(dt, stored_scale(packed, H, 3)))) << dtype_name(dt);
+    EXPECT_EQ(stored_scale(packed, H, 2), half_inf(dt, false)) << dtype_name(dt);
+    for (int64_t h = 8; h < 16; ++h) EXPECT_EQ(q(h), 0) << dtype_name(dt) << " h=" << h;
+    for (int64_t h = 16; h < 24; ++h) EXPECT_EQ(q(h), h == 17 ? 127 : h == 20 ? -127 : 0) << dtype_name(dt) << " h=" << h;
+    for (int64_t h = 24; h < H; ++h) EXPECT_EQ(q(h), 0) << dtype_name(dt) << " h=" << h;
+    // Dequantized: the NaN groups are NaN throughout; the inf group is +-inf at the infinities and
+    // NaN (0 * inf) elsewhere; the finite group is untouched.
+    std::vector<float> out(static_cast<size_t>(H));
+    comm_dequant_row(dt, packed.data(), H, out.data());
+    for (int64_t h = 8; h < 16; ++h) EXPECT_TRUE(std::isnan(out[static_cast<size_t>(h)])) << dtype_name(dt) << " h=" << h;
+    for (int64_t h = 24; h < H; ++h) EXPECT_TRUE(std::isnan(out[static_cast<size_t>(h)])) << dtype_name(dt) << " h=" << h;
+    EXPECT_EQ(out[17], std::numeric_limits<float>::infinity());
+    EXPECT_EQ(out[20], -std::numeric_limits<float>::infinity());
+    EXPECT_TRUE(std::isnan(out[16]));
+    EXPECT_FALSE(std::isnan(out[7]));
+  }
+}
+
 TEST(Tensor, DtypeSizeAndName) {
   const std::pair<DType, std::pair<size_t, const char*>> all[] = {
       {DType::kBFloat16, {2, "bfloat16"}}, {DType::kFloat16, {2, "float16"}}, {DType::kFloat32, {4, "float32"}},

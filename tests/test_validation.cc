@@ -17,6 +17,7 @@
 
 #include "core/config.h"
 #include "core/half.h"
+#include "ops/collective.h"
 #include "harness.h"
 #include "moedist/moedist.h"
 
@@ -539,6 +540,25 @@ std::vector<DCase> dispatch_rejects() {
       {"ProfileA2RejectsMask", [a2](Store& st, A& a) { a2(st, a); a.x_active_mask = st.mask({1, 1, 1}, {3}); }, I, {"x_active_mask", "profile a2"}},
   };
   v.insert(v.end(), prof.begin(), prof.end());
+  // A shape with elements but a null data pointer (was a SIGSEGV): every tensor argument.
+  const std::vector<DCase> null_data = {
+      {"NullDataX", [](Store&, A& a) { a.x = TensorView(nullptr, kBf16, {3, 16}); }, I, {"x has shape (3, 16) but a null data pointer"}},
+      {"NullDataExpertIds", [](Store&, A& a) { a.expert_ids = TensorView(nullptr, DType::kInt32, {3, 2}); }, I,
+       {"expert_ids has shape (3, 2) but a null data pointer"}},
+      {"NullDataMask", [](Store&, A& a) { a.x_active_mask = TensorView(nullptr, DType::kBool, {3}); }, I,
+       {"x_active_mask has shape (3,) but a null data pointer"}},
+      {"NullDataElasticInfo", [](Store&, A& a) { a.elastic_info = TensorView(nullptr, DType::kInt32, {12}); }, I,
+       {"elastic_info has shape (12,) but a null data pointer"}},
+      {"NullDataScales",
+       [](Store&, A& a) {
+         a.quant_mode = 2;
+         a.scales = TensorView(nullptr, DType::kFloat32, {8, 16});
+       },
+       I, {"scales has shape (8, 16) but a null data pointer"}},
+      {"NullDataExpertScales", [](Store&, A& a) { a.expert_scales = TensorView(nullptr, DType::kFloat32, {3, 2}); }, I,
+       {"expert_scales has shape (3, 2) but a null data pointer"}},
+  };
+  v.insert(v.end(), null_data.begin(), null_data.end());
   v.insert(v.end(), prof2.begin(), prof2.end());
   return v;
 }
@@ -1018,6 +1038,21 @@ std::vector<CCase> combine_rejects() {
          a.expand_scales = st.f32({1, 1}, {2});
        },
        I, {"expand_scales has shape (2,)", "5 entries"}, N},
+      // --- a shape with elements but a null data pointer (was a SIGSEGV)
+      {"NullDataExpandX", [](Store&, A& a) { a.expand_x = TensorView(nullptr, kBf16, {24, 16}); }, I, {"expand_x has shape (24, 16) but a null data pointer"}},
+      {"NullDataCombineExpertIds", [](Store&, A& a) { a.expert_ids = TensorView(nullptr, DType::kInt32, {3, 2}); }, I,
+       {"expert_ids has shape (3, 2) but a null data pointer"}},
+      {"NullDataAssistInfo", [](Store&, A& a) { a.assist_info_for_combine = TensorView(nullptr, DType::kInt32, {15}); }, I,
+       {"assist_info_for_combine has shape (15,) but a null data pointer"}},
+      {"NullDataEpSendCounts", [](Store&, A& a) { a.ep_send_counts = TensorView(nullptr, DType::kInt32, {8}); }, I,
+       {"ep_send_counts has shape (8,) but a null data pointer"}},
+      {"NullDataCombineExpertScales", [](Store&, A& a) { a.expert_scales = TensorView(nullptr, DType::kFloat32, {3, 2}); }, I,
+       {"expert_scales has shape (3, 2) but a null data pointer"}},
+      {"NullDataSharedExpertX", [](Store&, A& a) { a.shared_expert_x = TensorView(nullptr, kBf16, {3, 16}); }, I,
+       {"shared_expert_x has shape (3, 16) but a null data pointer"}},
+      {"NullDataOriX", [](Store&, A& a) { a.ori_x = TensorView(nullptr, kBf16, {3, 16}); }, I, {"ori_x has shape (3, 16) but a null data pointer"}},
+      {"NullDataExpandScales", [](Store&, A& a) { a.expand_scales = TensorView(nullptr, DType::kFloat32, {24}); }, I,
+       {"expand_scales has shape (24,) but a null data pointer"}},
       // --- not validated by the library today (see the report)
       {"ExpandXStrideCount", [](Store& st, A& a) { a.expand_x = st.view<uint16_t>(kBf16, std::vector<uint16_t>(384, 0), {24, 16}, {16}); }, I,
        {"expand_x has 1 strides"}},
@@ -1397,6 +1432,56 @@ TEST(PeerFailure, CombineRankRejectsItsCall) {
   std::vector<Result> again(4);
   run_ranks(4, [&](int r) { again[static_cast<size_t>(r)] = observe([&] { combine_v2(ca[static_cast<size_t>(r)]); }); });
   for (int r = 0; r < 4; ++r) EXPECT_TRUE(ended(again[static_cast<size_t>(r)], Outcome::kOk, {}, 2.0)) << "rank " << r;
+}
+
+// A null data pointer behind a shape with elements, through the op on thread ranks: the rank raises
+// InvalidArgument naming the parameter (it was a SIGSEGV), its peers a TransportError naming it.
+TEST(PeerFailure, NullDataIsRejectedNotDereferenced) {
+  Group g(2, std::chrono::milliseconds(5000), "nulldata");
+  std::vector<RankInputs> in;
+  for (int r = 0; r < 2; ++r) in.emplace_back(r);
+  std::vector<DispatchArgs> da;
+  for (int r = 0; r < 2; ++r) da.push_back(in[static_cast<size_t>(r)].args(g.name, r, 2, 8));
+  da[1].x = TensorView(nullptr, kBf16, {3, 16});
+  std::vector<Result> res(2);
+  run_ranks(2, [&](int r) { res[static_cast<size_t>(r)] = observe([&] { dispatch_v2(da[static_cast<size_t>(r)]); }); });
+  EXPECT_TRUE(ended(res[1], Outcome::kInvalid, {"[rank 1/2] dispatch_v2: ", "x has shape (3, 16) but a null data pointer"}, 2.0));
+  EXPECT_TRUE(ended(res[0], Outcome::kTransport, {"rank 1", "null data pointer"}, 2.0));
+  // elastic_info with a null pointer: the rejection path reads it too (for the members to tell).
+  da[1] = in[1].args(g.name, 1, 2, 8);
+  da[0].elastic_info = TensorView(nullptr, DType::kInt32, {8});
+  run_ranks(2, [&](int r) { res[static_cast<size_t>(r)] = observe([&] { dispatch_v2(da[static_cast<size_t>(r)]); }); });
+  EXPECT_TRUE(ended(res[0], Outcome::kInvalid, {"[rank 0/2] dispatch_v2: ", "elastic_info has shape (8,) but a null data pointer"}, 2.0));
+  EXPECT_TRUE(ended(res[1], Outcome::kTransport, {"rank 0", "elastic_info"}, 2.0));
+}
+
+// moe_expert_num so large that the counts of one call do not fit the transport's control message
+// (64 KiB on threads and shared memory): Unsupported naming moe_expert_num, ep_world_size, the bytes
+// and the largest moe_expert_num that fits, on every rank, before any byte moves (it was "moedist
+// internal error, please report: ... blob of 262752 bytes > 65536"). The largest that fits runs.
+TEST(PeerFailure, TooManyExpertsForTheTransportIsRefusedClearly) {
+  Group g(2, std::chrono::milliseconds(5000), "bigE");
+  const auto t = resolve_group(g.name, 0);
+  EXPECT_EQ(t->max_blob_bytes(), 65536u);
+  // W = 2, no shared ranks: the counts are W * (E / W) = E int32 after the step's header.
+  const int max_e = static_cast<int>((t->max_blob_bytes() - sizeof(ops::BlobHeader)) / 4);
+  for (int64_t E : {int64_t{65536}, int64_t{max_e} + 2}) {
+    std::vector<RankInputs> in;
+    for (int r = 0; r < 2; ++r) in.emplace_back(r);
+    std::vector<Result> res(2);
+    run_ranks(2, [&](int r) { res[static_cast<size_t>(r)] = observe([&] { dispatch_v2(in[static_cast<size_t>(r)].args(g.name, r, 2, static_cast<int>(E))); }); });
+    for (int r = 0; r < 2; ++r)
+      EXPECT_TRUE(ended(res[static_cast<size_t>(r)], Outcome::kUnsupported,
+                        {"[rank " + std::to_string(r) + "/2] dispatch_v2: ", "moe_expert_num=" + std::to_string(E), "ep_world_size=2",
+                         "thread transport", "65536 bytes", "moe_expert_num must be at most " + std::to_string(max_e)},
+                        2.0))
+          << "rank " << r << " E=" << E;
+  }
+  std::vector<RankInputs> in;
+  for (int r = 0; r < 2; ++r) in.emplace_back(r);
+  std::vector<Result> res(2);
+  run_ranks(2, [&](int r) { res[static_cast<size_t>(r)] = observe([&] { dispatch_v2(in[static_cast<size_t>(r)].args(g.name, r, 2, max_e)); }); });
+  for (int r = 0; r < 2; ++r) EXPECT_TRUE(ended(res[static_cast<size_t>(r)], Outcome::kOk, {}, 5.0)) << "rank " << r << " E=" << max_e;
 }
 
 TEST(PeerFailure, RankThatNeverCallsTimesOut) {

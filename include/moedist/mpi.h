@@ -13,7 +13,13 @@
 // still on their way to it); a group that lives past MPI_Finalize makes no MPI call any more.
 // After a TransportError or Timeout raised by the transport itself (a peer failed or did not arrive)
 // the group is out of step: make a new one. Errors of the arguments (InvalidArgument, a rank that
-// rejected its call) leave it usable.
+// rejected its call) leave it usable. A rank that gives up a call tells the other members, which
+// then fail at once with a Timeout naming the ranks that did not arrive (not the rank that gave up).
+// MPI_Finalize after such a failure: it waits for every rank of the job, and a rank that is stopped
+// or stuck never comes. moedist therefore watches MPI_Finalize in a process whose MPI group failed:
+// if it has not returned after a grace period (the group's timeout, at least 10 s and at most 60 s;
+// MOEDIST_MPI_FINALIZE_GRACE_MS sets it), the process prints the failure and ends the job with
+// MPI_Abort (exit status 1). When every rank reaches MPI_Finalize it returns as usual.
 //
 // Hosts: ranks that share memory according to MPI (MPI_COMM_TYPE_SHARED) and sit in the same network
 // namespace form a host. `MpiOptions::ranks_per_host` (or the environment variable

@@ -12,6 +12,7 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <functional>
 #include <map>
 #include <memory>
@@ -106,6 +107,9 @@ class Transport {
   // its last owner drops it; contents unspecified. Shared memory carves it from this rank's window.
   virtual std::shared_ptr<unsigned char> alloc(size_t bytes) = 0;
   virtual std::chrono::milliseconds timeout() const = 0;
+  // The largest blob (ExchangeSpec::blob_bytes) one exchange can carry. The ops check their blobs
+  // against it during validation, so arguments that would need more are refused before any byte moves.
+  virtual size_t max_blob_bytes() const { return std::numeric_limits<size_t>::max(); }
   // What this endpoint has sent so far; a transport that does not count returns zeros.
   virtual TransportStats stats() const { return {}; }
 

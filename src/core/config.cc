@@ -89,9 +89,16 @@ struct Common {
   int64_t H;
 };
 
-// Every view: one stride per dimension, or none (contiguous).
+// Every view: data behind a shape with elements (a null pointer is only "absent" with no shape or
+// an empty one), and one stride per dimension, or none (contiguous).
 void check_strides(const CheckCtx& ctx, const TensorView& v, const char* name) {
-  if (!v.defined() || v.strides.empty()) return;
+  if (!v.defined()) return;
+  if (v.data == nullptr) {
+    bool empty = false;
+    for (int64_t s : v.shape) empty |= s == 0;
+    MOEDIST_CHECK(ctx, empty, name, " has shape ", v.shape_str(), " but a null data pointer (a tensor with elements needs its data)");
+  }
+  if (v.strides.empty()) return;
   MOEDIST_CHECK(ctx, static_cast<int64_t>(v.strides.size()) == v.dim(), name, " has ", v.strides.size(), " strides for shape ",
                 v.shape_str(), " (must be one per dimension)");
 }
@@ -153,6 +160,11 @@ EpConfig resolve_common(const Common& a) {
   MOEDIST_CHECK(ctx, a.Z >= 0, "zero_expert_num=", a.Z, " (must be >= 0)");
   MOEDIST_CHECK(ctx, a.C >= 0, "copy_expert_num=", a.C, " (must be >= 0)");
   MOEDIST_CHECK(ctx, a.Q >= 0, "const_expert_num=", a.Q, " (must be >= 0)");
+  // Each below 2^31 first, so that their sum cannot overflow.
+  MOEDIST_CHECK(ctx, a.E < INT32_MAX, "moe_expert_num=", a.E, " (must be < 2147483647)");
+  MOEDIST_CHECK(ctx, a.Z < INT32_MAX, "zero_expert_num=", a.Z, " (must be < 2147483647)");
+  MOEDIST_CHECK(ctx, a.C < INT32_MAX, "copy_expert_num=", a.C, " (must be < 2147483647)");
+  MOEDIST_CHECK(ctx, a.Q < INT32_MAX, "const_expert_num=", a.Q, " (must be < 2147483647)");
   MOEDIST_CHECK(ctx, a.E + a.Z + a.C + a.Q < INT32_MAX, "moe_expert_num + zero_expert_num + copy_expert_num + const_expert_num = ",
                 a.E + a.Z + a.C + a.Q, " (must be < 2147483647)");
   MOEDIST_CHECK(ctx, a.tp == 0 || a.tp == 1 || a.tp == 2, "tp_world_size=", a.tp, " (must be 0, 1 or 2)");
@@ -200,6 +212,7 @@ EpConfig resolve_common(const Common& a) {
 
   // global_bs
   MOEDIST_CHECK(ctx, a.global_bs >= 0, "global_bs=", a.global_bs, " (must be 0 or max_bs * ep_world_size)");
+  MOEDIST_CHECK(ctx, a.global_bs <= INT32_MAX, "global_bs=", a.global_bs, " (must be at most 2147483647: counts and token indices are int32)");
   if (a.global_bs != 0) {
     MOEDIST_CHECK(ctx, a.global_bs % a.W == 0, "global_bs=", a.global_bs, " is not a multiple of ep_world_size=", a.W, " (must be 0 or max_bs * ep_world_size)");
     MOEDIST_CHECK(ctx, a.global_bs >= c.BS * a.W, "global_bs=", a.global_bs, " < BS * ep_world_size = ", c.BS * a.W, " (BS=", c.BS, " is larger than global_bs / ep_world_size)");
@@ -325,6 +338,9 @@ EpConfig resolve_common(const Common& a) {
     c.A = std::max(a_shared, a_moe);
   else
     c.A = c.is_shared_rank() ? a_shared : a_moe;
+  // ep_recv_counts and assist_info_for_combine count rows in int32.
+  MOEDIST_CHECK(ctx, c.tp * c.A <= INT32_MAX, "global_bs=", a.global_bs, " with BS=", c.BS, " gives A=", c.A,
+                " rows per rank (max(tp_world_size, 1) * A must be at most 2147483647: rows are counted in int32)");
 
   // hierarchy limits
   if (c.alg == Alg::kHierarchy) {

@@ -117,20 +117,27 @@ __attribute__((target("avx512f,avx512bw"))) inline __m512 quant_input_512(DType 
   return v;
 }
 
-// dynamic_quant_row, 16 elements at a time: amax with max (NaN lanes never raise it, like the plain
-// `if (a > amax)`; the lanes are non-negative, so the order of the horizontal max does not matter),
-// then q = rint_even(xf * m) with NaN -> 0 and saturation. Returns false (nothing done) when H is not
-// a multiple of 16; the caller then runs the plain version.
+// dynamic_quant_row, 16 elements at a time: amax with max (the lanes are non-negative, so the order
+// of the horizontal max does not matter) and a mask of NaN lanes, then q = rint_even(xf * m) with
+// saturation. Returns false (nothing done) when H is not a multiple of 16 or the row holds a NaN or
+// an infinity; the caller then runs the plain version, which owns the rule for non-finite rows.
 __attribute__((target("avx512f,avx512bw"))) bool dynamic_quant_avx512(DType dt, const uint16_t* x, const float* smooth, int64_t H,
                                                                      int8_t* q, float* scale) {
   if (H % 16 != 0) return false;
   __m512 vmax = _mm512_setzero_ps();
-  for (int64_t h = 0; h < H; h += 16) vmax = _mm512_max_ps(_mm512_abs_ps(quant_input_512(dt, x, smooth, h)), vmax);  // NaN: keeps vmax
+  __mmask16 any_nan = 0;
+  for (int64_t h = 0; h < H; h += 16) {
+    const __m512 a = _mm512_abs_ps(quant_input_512(dt, x, smooth, h));
+    any_nan |= _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
+    vmax = _mm512_max_ps(a, vmax);  // a NaN lane keeps vmax: caught by any_nan
+  }
+  if (any_nan) return false;
   alignas(64) float lanes[16];
   _mm512_store_ps(lanes, vmax);
   float amax = 0.f;
   for (float a : lanes)
     if (a > amax) amax = a;
+  if (amax > 3.4028235e38f) return false;  // +inf
   if (amax == 0.f) {
     std::memset(q, 0, static_cast<size_t>(H));
     *scale = 0.f;

@@ -10,11 +10,15 @@ namespace moedist::core {
 
 // dispatch quant_mode 2, one row (docs/semantics.md §5): xf = float(x) [* smooth]; amax = max|xf|;
 // m = 127/amax; q = rint_even(xf*m); scale = 1/m. amax == 0 gives q = 0 and scale = 0.
+// Non-finite rows: any NaN in xf gives scale NaN and q = 0 everywhere; otherwise an infinity gives
+// scale +inf and q = +-127 at the infinities, 0 elsewhere (docs/semantics.md).
 // `x` is H contiguous bf16/fp16 values; `smooth` is H floats or null.
 void dynamic_quant_row(DType dt, const uint16_t* x, const float* smooth, int64_t H, int8_t* q, float* scale);
 
 // combine comm_quant_mode 2 (docs/semantics.md §13): groups of 8 elements, scale = max|f| * (1/127) stored
-// rounded to dt, q = int8(rint(fp16_rne(f / unrounded_scale))). Packed row layout: H int8 values then
+// rounded to dt, q = int8(rint(fp16_rne(f / unrounded_scale))); a group with a NaN stores scale NaN
+// and q = 0, a group with an infinity (no NaN) scale +inf and q = +-127 at the infinities, 0 elsewhere.
+// Packed row layout: H int8 values then
 // ceil(H/8) scales as dt (2 bytes each).
 int64_t comm_quant_row_bytes(int64_t H);
 void comm_quant_row(DType dt, const uint16_t* y, int64_t H, void* packed);

@@ -45,6 +45,15 @@ struct DispatchCounts {
 
 // Counts of each (destination rank, local expert) for this rank's tokens, in effective ranks.
 std::vector<int32_t> send_counts(const DispatchCtx& d);
+// Bytes of the counts a rank publishes in the EP exchange of dispatch (the blob's payload, after the
+// BlobHeader); `ranks_per_server`: the EP transport's, for comm_alg "hierarchy".
+size_t dispatch_counts_bytes(const core::EpConfig& c, int ranks_per_server);
+size_t tp_counts_bytes(const core::EpConfig& c);  // the same for the TP all-gather
+// Raises Unsupported, naming moe_expert_num / ep_world_size and the limit, if a dispatch with this
+// configuration would need a larger blob than `ep` (or `tp`, when given) carries.
+void check_dispatch_fits(const core::EpConfig& c, const Transport& ep, const Transport* tp);
+// Raises InvalidArgument if combine's output, (BS, H), is larger than this machine's memory.
+void check_combine_fits(const core::EpConfig& c);
 
 // With `split` (dispatch_setup), the exchange is only begun on *split; the caller finishes it (split->end())
 // before reading the sinks. The counts are known when this returns.

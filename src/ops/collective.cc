@@ -130,7 +130,7 @@ class Digest {
       for (int l = 0; l < 4; ++l) mix(l, load(b + i + 8 * l));
     for (; i + 8 <= bytes; i += 8) mix(0, load(b + i));
     uint64_t tail = 0;
-    std::memcpy(&tail, b + i, bytes - i);
+    if (bytes > i) std::memcpy(&tail, b + i, bytes - i);  // b may be null when bytes == 0
     mix(1, tail ^ (bytes << 56));
   }
   void add(int64_t v) { mix(2, static_cast<uint64_t>(v)); }
@@ -201,10 +201,10 @@ std::shared_ptr<Transport> lookup(const std::string& group, int64_t rank, int64_
   return t;
 }
 
-std::vector<int> fallback_members(const TensorView& el, int64_t world) {
+std::vector<int> fallback_members(const TensorView& el, int64_t world, int64_t rank) {
   std::vector<int> all;
   for (int i = 0; i < world; ++i) all.push_back(i);
-  if (!el.defined() || el.dtype != DType::kInt32 || el.dim() != 1 || el.size(0) != 4 + 2 * world) return all;
+  if (!el.defined() || el.data == nullptr || el.dtype != DType::kInt32 || el.dim() != 1 || el.size(0) != 4 + 2 * world) return all;
   if (core::at1<int32_t>(el, 0) == 0) return all;
   const int64_t wl = core::at1<int32_t>(el, 1);
   if (wl < 1 || wl > world) return all;
@@ -216,6 +216,7 @@ std::vector<int> fallback_members(const TensorView& el, int64_t world) {
   }
   std::sort(m.begin(), m.end());
   if (std::adjacent_find(m.begin(), m.end()) != m.end()) return all;
+  if (!std::binary_search(m.begin(), m.end(), static_cast<int>(rank))) return all;  // the caller is always a member
   return m;
 }
 
@@ -230,7 +231,7 @@ void reject_call(const char* op, const Args& a, const std::string& message) {
   const std::string msg = message.empty() ? "rejected by the caller" : message;
   try {
     auto ep = ops::lookup(a.group_ep, a.ep_rank_id, a.ep_world_size, op, "ep_world_size", label);
-    ops::reject_step(ep, ops::fallback_members(a.elastic_info, a.ep_world_size), op, "", label, msg);
+    ops::reject_step(ep, ops::fallback_members(a.elastic_info, a.ep_world_size, a.ep_rank_id), op, "", label, msg);
   } catch (...) {
   }
   if (a.tp_world_size != 2) return;

@@ -74,8 +74,9 @@ uint64_t steps_started();
 std::shared_ptr<Transport> lookup(const std::string& group, int64_t rank, int64_t world, const char* op, const char* what,
                                   const std::string& label);
 
-// Members to use when this rank's own arguments failed validation (best effort from elastic_info).
-std::vector<int> fallback_members(const TensorView& elastic_info, int64_t world);
+// Members to use when this rank's own arguments failed validation (best effort from elastic_info;
+// always including `rank`).
+std::vector<int> fallback_members(const TensorView& elastic_info, int64_t world, int64_t rank);
 
 template <typename T>
 void put_pod(std::vector<unsigned char>& v, const T& x) {

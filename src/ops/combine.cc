@@ -62,11 +62,12 @@ void CombineOp::begin(bool want_split, const char* op_name) {
   try {
     c = core::resolve_combine(a);
     counts = core::combine_counts(c, a);
+    check_combine_fits(c);
     check_metadata(*ep, c, a, counts, label);
   } catch (const Error& e) {
     const std::exception_ptr original = std::current_exception();
     if (tpt) fail_step(tpt, {0, 1}, op, label, e.what(), "TP");
-    fail_step(ep, fallback_members(a.elastic_info, a.ep_world_size), op, label, e.what());
+    fail_step(ep, fallback_members(a.elastic_info, a.ep_world_size, a.ep_rank_id), op, label, e.what());
     std::rethrow_exception(original);
   }
 
@@ -240,7 +241,7 @@ CombineAddRmsNormResult combine_add_rms_norm(const CombineAddRmsNormArgs& a) {
       } catch (...) {
       }
     }
-    fail_step(ep, fallback_members(ca.elastic_info, ca.ep_world_size), op, label, e.what());
+    fail_step(ep, fallback_members(ca.elastic_info, ca.ep_world_size, ca.ep_rank_id), op, label, e.what());
     std::rethrow_exception(original);
   }
   Tensor combined = ops::combine_v2(ca);

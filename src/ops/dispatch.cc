@@ -91,9 +91,10 @@ void DispatchOp::begin(bool want_split, const char* op_name) {
   // Validate; a rank that fails still takes part once, so its peers fail at once, naming it.
   try {
     c = core::resolve_dispatch(a);
+    check_dispatch_fits(c, *ep, tpt.get());
   } catch (const Error& e) {
     const std::exception_ptr original = std::current_exception();
-    reject_step(ep, fallback_members(a.elastic_info, a.ep_world_size), op, "", label, e.what());
+    reject_step(ep, fallback_members(a.elastic_info, a.ep_world_size, a.ep_rank_id), op, "", label, e.what());
     if (tpt) reject_step(tpt, {0, 1}, op, "TP", label, e.what());
     std::rethrow_exception(original);
   }
@@ -179,6 +180,7 @@ DispatchResult DispatchOp::finish() {
     t.extra_uniform = {{"quant_mode", a.quant_mode}, {"ep_rank_id (TP peers share it)", a.ep_rank_id}};
     put_pod<int64_t>(t.payload, run);
     for (int64_t r = 0; r < c.W; ++r) put_pod<int32_t>(t.payload, epc[r]);
+    MOEDIST_ASSERT(t.payload.size() == tp_counts_bytes(c));
     unsigned char* peer_x = out.expand_x + static_cast<size_t>(run) * d.row_bytes;
     float* peer_s = out.dynamic_scales + run;
     const size_t room = static_cast<size_t>(c.tp * A - run);

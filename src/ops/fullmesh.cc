@@ -28,6 +28,7 @@ DispatchCounts fullmesh_dispatch(const DispatchCtx& d, const RowSinks& sinks, St
   step.extra_uniform = {{"quant_mode", d.quant ? 2 : 0}};
   const std::vector<int32_t> mine = send_counts(d);
   step.payload.resize(mine.size() * 4);
+  MOEDIST_ASSERT(step.payload.size() == dispatch_counts_bytes(c, d.ep->ranks_per_server()));
   std::memcpy(step.payload.data(), mine.data(), step.payload.size());
   const size_t A = static_cast<size_t>(sinks.capacity);
   step.recv = {RecvRegion{sinks.expand_x, A * d.row_bytes}, RecvRegion{sinks.dynamic_scales, A * 4},

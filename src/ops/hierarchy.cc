@@ -79,6 +79,7 @@ DispatchCounts hierarchy_dispatch(const DispatchCtx& d, const RowSinks& sinks) {
   s1.extra_uniform = {{"quant_mode", d.quant ? 2 : 0}, {"ranks per server", sv.P}};
   const std::vector<int32_t> mine = send_counts(d);
   s1.payload.resize((mine.size() + ntok.size()) * 4);
+  MOEDIST_ASSERT(s1.payload.size() == dispatch_counts_bytes(c, d.ep->ranks_per_server()));
   std::memcpy(s1.payload.data(), mine.data(), mine.size() * 4);
   std::memcpy(s1.payload.data() + mine.size() * 4, ntok.data(), ntok.size() * 4);
   const std::vector<int64_t> my_sources = sv.sources_of(me);

@@ -2,13 +2,17 @@
 
 #include <sched.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <map>
+#include <mutex>
 #include <random>
+#include <set>
 #include <thread>
 
 #include "moedist/error.h"
@@ -19,6 +23,7 @@ namespace {
 
 constexpr int kTagArrive = 0x4d31;
 constexpr int kTagDone = 0x4d32;
+constexpr int kTagGaveUp = 0x4d33;
 constexpr size_t kMinBlock = 16 * 1024;
 constexpr size_t kMaxChunk = size_t{1} << 30;  // one PutWriter::dest; blocks stay below INT_MAX bytes
 
@@ -42,7 +47,14 @@ struct ChunkHdr {
   uint64_t offset;
   uint64_t info;
 };
-static_assert(sizeof(ArriveHdr) == 24 && sizeof(BlockHdr) == 24 && sizeof(ChunkHdr) == 16);
+// A rank gave up its call `epoch` with the receiver, waiting for the culprits (none: it failed itself).
+struct GaveUp {
+  uint64_t epoch;
+  uint64_t nonce;
+  int32_t nculprits;  // followed by that many int32 ranks
+  int32_t unused;
+};
+static_assert(sizeof(ArriveHdr) == 24 && sizeof(BlockHdr) == 24 && sizeof(ChunkHdr) == 16 && sizeof(GaveUp) == 24);
 constexpr uint64_t kBytesMask = (uint64_t{1} << 48) - 1;
 constexpr size_t kMaxRegionsMpi = 4096;
 
@@ -73,7 +85,87 @@ uint64_t netns_id() {
   return (static_cast<uint64_t>(st.st_dev) << 32) ^ static_cast<uint64_t>(st.st_ino);
 }
 
+// The process's record of failed MPI groups, read by the finalize guard.
+std::mutex g_fail_mu;
+bool g_failed = false;
+std::string g_fail_what;
+std::chrono::milliseconds g_fail_timeout{0};
+
+long finalize_grace_ms(std::chrono::milliseconds timeout) {
+  if (const char* v = std::getenv("MOEDIST_MPI_FINALIZE_GRACE_MS")) {
+    char* end = nullptr;
+    const long x = std::strtol(v, &end, 10);
+    if (end != v && *end == 0 && x > 0) return x;
+  }
+  return std::clamp<long>(static_cast<long>(timeout.count()), 10000, 60000);
+}
+
+// Runs at the start of MPI_Finalize (deletion of an attribute of MPI_COMM_SELF).
+int finalize_callback(MPI_Comm, int, void*, void*) {
+  std::string what;
+  long grace = 0;
+  {
+    std::lock_guard<std::mutex> lock(g_fail_mu);
+    if (!g_failed) return MPI_SUCCESS;
+    what = g_fail_what;
+    grace = finalize_grace_ms(g_fail_timeout);
+  }
+  // MPI_Finalize waits for every rank of the job; one that is stopped or stuck never comes. The
+  // watchdog ends the job then; a normal finalize returns first and the process exits before it fires.
+  // One rank aborting is enough (it ends the job), and several at once make Open MPI's mpirun more
+  // likely to stumble: the ranks' watchdogs fire 250 ms apart, in rank order.
+  int world_rank = 0;
+  MPI_Comm_rank(MPI_COMM_WORLD, &world_rank);
+  const long stagger = 250L * std::min(world_rank, 20);
+  std::thread([what, grace, stagger] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(grace + stagger));
+    std::fprintf(stderr,
+                 "moedist: MPI_Finalize has not returned after %ld ms, and an MPI group of this process failed earlier: %s\n"
+                 "moedist: the ranks MPI_Finalize waits for are stuck, stopped or dead: ending the job with MPI_Abort\n",
+                 grace + stagger, what.c_str());
+    std::fflush(stderr);
+    // MPI_Abort asks the launcher to end every rank; should that itself not return or end the
+    // process (the launcher is gone), the process ends on its own 10 s later.
+    std::thread([] {
+      std::this_thread::sleep_for(std::chrono::seconds(10));
+      _exit(1);
+    }).detach();
+    MPI_Abort(MPI_COMM_WORLD, 1);
+    _exit(1);
+  }).detach();
+  return MPI_SUCCESS;
+}
+
 }  // namespace
+
+void mpi_finalize_guard() {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    int keyval = MPI_KEYVAL_INVALID;
+    if (MPI_Comm_create_keyval(MPI_COMM_NULL_COPY_FN, finalize_callback, &keyval, nullptr) == MPI_SUCCESS)
+      MPI_Comm_set_attr(MPI_COMM_SELF, keyval, nullptr);
+  });
+}
+
+void note_mpi_group_failure(const std::string& what, std::chrono::milliseconds timeout) {
+  {
+    std::lock_guard<std::mutex> lock(g_fail_mu);
+    if (!g_failed) {
+      g_failed = true;
+      g_fail_what = what;
+      g_fail_timeout = timeout;
+    }
+  }
+  int init = 0, fin = 0;
+  MPI_Initialized(&init);
+  MPI_Finalized(&fin);
+  if (init && !fin) mpi_finalize_guard();
+}
+
+std::string mpi_group_failure() {
+  std::lock_guard<std::mutex> lock(g_fail_mu);
+  return g_failed ? g_fail_what : std::string();
+}
 
 void FreeBytes::operator()(unsigned char* p) const { std::free(p); }
 
@@ -170,6 +262,7 @@ MpiEngine::MpiEngine(MPI_Comm comm, std::vector<int> host_of, std::chrono::milli
     nonce_ = (static_cast<uint64_t>(rd()) << 32) ^ rd() ^ static_cast<uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count());
   }
   check_mpi(MPI_Bcast(&nonce_, 1, MPI_UINT64_T, 0, comm_), label(), "MPI_Bcast (group nonce)");  // the caller frees comm
+  mpi_finalize_guard();
 }
 
 MpiEngine::~MpiEngine() {
@@ -199,6 +292,7 @@ MpiEngine::~MpiEngine() {
   // Buffers of abandoned requests may still be in MPI's hands: they are left allocated.
   for (auto& b : graveyard_) (void)b.release();
   for (auto& v : graveyard_vec_) new std::vector<unsigned char>(std::move(v));
+  for (auto& v : notices_) new std::vector<unsigned char>(std::move(v));
 }
 
 std::string MpiEngine::label() const { return detail::str_cat("[rank ", rank_, "/", world_, "] "); }
@@ -225,17 +319,91 @@ void MpiEngine::poll(Step step, Missing missing) {
   for (int i = 0;; ++i) {
     if (step()) return;
     if (i < 64) continue;  // each MPI call above progresses the transfers
+    take_notices();
     const auto now = Clock::now();
     if (now >= deadline) {
-      const auto [p, what] = missing();
-      throw Timeout(detail::str_cat(label(), op_, ": timed out after ", timeout_.count(), " ms waiting for rank ", p, " to ", what,
-                                    " (it did not call ", op_, ", or is stuck or dead)"));
+      const auto [ranks, what] = missing();
+      timed_out(ranks, what);
     }
     // More ranks than cores must still progress: yield, then sleep a little.
     if (now - start < std::chrono::milliseconds(2))
       sched_yield();
     else
       std::this_thread::sleep_for(std::chrono::microseconds(20));
+  }
+}
+
+std::string MpiEngine::ranks_str(const std::vector<int32_t>& r) const {
+  std::string s = r.size() == 1 ? "rank " : "ranks ";
+  for (size_t i = 0; i < r.size(); ++i) s += detail::str_cat(i == 0 ? "" : i + 1 == r.size() ? " and " : ", ", r[i]);
+  return s;
+}
+
+void MpiEngine::timed_out(const std::vector<int>& missing, const char* what) {
+  // A missing peer that gave up its previous call waiting for other ranks is waiting for nobody now:
+  // those ranks are the ones that did not come.
+  std::vector<int32_t> named;
+  std::string notes;
+  for (int p : missing) {
+    const Peer& st = peers_[static_cast<size_t>(p)];
+    std::vector<int32_t> c = {p};
+    if (!st.gave_up_on.empty() && st.gave_up_epoch + 1 >= st.epoch &&
+        std::find(st.gave_up_on.begin(), st.gave_up_on.end(), rank_) == st.gave_up_on.end()) {
+      c = st.gave_up_on;
+      notes += detail::str_cat("; rank ", p, " gave up its previous call waiting for ", ranks_str(c));
+    }
+    for (int32_t x : c)
+      if (std::find(named.begin(), named.end(), x) == named.end()) named.push_back(x);
+  }
+  std::sort(named.begin(), named.end());
+  culprits_ = named;
+  const bool one = named.size() == 1;
+  throw Timeout(detail::str_cat(label(), op_, ": timed out after ", timeout_.count(), " ms waiting for ", ranks_str(named), " to ", what,
+                                one ? " (it did not call " : " (they did not call ", op_, one ? ", or is stuck or dead)" : ", or are stuck or dead)",
+                                notes));
+}
+
+void MpiEngine::take_notices() {
+  for (;;) {
+    int flag = 0;
+    MPI_Message msg = MPI_MESSAGE_NULL;
+    MPI_Status status;
+    check(MPI_Improbe(MPI_ANY_SOURCE, kTagGaveUp, comm_, &flag, &msg, &status), "MPI_Improbe (notices)");
+    if (!flag) break;
+    int count = 0;
+    MPI_Get_count(&status, MPI_BYTE, &count);
+    std::vector<unsigned char> m(static_cast<size_t>(std::max(count, 1)));
+    check(MPI_Mrecv(m.data(), count, MPI_BYTE, &msg, MPI_STATUS_IGNORE), "MPI_Mrecv (notice)");
+    const int src = status.MPI_SOURCE;
+    GaveUp g{};
+    if (count < static_cast<int>(sizeof(g)) || src < 0 || src >= world_) continue;
+    std::memcpy(&g, m.data(), sizeof(g));
+    Peer& st = peers_[static_cast<size_t>(src)];
+    if (g.nonce != nonce_ || g.epoch < st.gave_up_epoch || g.nculprits < 0 || g.nculprits > world_ ||
+        static_cast<size_t>(count) != sizeof(g) + 4 * static_cast<size_t>(g.nculprits))
+      continue;
+    st.gave_up_epoch = g.epoch;
+    st.gave_up_on.resize(static_cast<size_t>(g.nculprits));
+    if (g.nculprits) std::memcpy(st.gave_up_on.data(), m.data() + sizeof(g), 4 * static_cast<size_t>(g.nculprits));
+  }
+  for (int p : remote_) {
+    const Peer& st = peers_[static_cast<size_t>(p)];
+    if (st.gave_up_epoch != st.epoch) continue;
+    // p gave up this very call: it will not finish it.
+    const std::vector<int32_t>& c = st.gave_up_on;
+    if (std::find(c.begin(), c.end(), rank_) != c.end()) {
+      culprits_ = {p};
+      throw Timeout(detail::str_cat(label(), op_, ": rank ", p, " gave up this call after waiting ", timeout_.count(),
+                                    " ms for this rank (this rank came too late)"));
+    }
+    if (!c.empty()) {
+      culprits_ = c;
+      throw Timeout(detail::str_cat(label(), op_, ": timed out after ", timeout_.count(), " ms waiting for ", ranks_str(c), " (rank ", p,
+                                    " gave up this call waiting for ", c.size() == 1 ? "it; it" : "them; they", " did not call ", op_, ", or ",
+                                    c.size() == 1 ? "is" : "are", " stuck or dead)"));
+    }
+    culprits_ = {p};
+    throw TransportError(detail::str_cat(label(), op_, ": rank ", p, " failed in this call (its own error names the cause)"));
   }
 }
 
@@ -275,11 +443,13 @@ void MpiEngine::begin(const ExchangeSpec& spec, std::span<const int> remote, std
   if (finalized) throw TransportError(detail::str_cat(label(), spec.op, ": MPI was finalized (the MPI group can no longer be used)"));
   spec_ = &spec;
   op_ = spec.op;
+  culprits_.clear();
   for (int p : remote_) peers_[static_cast<size_t>(p)].active = false;
   remote_.assign(remote.begin(), remote.end());
   sends_.clear();
   sends_to_.clear();
   MOEDIST_ASSERT(spec.recv.size() < kMaxRegionsMpi);
+  MOEDIST_ASSERT(spec.blob_bytes <= kMpiBlobMax, "blob of ", spec.blob_bytes, " bytes > ", kMpiBlobMax);
   ArriveHdr hdr{0, nonce_, static_cast<uint32_t>(spec.recv.size()), static_cast<uint32_t>(spec.blob_bytes)};
   const size_t abytes = sizeof(ArriveHdr) + 8 * spec.recv.size() + spec.blob_bytes;
   for (size_t i = 0; i < remote.size(); ++i) {
@@ -344,9 +514,10 @@ void MpiEngine::collect() {
         return pending == 0;
       },
       [&] {
+        std::vector<int> m;
         for (int p : remote_)
-          if (peers_[static_cast<size_t>(p)].rstate != 2) return std::pair<int, const char*>{p, "arrive"};
-        return std::pair<int, const char*>{-1, "arrive"};
+          if (peers_[static_cast<size_t>(p)].rstate != 2) m.push_back(p);
+        return std::pair<std::vector<int>, const char*>{m, "arrive"};
       });
   for (int p : remote_) peers_[static_cast<size_t>(p)].rstate = 0;
 }
@@ -514,11 +685,14 @@ int MpiEngine::finish(bool failed) {
         return pending == 0 && sends_done;
       },
       [&] {
+        // The peers whose data is missing; only when none is, those that have not taken this rank's.
+        std::vector<int> m;
         for (int p : remote_)
-          if (peers_[static_cast<size_t>(p)].rstate != 2) return std::pair<int, const char*>{p, "finish writing"};
+          if (peers_[static_cast<size_t>(p)].rstate != 2) m.push_back(p);
+        if (!m.empty()) return std::pair<std::vector<int>, const char*>{m, "finish writing"};
         for (size_t i = 0; i < sends_.size(); ++i)
-          if (sends_[i] != MPI_REQUEST_NULL) return std::pair<int, const char*>{sends_to_[i], "receive this rank's data"};
-        return std::pair<int, const char*>{-1, "finish"};
+          if (sends_[i] != MPI_REQUEST_NULL && std::find(m.begin(), m.end(), sends_to_[i]) == m.end()) m.push_back(sends_to_[i]);
+        return std::pair<std::vector<int>, const char*>{m, "receive this rank's data"};
       });
   sends_.clear();
   sends_to_.clear();
@@ -538,7 +712,27 @@ int MpiEngine::finish(bool failed) {
   return failed_peer;
 }
 
-void MpiEngine::abandon() noexcept {
+void MpiEngine::abandon(const char* why) noexcept {
+  try {
+    note_mpi_group_failure(why ? why : "unknown error", timeout_);
+    int fin = 0;
+    MPI_Finalized(&fin);
+    if (!fin) {
+      // Tell the remote members of this call that this rank gave up, and on whom.
+      for (int p : remote_) {
+        const GaveUp g{peers_[static_cast<size_t>(p)].epoch, nonce_, static_cast<int32_t>(culprits_.size()), 0};
+        std::vector<unsigned char> buf(sizeof(g) + 4 * culprits_.size());
+        std::memcpy(buf.data(), &g, sizeof(g));
+        if (!culprits_.empty()) std::memcpy(buf.data() + sizeof(g), culprits_.data(), 4 * culprits_.size());
+        MPI_Request req = MPI_REQUEST_NULL;
+        if (MPI_Isend(buf.data(), static_cast<int>(buf.size()), MPI_BYTE, p, kTagGaveUp, comm_, &req) == MPI_SUCCESS) {
+          MPI_Request_free(&req);
+          notices_.push_back(std::move(buf));  // MPI may still read it
+        }
+      }
+    }
+  } catch (...) {
+  }
   for (auto& r : sends_)
     if (r != MPI_REQUEST_NULL) MPI_Request_free(&r);
   sends_.clear();

@@ -15,8 +15,17 @@
 //   every block received is unpacked into this rank's receive regions, each chunk bounds-checked.
 // The call returns once every message of both waves has arrived and every send has completed.
 // Every wait polls (MPI_Improbe / MPI_Test) against the group's deadline and raises Timeout naming the
-// missing peer and the operation; MPI error codes (MPI_ERRORS_RETURN on the private communicator)
+// missing peers and the operation; MPI error codes (MPI_ERRORS_RETURN on the private communicator)
 // raise TransportError with MPI_Error_string.
+// Giving up (tag kTagGaveUp): a rank whose call fails sends each remote member of the call a short
+//   [GaveUp: pair epoch, group nonce, number of culprits | culprits] (the ranks it timed out waiting
+//   for; none when it failed for another reason).
+//   A member still waiting in that call fails at once with the culprit's name instead of waiting for
+//   its own deadline and then blaming the rank that gave up; a member already past it uses the
+//   notice to name the culprit if it times out waiting for the rank that gave up.
+// A failed exchange leaves the communicator out of step, and a rank that never returns (stopped,
+//   stuck) would keep MPI_Finalize waiting forever: the failure is recorded for the process
+//   (note_mpi_group_failure), and MPI_Finalize then ends the job (see mpi_finalize_guard below).
 // Pair epochs count the calls two ranks had together, so members may be a subset (elastic) and a
 // message left over from a call that failed on one side is recognised and dropped; a group nonce in
 // every message does the same for leftovers of an earlier group whose communicator context MPI reused.
@@ -43,9 +52,25 @@
 
 namespace moedist::transport {
 
+// The largest blob one MPI exchange carries (its wave-1 message must stay below INT_MAX bytes).
+constexpr size_t kMpiBlobMax = size_t{1} << 30;
+
 // Raises TransportError "<label><what>: <MPI error class and string>" unless rc == MPI_SUCCESS.
 void check_mpi(int rc, const std::string& label, const char* what);
 std::string mpi_error_string(int rc);
+
+// Records that an MPI group of this process failed (Timeout or TransportError inside an exchange)
+// with message `what`; `timeout`: that group's deadline. Installs the finalize guard if needed.
+void note_mpi_group_failure(const std::string& what, std::chrono::milliseconds timeout);
+// The first failure recorded, or "" if none.
+std::string mpi_group_failure();
+// Installs, once per process (MPI must be initialized), a callback that MPI_Finalize runs first
+// (an attribute of MPI_COMM_SELF). If an MPI group of this process failed, it prints the failure and
+// starts a watchdog: when MPI_Finalize has not returned within the grace period (the failed group's
+// timeout, clamped to [10 s, 60 s]; MOEDIST_MPI_FINALIZE_GRACE_MS overrides), MPI_Finalize is waiting
+// for ranks that will never join it, and the watchdog ends the job with MPI_Abort (exit code 1). If
+// every rank reaches MPI_Finalize it returns normally and the watchdog never fires.
+void mpi_finalize_guard();
 
 // Which host each rank of a communicator is on.
 struct HostLayout {
@@ -87,9 +112,10 @@ class MpiEngine {
   // Sends wave 2 (failed: this rank's produce failed), receives and unpacks the peers'. Returns the
   // first remote member that reported a failure, or -1.
   int finish(bool failed);
-  // After an exception inside an exchange: pending requests are released and their buffers kept
-  // alive (MPI may still use them); the next exchange starts clean.
-  void abandon() noexcept;
+  // After an exception inside an exchange (`why`: its message): pending requests are released and
+  // their buffers kept alive (MPI may still use them); the remote members are told that this rank gave
+  // up (and on whom); the failure is recorded for MPI_Finalize; the next exchange starts clean.
+  void abandon(const char* why) noexcept;
 
   // Traffic counters (this rank's sends over MPI).
   uint64_t bytes_sent() const { return bytes_sent_.load(std::memory_order_relaxed); }
@@ -124,16 +150,23 @@ class MpiEngine {
     bool first = true;    // wave 2: the next message is the first block
     int blocks_left = 0;  // wave 2: messages still expected after the current one
     bool failed = false;
+    // Latest GaveUp notice from this peer: the call (pair epoch) it gave up and on whom (-1: itself).
+    uint64_t gave_up_epoch = 0;
+    std::vector<int32_t> gave_up_on;
   };
 
   void add(std::atomic<uint64_t>& c, uint64_t v) { c.store(c.load(std::memory_order_relaxed) + v, std::memory_order_relaxed); }
   void send(int peer, const void* p, size_t bytes, int tag);
   void check(int rc, const char* what) const;  // check_mpi with this rank's label and the operation
-  // Polls until step() is true; `missing` names the first peer still awaited and what it has not done
-  // yet (for the Timeout).
+  // Polls until step() is true; `missing` returns the peers still awaited (their messages are
+  // missing) and what they have not done yet, for the Timeout. A notice that a peer of this call gave
+  // up ends the wait at once.
   template <typename Step, typename Missing>
   void poll(Step step, Missing missing);
   bool try_receive(int peer, Peer& st, int tag);  // advances one receive; true when a message is complete
+  void take_notices();                            // receives GaveUp notices; throws if a peer of this call gave up
+  [[noreturn]] void timed_out(const std::vector<int>& missing, const char* what);
+  std::string ranks_str(const std::vector<int32_t>& r) const;  // "rank 2" / "ranks 2 and 3"
   void unpack(int peer, const unsigned char* msg, size_t len);
   Block& room(Peer& st, size_t need);
 
@@ -150,6 +183,8 @@ class MpiEngine {
   std::vector<std::vector<unsigned char>> graveyard_vec_;
   const ExchangeSpec* spec_ = nullptr;
   const char* op_ = "";
+  std::vector<int32_t> culprits_;  // the peers this rank timed out waiting for in the current call
+  std::vector<std::vector<unsigned char>> notices_;  // GaveUp messages in flight (MPI may still read them)
   std::atomic<uint64_t> bytes_sent_{0}, bytes_inter_{0}, payload_{0}, payload_inter_{0}, messages_{0};
 };
 

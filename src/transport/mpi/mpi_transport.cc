@@ -115,6 +115,20 @@ class HybridWriter : public PutWriter {
   const std::vector<int>& local_of_;
 };
 
+// Inside a catch block: the exchange failed on this rank; the engine abandons it (telling the peers)
+// and the exception goes on.
+[[noreturn]] void abandon_and_rethrow(MpiEngine& e) {
+  try {
+    throw;
+  } catch (const std::exception& ex) {
+    e.abandon(ex.what());
+    throw;
+  } catch (...) {
+    e.abandon("unknown error");
+    throw;
+  }
+}
+
 [[noreturn]] void peer_failed(const MpiEngine& e, const char* op, int peer) {
   throw TransportError(detail::str_cat(e.label(), op, ": rank ", peer, " failed while writing its data (its own error names the cause)"));
 }
@@ -139,8 +153,7 @@ void MpiTransport::exchange(const ExchangeSpec& spec) {
     e.begin(spec, m.remote, m.remote_index);
     e.collect();
   } catch (...) {
-    e.abandon();
-    throw;
+    abandon_and_rethrow(e);
   }
   if (spec.blob_bytes) std::memcpy(static_cast<unsigned char*>(spec.blobs_out) + m.self * spec.blob_bytes, spec.blob, spec.blob_bytes);
   std::exception_ptr local_error;
@@ -156,8 +169,7 @@ void MpiTransport::exchange(const ExchangeSpec& spec) {
   try {
     failed = e.finish(local_error != nullptr);
   } catch (...) {
-    e.abandon();
-    throw;
+    abandon_and_rethrow(e);
   }
   if (local_error) std::rethrow_exception(local_error);
   if (failed >= 0) peer_failed(e, spec.op, failed);
@@ -245,8 +257,7 @@ void HybridTransport::exchange(const ExchangeSpec& spec) {
   try {
     e.begin(spec, m.remote, m.remote_index);
   } catch (...) {
-    e.abandon();
-    throw;
+    abandon_and_rethrow(e);
   }
   const size_t bb = spec.blob_bytes;
   std::vector<unsigned char> local_blobs(local.size() * bb);
@@ -282,8 +293,12 @@ void HybridTransport::exchange(const ExchangeSpec& spec) {
   };
   try {
     shm_->exchange(sub);
+  } catch (const Timeout& ex) {
+    if (!mpi_done) abandon_and_rethrow(e);
+    note_mpi_group_failure(ex.what(), e.timeout());  // the shared-memory half timed out
+    throw;
   } catch (...) {
-    if (!mpi_done) e.abandon();
+    if (!mpi_done) abandon_and_rethrow(e);
     throw;
   }
 }

@@ -8,6 +8,7 @@
 //    done flags follow. Receive regions come from the shm window (alloc/scratch of the shm part).
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <memory>
 #include <string>
@@ -31,6 +32,7 @@ class MpiTransport : public Transport {
   void* scratch(int slot, size_t bytes) override;
   std::shared_ptr<unsigned char> alloc(size_t bytes) override;
   std::chrono::milliseconds timeout() const override { return engine_->timeout(); }
+  size_t max_blob_bytes() const override { return kMpiBlobMax; }
   TransportStats stats() const override;
   const HostLayout& hosts() const { return hosts_; }
 
@@ -55,6 +57,7 @@ class HybridTransport : public Transport {
   void* scratch(int slot, size_t bytes) override { return shm_->scratch(slot, bytes); }
   std::shared_ptr<unsigned char> alloc(size_t bytes) override { return shm_->alloc(bytes); }
   std::chrono::milliseconds timeout() const override { return engine_->timeout(); }
+  size_t max_blob_bytes() const override { return std::min(kMpiBlobMax, shm_->max_blob_bytes()); }
   TransportStats stats() const override;
   const HostLayout& hosts() const { return hosts_; }
 

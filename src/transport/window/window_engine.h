@@ -71,6 +71,7 @@ class WindowEngine : public Transport {
   int rank() const override { return rank_; }
   int world_size() const override { return world_; }
   std::chrono::milliseconds timeout() const override { return timeout_; }
+  size_t max_blob_bytes() const override { return layout_.blob_max; }
   void exchange(const ExchangeSpec& spec) override;
   void exchange_begin(const ExchangeSpec& spec) override;
   void exchange_end() override;
