@@ -70,10 +70,15 @@ std::set<std::string> dev_shm_names() {
 
 TEST(ShmIsolation, TwoJobsWithOneJobIdFailNamingBothClaimants) {
   // Eight processes, two jobs of four ranks, one job id (as torchrun's default run id "none", or a
-  // MOEDIST_JOB_ID exported in a shell, used to give). Every process must fail, naming two claimants
-  // of one rank; none may complete a round.
+  // MOEDIST_JOB_ID exported in a shell, used to give). No process may complete a round; a process fails
+  // naming two claimants of one rank, or, if it came so late that every other process had already failed
+  // and gone, with a Timeout waiting for its rank 0. At least one names both claimants.
   const Case c = small_case();
   const std::string job = new_job("same");
+  std::atomic<int>* named = static_cast<std::atomic<int>*>(
+      mmap(nullptr, sizeof(std::atomic<int>), PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0));
+  ASSERT_NE(named, MAP_FAILED);
+  new (named) std::atomic<int>(0);
   const std::string err = run_processes(2 * c.W, [&](int p) -> std::string {
     const int r = p % c.W;
     GroupOptions opt;
@@ -87,14 +92,21 @@ TEST(ShmIsolation, TwoJobsWithOneJobIdFailNamingBothClaimants) {
         if (!d.empty()) return "round " + std::to_string(round) + ": " + d;
       }
       return "completed 3 rounds in a group formed while another job had the same job id";
+    } catch (const Timeout& e) {
+      const std::string m = e.what();
+      return m.find("waiting for rank 0 to open the group") != std::string::npos ? "" : std::string("unexpected timeout: ") + m;
     } catch (const TransportError& e) {
       const std::string m = e.what();
-      if (m.find("claimed by two processes") != std::string::npos && std::regex_search(m, std::regex("pid [0-9]+ and pid [0-9]+")))
+      if (m.find("claimed by two processes") != std::string::npos && std::regex_search(m, std::regex("pid [0-9]+ and pid [0-9]+"))) {
+        named->fetch_add(1);
         return "";
+      }
       return std::string("error without both claimants: ") + m;
     }
   }, 60);
   EXPECT_EQ(err, "");
+  EXPECT_GE(named->load(), 1);
+  munmap(named, sizeof(std::atomic<int>));
 }
 
 TEST(ShmIsolation, AKilledSetupDoesNotBlockALaterJob) {

@@ -112,6 +112,9 @@ class Transport {
   virtual size_t max_blob_bytes() const { return std::numeric_limits<size_t>::max(); }
   // What this endpoint has sent so far; a transport that does not count returns zeros.
   virtual TransportStats stats() const { return {}; }
+  // True once a call on this endpoint was given up midway (a timeout, a dead peer, an interrupt): a
+  // slow peer may still be writing into the receive regions of that call, so they must never be freed.
+  virtual bool abandoned() const { return false; }
 
  private:
   CallState call_state_;

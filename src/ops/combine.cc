@@ -12,6 +12,7 @@
 #include "moedist/ops.h"
 #include "ops/algorithms.h"
 #include "ops/collective.h"
+#include "transport/window/heap.h"
 
 namespace moedist::ops {
 
@@ -132,6 +133,7 @@ void CombineOp::begin(bool want_split, const char* op_name) {
   } catch (const std::exception& e) {
     // Failed before its exchange (e.g. out of memory): the peers must hear of it, not wait for it.
     if (steps_started() == steps0) fail_step(ep, c.members(), op, label, e.what());
+    if (ep->abandoned()) transport::keep_forever(std::make_shared<Tensor>(out));  // a slow peer may still write
     throw;
   }
 }

@@ -13,6 +13,7 @@
 #include "moedist/ops.h"
 #include "ops/algorithms.h"
 #include "ops/collective.h"
+#include "transport/window/heap.h"
 
 namespace moedist::ops {
 
@@ -133,6 +134,8 @@ void DispatchOp::begin(bool want_split, const char* op_name) {
     // Failed before its exchange (e.g. out of memory): the peers must hear of it, not wait for it.
     if (steps_started() == steps0) reject_step(ep, c.members(), op, "", label, e.what());
     if (tpt) reject_step(tpt, {0, 1}, op, "TP", label, "its EP group failed");
+    // Given up midway: a slow peer may still be writing rows into these outputs.
+    if (ep->abandoned()) transport::keep_forever(std::make_shared<DispatchResult>(res));
     throw;
   }
 }

@@ -274,6 +274,8 @@ void* ShmTransport::ctrl_base(int rank) {
 }
 
 void* ShmTransport::scratch(int slot, size_t bytes) {
+  if (abandoned())  // a slow peer may still write into the old buffers: never hand them out again
+    throw TransportError(detail::str_cat("[rank ", rank(), "/", world_size(), "] this group can no longer be used: an earlier call was abandoned"));
   if (slot >= static_cast<int>(slot_off_.size())) {
     slot_off_.resize(static_cast<size_t>(slot) + 1, 0);
     slot_bytes_.resize(static_cast<size_t>(slot) + 1, 0);

@@ -24,7 +24,16 @@ ThreadTransport::ThreadTransport(int rank, std::shared_ptr<ThreadShared> shared,
 
 void* ThreadTransport::ctrl_base(int rank) { return shared_->ctrl[static_cast<size_t>(rank)].get(); }
 
+ThreadTransport::~ThreadTransport() {
+  // A slow peer may still write into the buffers of an abandoned call: they stay allocated.
+  if (abandoned())
+    for (auto& b : scratch_)
+      if (b) keep_forever(std::shared_ptr<unsigned char[]>(b.release()));
+}
+
 void* ThreadTransport::scratch(int slot, size_t bytes) {
+  if (abandoned())  // its buffers may still be written into by a slow peer: never reuse or free them
+    throw TransportError(detail::str_cat("[rank ", rank(), "/", world_size(), "] this group can no longer be used: an earlier call was abandoned"));
   if (slot >= static_cast<int>(scratch_.size())) {
     scratch_.resize(static_cast<size_t>(slot) + 1);
     scratch_bytes_.resize(static_cast<size_t>(slot) + 1, 0);

@@ -16,6 +16,7 @@ struct ThreadShared;
 class ThreadTransport : public WindowEngine {
  public:
   ThreadTransport(int rank, std::shared_ptr<ThreadShared> shared, const GroupOptions& options);
+  ~ThreadTransport() override;
   std::string name() const override { return "thread"; }
   int ranks_per_server() const override { return ranks_per_server_; }
   bool recv_anywhere() const override { return true; }

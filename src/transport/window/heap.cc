@@ -110,4 +110,11 @@ std::shared_ptr<unsigned char> pooled_host_alloc(size_t bytes) {
   });
 }
 
+void keep_forever(std::shared_ptr<void> p) {
+  static std::mutex* mu = new std::mutex();
+  static auto* kept = new std::vector<std::shared_ptr<void>>();  // never destroyed
+  std::lock_guard<std::mutex> lock(*mu);
+  kept->push_back(std::move(p));
+}
+
 }  // namespace moedist::transport

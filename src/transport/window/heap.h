@@ -27,4 +27,8 @@ class OffsetHeap {
 
 std::shared_ptr<unsigned char> pooled_host_alloc(size_t bytes);
 
+// Keeps `p` alive until the process ends: receive regions of an abandoned call, which a slow peer may
+// still write into (a deliberate leak on a failure path, instead of a write into freed memory).
+void keep_forever(std::shared_ptr<void> p);
+
 }  // namespace moedist::transport

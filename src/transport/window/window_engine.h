@@ -73,6 +73,7 @@ class WindowEngine : public Transport {
   std::chrono::milliseconds timeout() const override { return timeout_; }
   size_t max_blob_bytes() const override { return layout_.blob_max; }
   void exchange(const ExchangeSpec& spec) override;
+  bool abandoned() const override { return !broken_.empty(); }
   void exchange_begin(const ExchangeSpec& spec) override;
   void exchange_end() override;
   TransportStats stats() const override;
