@@ -316,11 +316,17 @@ void MpiEngine::poll(Step step, Missing missing) {
   using Clock = std::chrono::steady_clock;
   const auto start = Clock::now();
   const auto deadline = start + timeout_;
+  auto next_check = start + std::chrono::milliseconds(20);
   for (int i = 0;; ++i) {
     if (step()) return;
     if (i < 64) continue;  // each MPI call above progresses the transfers
     take_notices();
     const auto now = Clock::now();
+    if (now >= next_check) {  // every 20 ms: was this rank interrupted (set_interrupt_check, SIGINT)?
+      next_check = now + std::chrono::milliseconds(20);
+      if (detail::interrupt_requested())
+        throw Interrupted(detail::str_cat(label(), op_, ": interrupted while waiting for its peers"));
+    }
     if (now >= deadline) {
       const auto [ranks, what] = missing();
       timed_out(ranks, what);
