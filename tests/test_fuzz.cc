@@ -332,7 +332,16 @@ void mutate_dispatch(Rng& g, Arena& ar, DispatchArgs& a, std::string& log) {
     }
     case 6: a.moe_expert_num = random_count(g); log += " moe_expert_num=" + std::to_string(a.moe_expert_num); break;
     case 7: a.ep_world_size = random_count(g); log += " ep_world_size=" + std::to_string(a.ep_world_size); break;
-    case 8: a.ep_rank_id = random_count(g); log += " ep_rank_id=" + std::to_string(a.ep_rank_id); break;
+    case 8: {
+      // A rank id that is out of range, or this rank's own: an endpoint serves one thread at a time, so
+      // another live rank's id (two threads in one endpoint at once) is outside the contract.
+      int64_t v;
+      do v = random_count(g);
+      while (v >= 0 && v < a.ep_world_size && v != a.ep_rank_id);
+      a.ep_rank_id = v;
+      log += " ep_rank_id=" + std::to_string(a.ep_rank_id);
+      break;
+    }
     case 9:
       a.shared_expert_rank_num = random_count(g);
       a.shared_expert_num = random_count(g);
