@@ -6,10 +6,13 @@
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <mutex>
+#include <map>
 #include <string>
 #include <vector>
 
 #include "core/config.h"
+#include "moedist/error.h"
 #include "moedist/group.h"
 #include "moedist/transport.h"
 
@@ -77,6 +80,32 @@ std::shared_ptr<Transport> lookup(const std::string& group, int64_t rank, int64_
 // Members to use when this rank's own arguments failed validation (best effort from elastic_info;
 // always including `rank`).
 std::vector<int> fallback_members(const TensorView& elastic_info, int64_t world, int64_t rank);
+
+// Open split calls (dispatch_setup, combine_setup) by handle; each handle is taken once.
+template <typename Op>
+class Pending {
+ public:
+  uint64_t add(std::unique_ptr<Op> op) {
+    std::lock_guard<std::mutex> lk(mu_);
+    const uint64_t id = ++next_;
+    open_[id] = std::move(op);
+    return id;
+  }
+  std::unique_ptr<Op> take(uint64_t id, const char* op) {
+    std::lock_guard<std::mutex> lk(mu_);
+    auto it = open_.find(id);
+    if (it == open_.end())
+      throw InvalidArgument(detail::str_cat(op, ": handle ", id, " is not an open setup (each setup's handle is torn down once)"));
+    auto p = std::move(it->second);
+    open_.erase(it);
+    return p;
+  }
+
+ private:
+  std::mutex mu_;
+  uint64_t next_ = 0;
+  std::map<uint64_t, std::unique_ptr<Op>> open_;
+};
 
 template <typename T>
 void put_pod(std::vector<unsigned char>& v, const T& x) {

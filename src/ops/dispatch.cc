@@ -216,31 +216,6 @@ DispatchResult DispatchOp::finish() {
 
 
 namespace {
-// Open split calls by handle (used once).
-template <typename Op>
-class Pending {
- public:
-  uint64_t add(std::unique_ptr<Op> op) {
-    std::lock_guard<std::mutex> lk(mu_);
-    const uint64_t id = ++next_;
-    open_[id] = std::move(op);
-    return id;
-  }
-  std::unique_ptr<Op> take(uint64_t id, const char* op) {
-    std::lock_guard<std::mutex> lk(mu_);
-    auto it = open_.find(id);
-    if (it == open_.end())
-      throw InvalidArgument(detail::str_cat(op, ": handle ", id, " is not an open setup (each setup's handle is torn down once)"));
-    auto p = std::move(it->second);
-    open_.erase(it);
-    return p;
-  }
-
- private:
-  std::mutex mu_;
-  uint64_t next_ = 0;
-  std::map<uint64_t, std::unique_ptr<Op>> open_;
-};
 Pending<DispatchOp>& open_dispatches() {
   static Pending<DispatchOp> p;
   return p;
