@@ -492,6 +492,10 @@ std::string last_lines(const std::string& out, size_t max_chars) {
 std::vector<int32_t> elastic_info_of(const Prepared& p, int index) { return p.ranks[static_cast<size_t>(index)].elastic; }
 
 std::string run_processes(int nproc, const std::function<std::string(int)>& child, int timeout_s) {
+  return run_processes(nproc, child, timeout_s, {});
+}
+
+std::string run_processes(int nproc, const std::function<std::string(int)>& child, int timeout_s, const std::vector<int>& killed_by) {
   std::vector<pid_t> pids;
   std::vector<int> fds, errs;  // per child: its result message, its stderr
   std::fflush(nullptr);
@@ -570,7 +574,12 @@ std::string run_processes(int nproc, const std::function<std::string(int)>& chil
     close(errs[i]);
     std::string line;
     if (!msgs[i].empty()) line = msgs[i];
-    if (!(WIFEXITED(status) && WEXITSTATUS(status) == 0) && msgs[i].empty())
+    const int want_sig = i < killed_by.size() ? killed_by[i] : 0;
+    if (want_sig != 0) {  // this process is to end by that signal
+      if (!(WIFSIGNALED(status) && WTERMSIG(status) == want_sig) && msgs[i].empty())
+        line = "process " + std::to_string(i) + " was to end by signal " + std::to_string(want_sig) + " but " + how_it_ended(status) +
+               "; its last output: " + last_lines(outs[i], 1500);
+    } else if (!(WIFEXITED(status) && WEXITSTATUS(status) == 0) && msgs[i].empty())
       line = "process " + std::to_string(i) + " (pid " + std::to_string(pids[i]) + ") ended abnormally: " + how_it_ended(status) +
              "; its last output: " + last_lines(outs[i], 1500);
     if (!line.empty()) result += (result.empty() ? "" : "\n") + line;

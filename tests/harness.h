@@ -84,6 +84,8 @@ std::string run_case_shm(const Case& c);
 // Forks n processes running child(i); returns the first non-empty child message, an abnormal end, or
 // a timeout (all children killed). Used by the process transports' tests.
 std::string run_processes(int n, const std::function<std::string(int)>& child, int timeout_s);
+// The same, where process i is to end by signal killed_by[i] (0: exit normally; missing: 0).
+std::string run_processes(int n, const std::function<std::string(int)>& child, int timeout_s, const std::vector<int>& killed_by);
 // Names in /dev/shm left by job `job`.
 std::vector<std::string> shm_leftovers(const std::string& job);
 

@@ -10,9 +10,27 @@
 
 #include <cstdint>
 #include <map>
+#include <string>
 #include <vector>
 
+#include "moedist/transport.h"
+
 namespace moedist {
+
+// Failover on a registered group (shared memory and thread transports; see docs/design.md, "Failover").
+// After a call raised TransportError or Timeout because a peer died or stalled, every surviving rank
+// calls recover_group: the survivors agree on the set of failed ranks (the same on every survivor, also
+// when another rank dies meanwhile; a rank that does not join within the group's timeout, or that stalls
+// after a peer timed out waiting for it, is declared failed), and what the failed call left in the
+// buffers is never read again. A rank declared failed that wakes up gets a TransportError saying so.
+// Calls then continue among the survivors with elastic_info from make_elastic_info(result.failed, ...).
+// Called when this rank saw no failure and no peer is recovering, it returns at once without
+// communicating. Collective among the surviving ranks; the state it returns is what query_active_mask
+// returns afterwards.
+RecoveryResult recover_group(const std::string& group, int64_t rank);
+// The failed ranks agreed so far (one int32 per rank, 1 = failed), read locally: the "active mask" of
+// other expert-parallel libraries with the opposite sense of the values (as theirs: 1 marks a masked rank).
+std::vector<int32_t> query_active_mask(const std::string& group, int64_t rank);
 
 // `failed` has one entry per original rank (non-zero: failed). Throws InvalidArgument when the values
 // are out of range, or when no MoE rank is left, or when the shared-expert ranks left are not a multiple

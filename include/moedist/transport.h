@@ -18,6 +18,7 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <vector>
 
 namespace moedist {
 
@@ -74,9 +75,25 @@ struct TransportStats {
 //     checks that its metadata is one of them.
 struct CallState {
   std::map<uint64_t, uint64_t> calls;  // digest of the member list -> steps run with those members
+  uint64_t calls_completed = 0;        // dispatch / combine calls that returned results on this endpoint
   static constexpr int kDigests = 16;
   uint64_t dispatch_digests[kDigests] = {};
   unsigned next_digest = 0;
+};
+
+// What the surviving ranks of a group agreed on after a failure (Transport::recover).
+//   failed: one entry per rank of the group, 1 for every rank declared failed so far (the set only grows).
+//   generation: how many agreements the group has run (each one a new generation of its epochs).
+//   calls_completed: the dispatch / combine calls that every surviving rank completed on this endpoint
+//     (since the group was made). A rank may have completed one call more than a peer that failed in
+//     it (the dead rank finished writing to one and not to the other); calls past this number did not
+//     complete everywhere and are to be made again.
+//   newly_failed: the ranks this agreement added, ascending.
+struct RecoveryResult {
+  std::vector<int32_t> failed;
+  uint64_t generation = 0;
+  uint64_t calls_completed = 0;
+  std::vector<int> newly_failed;
 };
 
 class Transport {
@@ -115,6 +132,15 @@ class Transport {
   // True once a call on this endpoint was given up midway (a timeout, a dead peer, an interrupt): a
   // slow peer may still be writing into the receive regions of that call, so they must never be freed.
   virtual bool abandoned() const { return false; }
+  // Failure recovery (docs/design.md, "Failover"). After a call failed because peers died or stalled,
+  // the surviving ranks each call recover(): they agree on one set of failed ranks (also when another
+  // rank fails meanwhile), the group forgets what the failed call left behind, and calls continue among
+  // the survivors (with elastic_info leaving the failed ranks out). Transports that cannot survive a
+  // rank's death raise Unsupported.
+  virtual RecoveryResult recover();
+  // The failed ranks agreed so far (1 = failed), without communicating; zeros before any failure.
+  virtual bool has_failed_ranks() const { return false; }
+  virtual std::vector<int32_t> failed_ranks() const { return std::vector<int32_t>(static_cast<size_t>(world_size()), 0); }
 
  private:
   CallState call_state_;

@@ -107,8 +107,24 @@ void Step::run(const char* op, const std::string& self_label, const std::string*
     transport->exchange(spec);
 }
 
+void check_members_alive(const core::EpConfig& c, Transport& ep, const char* op, const std::string& label) {
+  if (!ep.has_failed_ranks()) return;
+  const std::vector<int32_t> failed = ep.failed_ranks();
+  if (failed[static_cast<size_t>(ep.rank())])
+    throw TransportError(detail::str_cat(label, op, ": this rank was declared failed by the surviving ranks of its group and can no longer take part in it"));
+  for (int m : c.members())
+    if (m >= 0 && static_cast<size_t>(m) < failed.size() && failed[static_cast<size_t>(m)])
+      throw InvalidArgument(detail::str_cat(label, op, ": rank ", m, " failed (its group's surviving ranks agreed on it in recover_group) ",
+                                            "but this call includes it: pass elastic_info without it (make_elastic_info of ",
+                                            "query_active_mask, and only the surviving ranks call)"));
+}
+
 void reject_step(const std::shared_ptr<Transport>& t, std::vector<int> members, const char* op, const char* phase,
                  const std::string& label, const std::string& msg) {
+  if (t->has_failed_ranks()) {  // never wait for a rank known to have failed
+    const std::vector<int32_t> failed = t->failed_ranks();
+    std::erase_if(members, [&](int m) { return m >= 0 && static_cast<size_t>(m) < failed.size() && failed[static_cast<size_t>(m)]; });
+  }
   Step step;
   step.transport = t;
   step.members = std::move(members);

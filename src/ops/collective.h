@@ -70,6 +70,10 @@ uint64_t combine_metadata_digest(const core::EpConfig& c, const CombineArgs& a, 
 void remember_dispatch(Transport& t, uint64_t digest);
 bool was_dispatched(Transport& t, uint64_t digest);
 
+// InvalidArgument if a rank the group's survivors declared failed (Transport::recover) is among the
+// members of this call: the caller must leave it out with elastic_info.
+void check_members_alive(const core::EpConfig& c, Transport& ep, const char* op, const std::string& label);
+
 // Exchange steps this thread has started (an op that fails before its first step must tell its peers).
 uint64_t steps_started();
 

@@ -64,6 +64,7 @@ void CombineOp::begin(bool want_split, const char* op_name) {
     c = core::resolve_combine(a);
     counts = core::combine_counts(c, a);
     check_combine_fits(c);
+    check_members_alive(c, *ep, op, label);
     check_metadata(*ep, c, a, counts, label);
   } catch (const Error& e) {
     const std::exception_ptr original = std::current_exception();
@@ -143,6 +144,7 @@ Tensor CombineOp::finish() {
     split_open = false;
     fullmesh_combine_reduce(*cctx, split, out.data_as<uint16_t>());
   }
+  ++ep->call_state().calls_completed;
   return out;
 }
 

@@ -93,6 +93,7 @@ void DispatchOp::begin(bool want_split, const char* op_name) {
   try {
     c = core::resolve_dispatch(a);
     check_dispatch_fits(c, *ep, tpt.get());
+    check_members_alive(c, *ep, op, label);
   } catch (const Error& e) {
     const std::exception_ptr original = std::current_exception();
     reject_step(ep, fallback_members(a.elastic_info, a.ep_world_size, a.ep_rank_id), op, "", label, e.what());
@@ -211,6 +212,7 @@ DispatchResult DispatchOp::finish() {
     res.tp_recv_counts.data_as<int32_t>()[peer] = static_cast<int32_t>(prow);
   }
   remember_dispatch(*ep, metadata_digest(c, out.assist, run, epc, nblk * c.W, tpt ? res.tp_recv_counts.data_as<int32_t>() : nullptr));
+  ++ep->call_state().calls_completed;
   return res;
 }
 

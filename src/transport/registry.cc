@@ -61,3 +61,19 @@ std::shared_ptr<Transport> resolve_group(const std::string& name, int64_t rank, 
 }
 
 }  // namespace moedist
+
+namespace moedist {
+
+RecoveryResult Transport::recover() {
+  throw Unsupported(detail::str_cat("[rank ", rank(), "/", world_size(), "] recover: the ", name(),
+                                    " transport cannot survive the failure of a rank (shared memory and threads can; across hosts it ",
+                                    "would need a fault-tolerant MPI, see docs/design.md, \"Failover\")"));
+}
+
+RecoveryResult recover_group(const std::string& group, int64_t rank) { return resolve_group(group, rank, "recover")->recover(); }
+
+std::vector<int32_t> query_active_mask(const std::string& group, int64_t rank) {
+  return resolve_group(group, rank, "query_active_mask")->failed_ranks();
+}
+
+}  // namespace moedist

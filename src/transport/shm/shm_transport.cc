@@ -273,6 +273,12 @@ void* ShmTransport::ctrl_base(int rank) {
   return static_cast<unsigned char*>(maps_[static_cast<size_t>(rank)].base) + round_up(sizeof(SegmentHeader), 4096);
 }
 
+void ShmTransport::retire_scratch() {
+  // The slots' window memory stays allocated (a rank declared failed may still write into it).
+  slot_off_.clear();
+  slot_bytes_.clear();
+}
+
 void* ShmTransport::scratch(int slot, size_t bytes) {
   if (abandoned())  // a slow peer may still write into the old buffers: never hand them out again
     throw TransportError(detail::str_cat("[rank ", rank(), "/", world_size(), "] this group can no longer be used: an earlier call was abandoned"));

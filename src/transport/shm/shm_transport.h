@@ -36,6 +36,7 @@ class ShmTransport : public WindowEngine {
   void* decode(int owner, uint64_t addr, uint64_t bytes) override;
   std::string peer_failure(int rank) override;
   std::string group_failure() override;
+  void retire_scratch() override;
 
  private:
   struct Mapping {

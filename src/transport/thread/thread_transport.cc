@@ -31,6 +31,13 @@ ThreadTransport::~ThreadTransport() {
       if (b) keep_forever(std::shared_ptr<unsigned char[]>(b.release()));
 }
 
+void ThreadTransport::retire_scratch() {
+  for (auto& b : scratch_)
+    if (b) keep_forever(std::shared_ptr<unsigned char[]>(b.release()));
+  scratch_.clear();
+  scratch_bytes_.clear();
+}
+
 void* ThreadTransport::scratch(int slot, size_t bytes) {
   if (abandoned())  // its buffers may still be written into by a slow peer: never reuse or free them
     throw TransportError(detail::str_cat("[rank ", rank(), "/", world_size(), "] this group can no longer be used: an earlier call was abandoned"));

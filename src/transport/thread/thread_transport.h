@@ -27,6 +27,7 @@ class ThreadTransport : public WindowEngine {
   void* ctrl_base(int rank) override;
   uint64_t encode(const void* p, size_t) override { return reinterpret_cast<uint64_t>(p); }
   void* decode(int, uint64_t addr, uint64_t) override { return reinterpret_cast<void*>(addr); }
+  void retire_scratch() override;
 
  private:
   std::shared_ptr<ThreadShared> shared_;

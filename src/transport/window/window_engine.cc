@@ -37,6 +37,8 @@ WindowEngine::WindowEngine(int rank, int world, size_t blob_max, std::chrono::mi
       spin_(world > usable_cpus() ? 8 : 512) {
   layout_.world = world;
   layout_.blob_max = blob_max;
+  failed_.assign(static_cast<size_t>(world), 0);
+  suspects_.assign(static_cast<size_t>(world), 0);
 }
 
 namespace {
@@ -89,23 +91,31 @@ void WindowEngine::wait_flag(const std::atomic<uint64_t>& flag, uint64_t epoch, 
     if (now >= next_check) {
       // Every 20 ms: is the peer dead or has it given up, is the group void, was this rank interrupted?
       next_check = now + std::chrono::milliseconds(20);
-      // The most telling first: the group is void, the peer gave up (and why), the peer is dead.
+      // The most telling first: the group is void, this rank was declared failed, the peer gave up (and
+      // why), the peer is dead.
+      OwnerStatus* mine = layout_.status(ctrl_base(rank_));
+      mine->heartbeat.fetch_add(1, std::memory_order_relaxed);
       std::string why = group_failure();
       if (!why.empty()) throw TransportError(detail::str_cat("[rank ", rank_, "/", world_, "] ", op, ": ", why));
+      check_excluded(op);
       const OwnerStatus* st = layout_.status(ctrl_base(peer));
-      if (peer != rank_ && st->failed.load(std::memory_order_acquire))
+      if (peer != rank_ && st->failed.load(std::memory_order_acquire) == gen_ + 1)
         throw TransportError(detail::str_cat("[rank ", rank_, "/", world_, "] ", op, ": rank ", peer, " abandoned the call (",
                                              std::string(st->why, strnlen(st->why, sizeof(st->why))), ")"));
       why = peer_failure(peer);
-      if (!why.empty())
+      if (!why.empty()) {
+        suspects_[static_cast<size_t>(peer)] = 1;
         throw TransportError(detail::str_cat("[rank ", rank_, "/", world_, "] ", op, ": rank ", peer, " ", why, " (while waiting for it to ", what,
                                              " at step ", epoch, " of the pair; it reached ", flag.load(std::memory_order_acquire), ")"));
+      }
       if (detail::interrupt_requested())
         throw Interrupted(detail::str_cat("[rank ", rank_, "/", world_, "] ", op, ": interrupted while waiting for rank ", peer, " to ", what));
     }
-    if (now >= deadline)
+    if (now >= deadline) {
+      suspects_[static_cast<size_t>(peer)] = 1;
       throw Timeout(detail::str_cat("[rank ", rank_, "/", world_, "] ", op, ": timed out after ", timeout_.count(), " ms waiting for rank ", peer,
                                     " to ", what, " (it did not call ", op, ", or is stuck or dead)"));
+    }
     if (now - start < std::chrono::milliseconds(2))
       sched_yield();
     else
@@ -116,15 +126,17 @@ void WindowEngine::wait_flag(const std::atomic<uint64_t>& flag, uint64_t epoch, 
 void WindowEngine::abandon(const std::string& why) {
   if (broken_.empty()) broken_ = why;
   OwnerStatus* st = layout_.status(ctrl_base(rank_));
-  if (st->failed.load(std::memory_order_relaxed)) return;
+  if (st->failed.load(std::memory_order_relaxed) == gen_ + 1) return;
   std::snprintf(st->why, sizeof(st->why), "%s", why.c_str());
-  st->failed.store(1, std::memory_order_release);
+  st->failed.store(gen_ + 1, std::memory_order_release);
 }
 
 void WindowEngine::check_usable(const char* op) {
+  if (!excluded_.empty()) throw TransportError(excluded_);
+  check_excluded(op);
   if (!broken_.empty())
-    throw TransportError(detail::str_cat("[rank ", rank_, "/", world_, "] ", op, ": this group can no longer be used: an earlier call ",
-                                         "was abandoned (", broken_, ")"));
+    throw TransportError(detail::str_cat("[rank ", rank_, "/", world_, "] ", op, ": this group cannot be used until its surviving ranks ",
+                                         "recover (moedist::recover_group): an earlier call was abandoned (", broken_, ")"));
   const std::string void_group = group_failure();
   if (!void_group.empty()) throw TransportError(detail::str_cat("[rank ", rank_, "/", world_, "] ", op, ": ", void_group));
   if (pending_.active)
@@ -132,8 +144,17 @@ void WindowEngine::check_usable(const char* op) {
                                           ") is still open on this group: finish it (its teardown) first"));
 }
 
+void WindowEngine::check_members(const ExchangeSpec& spec) {
+  for (int m : spec.members)
+    if (m >= 0 && m < world_ && failed_[static_cast<size_t>(m)])
+      throw InvalidArgument(detail::str_cat("[rank ", rank_, "/", world_, "] ", spec.op, ": rank ", m,
+                                            " is among the members of this call but failed (agreed at recovery ", gen_,
+                                            "): leave it out with elastic_info (moedist::make_elastic_info of the failed ranks)"));
+}
+
 void WindowEngine::exchange(const ExchangeSpec& spec) {
   check_usable(spec.op);
+  check_members(spec);
   completed_ = false;
   try {
     run_exchange(spec);
@@ -145,6 +166,7 @@ void WindowEngine::exchange(const ExchangeSpec& spec) {
 
 void WindowEngine::exchange_begin(const ExchangeSpec& spec) {
   check_usable(spec.op);
+  check_members(spec);
   completed_ = false;
   try {
     run_begin(spec);
@@ -277,6 +299,208 @@ TransportStats WindowEngine::stats() const {
   s.messages = messages_.load(std::memory_order_relaxed);
   s.exchanges = exchanges_.load(std::memory_order_relaxed);
   return s;
+}
+
+// ---- Failure recovery ---------------------------------------------------------------------------------
+//
+// The survivors of a failure agree on the failed ranks by consensus through shared memory: each one
+// joins generation g (publishing its suspects and completed calls), resolves every member (joined: alive;
+// dead, or stopped after being suspected, or absent past the group's timeout: failed), publishes its
+// proposal and tries to install it with compare-and-swap on one word in rank 0's control block (mapped
+// by every survivor, also after rank 0's death). The first proposal installed is the decision: every
+// survivor adopts it, whether its own or not, so all obtain the same set; a proposer that dies after
+// installing left its proposal readable. A rank that joins too late, or never, finds itself in the set.
+// Then each survivor starts generation g of its epochs (g << 40 with every peer): flags and messages
+// left by the failed call are all older, so nothing it left can be read as new.
+
+namespace {
+constexpr auto kStallGrace = std::chrono::milliseconds(100);  // a suspect with no heartbeat this long: stopped
+constexpr int kEpochShift = 40;
+bool mask_has(const std::atomic<uint64_t>* words, int r) {
+  return (words[r / 64].load(std::memory_order_relaxed) >> (r % 64)) & 1u;
+}
+}  // namespace
+
+std::string WindowEngine::excluded_message(uint64_t generation, const char* op) const {
+  return detail::str_cat("[rank ", rank_, "/", world_, "] ", op, ": this rank was declared failed by the surviving ranks of its group at ",
+                         "recovery ", generation, " (it did not join their agreement in time: it was stopped, too slow, or its call ",
+                         "failed and it did not call recover_group); it can no longer take part in this group");
+}
+
+void WindowEngine::check_excluded(const char* op) {
+  if (!excluded_.empty()) throw TransportError(excluded_);
+  const uint64_t d = decided_generation();
+  if (d <= gen_) return;
+  // A generation this rank has not adopted was decided: it is out unless it is recovering right now.
+  if (layout_.status(ctrl_base(rank_))->joined.load(std::memory_order_relaxed) >= d) return;
+  excluded_ = excluded_message(d, op);
+  throw TransportError(excluded_);
+}
+
+std::vector<int32_t> WindowEngine::failed_ranks() const {
+  std::vector<int32_t> out = failed_;
+  if (!excluded_.empty()) out[static_cast<size_t>(rank_)] = 1;
+  return out;
+}
+
+RecoveryResult WindowEngine::recover() {
+  const char* op = "recover";
+  if (!excluded_.empty()) throw TransportError(excluded_);
+  const std::string void_group = group_failure();
+  if (!void_group.empty()) throw TransportError(detail::str_cat("[rank ", rank_, "/", world_, "] ", op, ": ", void_group));
+  if (pending_.active) {  // a split exchange left open: it cannot be finished any more
+    pending_ = Pending{};
+    abandon("it recovered while a split exchange was open");
+  }
+  void* mine_base = ctrl_base(rank_);
+  OwnerStatus* me = layout_.status(mine_base);
+  const uint64_t g = gen_ + 1;
+  const auto current = [&] {
+    RecoveryResult r;
+    r.failed = failed_;
+    r.generation = gen_;
+    r.calls_completed = recovery_calls_;
+    return r;
+  };
+  std::vector<int> alive;
+  for (int r = 0; r < world_; ++r)
+    if (!failed_[static_cast<size_t>(r)]) alive.push_back(r);
+  if (broken_.empty() && decided_generation() < g) {
+    // This rank saw no failure: join only if a peer is recovering.
+    bool someone = false;
+    for (int r : alive)
+      if (r != rank_ && layout_.status(ctrl_base(r))->joined.load(std::memory_order_acquire) >= g) someone = true;
+    if (!someone) return current();
+  }
+  check_excluded(op);
+
+  // Join generation g: suspects and completed calls first, then the flag that publishes them.
+  const size_t nw = layout_.mask_words();
+  std::atomic<uint64_t>* my_susp = layout_.suspects(mine_base);
+  for (size_t w = 0; w < nw; ++w) {
+    uint64_t bits = 0;
+    for (int b = 0; b < 64 && static_cast<int>(w * 64) + b < world_; ++b)
+      if (suspects_[w * 64 + static_cast<size_t>(b)]) bits |= uint64_t{1} << b;
+    my_susp[w].store(bits, std::memory_order_relaxed);
+  }
+  me->calls.store(call_state().calls_completed, std::memory_order_relaxed);
+  me->joined.store(g, std::memory_order_release);
+
+  // Resolve every other surviving rank: 1 alive (joined), 2 failed.
+  std::atomic<uint64_t>* decision = &layout_.status(ctrl_base(0))->decision;
+  const auto start = Clock::now();
+  std::vector<int> state(static_cast<size_t>(world_), 0);
+  std::vector<uint64_t> beat(static_cast<size_t>(world_), 0);
+  std::vector<Clock::time_point> beat_at(static_cast<size_t>(world_), start);
+  for (int r : alive) beat[static_cast<size_t>(r)] = layout_.status(ctrl_base(r))->heartbeat.load(std::memory_order_relaxed);
+  state[static_cast<size_t>(rank_)] = 1;
+  auto next_beat = start;
+  for (;;) {
+    const auto now = Clock::now();
+    if (now >= next_beat) {
+      me->heartbeat.fetch_add(1, std::memory_order_relaxed);
+      next_beat = now + std::chrono::milliseconds(10);
+    }
+    if (detail::interrupt_requested())
+      throw Interrupted(detail::str_cat("[rank ", rank_, "/", world_, "] ", op, ": interrupted while the surviving ranks agreed on the failed ones"));
+    if ((decision->load(std::memory_order_acquire) >> 16) >= g) break;  // decided: adopt it
+    // Suspects: this rank's and those of every rank that joined.
+    auto suspected = [&](int r) {
+      if (suspects_[static_cast<size_t>(r)]) return true;
+      for (int q : alive)
+        if (state[static_cast<size_t>(q)] == 1 && q != rank_ && mask_has(layout_.suspects(ctrl_base(q)), r)) return true;
+      return false;
+    };
+    int open = 0;
+    for (int r : alive) {
+      int& st = state[static_cast<size_t>(r)];
+      if (st != 0) continue;
+      const OwnerStatus* ps = layout_.status(ctrl_base(r));
+      if (ps->joined.load(std::memory_order_acquire) >= g) {
+        st = 1;
+        continue;
+      }
+      if (!peer_failure(r).empty()) {
+        st = 2;
+        continue;
+      }
+      const uint64_t hb = ps->heartbeat.load(std::memory_order_relaxed);
+      if (hb != beat[static_cast<size_t>(r)]) {
+        beat[static_cast<size_t>(r)] = hb;
+        beat_at[static_cast<size_t>(r)] = now;
+      }
+      if ((suspected(r) && now - beat_at[static_cast<size_t>(r)] >= kStallGrace) || now - start >= timeout_) {
+        st = 2;
+        continue;
+      }
+      ++open;
+    }
+    if (open == 0) {
+      // A rank that joined and died since is failed too. Then propose and try to install the proposal.
+      for (int r : alive)
+        if (r != rank_ && state[static_cast<size_t>(r)] == 1 && !peer_failure(r).empty()) state[static_cast<size_t>(r)] = 2;
+      std::atomic<uint64_t>* prop = layout_.proposal(mine_base);
+      uint64_t calls = call_state().calls_completed;
+      for (size_t w = 0; w < nw; ++w) {
+        uint64_t bits = 0;
+        for (int b = 0; b < 64 && static_cast<int>(w * 64) + b < world_; ++b) {
+          const size_t r = w * 64 + static_cast<size_t>(b);
+          if (failed_[r] || state[r] == 2) bits |= uint64_t{1} << b;
+        }
+        prop[w].store(bits, std::memory_order_relaxed);
+      }
+      for (int r : alive)
+        if (r != rank_ && state[static_cast<size_t>(r)] == 1)
+          calls = std::min<uint64_t>(calls, layout_.status(ctrl_base(r))->calls.load(std::memory_order_relaxed));
+      me->proposal_calls.store(calls, std::memory_order_relaxed);
+      me->proposal_gen.store(g, std::memory_order_release);
+      uint64_t d = decision->load(std::memory_order_acquire);
+      while ((d >> 16) < g && !decision->compare_exchange_weak(d, (g << 16) | static_cast<uint64_t>(rank_ + 1), std::memory_order_acq_rel)) {
+      }
+      break;
+    }
+    std::this_thread::sleep_for(std::chrono::microseconds(200));
+  }
+
+  // Adopt the decision of generation g.
+  const uint64_t d = decision->load(std::memory_order_acquire);
+  const int winner = static_cast<int>(d & 0xffff) - 1;
+  bool ok = (d >> 16) == g && winner >= 0 && winner < world_;
+  std::vector<int32_t> agreed(static_cast<size_t>(world_), 0);
+  uint64_t calls = 0;
+  if (ok) {
+    void* wb = ctrl_base(winner);
+    const OwnerStatus* ws = layout_.status(wb);
+    ok = ws->proposal_gen.load(std::memory_order_acquire) == g;
+    const std::atomic<uint64_t>* prop = layout_.proposal(wb);
+    for (int r = 0; r < world_; ++r) agreed[static_cast<size_t>(r)] = mask_has(prop, r) ? 1 : 0;
+    calls = ws->proposal_calls.load(std::memory_order_relaxed);
+    // The proposer may have moved on to a later generation while this rank read (it would have had to
+    // exclude this rank to get there): read again to be sure.
+    std::atomic_thread_fence(std::memory_order_acquire);
+    ok = ok && ws->proposal_gen.load(std::memory_order_relaxed) == g;
+  }
+  if (!ok || agreed[static_cast<size_t>(rank_)]) {
+    excluded_ = excluded_message(std::max<uint64_t>(d >> 16, g), op);
+    throw TransportError(excluded_);
+  }
+  RecoveryResult res;
+  for (int r = 0; r < world_; ++r)
+    if (agreed[static_cast<size_t>(r)] && !failed_[static_cast<size_t>(r)]) res.newly_failed.push_back(r);
+  failed_ = agreed;
+  gen_ = g;
+  recovery_calls_ = calls;
+  broken_.clear();
+  suspects_.assign(static_cast<size_t>(world_), 0);
+  completed_ = false;
+  pending_ = Pending{};
+  for (int r = 0; r < world_; ++r) epoch_[static_cast<size_t>(r)] = g << kEpochShift;
+  call_state().calls.clear();
+  retire_scratch();
+  res.failed = failed_;
+  res.generation = gen_;
+  res.calls_completed = calls;
+  return res;
 }
 
 }  // namespace moedist::transport

@@ -41,26 +41,49 @@ struct MsgHeader {
   RegionDesc regions[kMaxRegions];
 };
 
-// Written by the owner of a control block when it abandons a call (a timeout, a dead peer, an
-// interrupt): peers waiting for it stop at once and name it, instead of waiting out their deadline.
+// The owner's status, at the start of its control block. `failed` is written when the owner abandons a
+// call (a timeout, a dead peer, an interrupt): peers waiting for it stop at once and name it, instead of
+// waiting out their deadline. The rest serves failure recovery (WindowEngine::recover):
+//   heartbeat: bumped about every 20 ms while the owner waits inside moedist, so that a peer can tell a
+//     rank that waits (alive) from one that is stopped;
+//   joined / calls: the latest recovery generation the owner joined, and its completed calls then;
+//   proposal_gen / proposal_calls (+ the proposal mask after the fixed part): the owner's proposal;
+//   decision: used in rank 0's block only (it stays mapped by every survivor when rank 0 dies): the
+//     proposal that won generation g, as (g << 16) | (proposer + 1), set by compare-and-swap.
+// After the fixed part: `words` uint64 of suspects (ranks the owner timed out on or saw die), then
+// `words` of its proposal (the failed set), words = ceil(W / 64).
 struct alignas(64) OwnerStatus {
-  std::atomic<uint32_t> failed{0};
-  char why[252] = {};
+  std::atomic<uint64_t> failed{0};  // 1 + the generation in which the owner abandoned a call; 0: never
+  char why[248] = {};
+  std::atomic<uint64_t> heartbeat{0};
+  std::atomic<uint64_t> joined{0};
+  std::atomic<uint64_t> calls{0};
+  std::atomic<uint64_t> proposal_gen{0};
+  std::atomic<uint64_t> proposal_calls{0};
+  std::atomic<uint64_t> decision{0};
+  char pad[16] = {};
 };
-static_assert(sizeof(OwnerStatus) == 256);
+static_assert(sizeof(OwnerStatus) == 320);
 
-// Memory layout of one control block: [OwnerStatus][PeerFlags x W][message slot x W x 2].
+// Memory layout of one control block: [status area][PeerFlags x W][message slot x W x 2]; the status
+// area is OwnerStatus, then suspects and proposal masks.
 struct CtrlLayout {
   int world = 0;
   size_t blob_max = 0;
+  size_t mask_words() const { return (static_cast<size_t>(world) + 63) / 64; }
+  size_t status_bytes() const { return (sizeof(OwnerStatus) + 2 * mask_words() * 8 + 63) / 64 * 64; }
   size_t msg_bytes() const { return (sizeof(MsgHeader) + blob_max + 63) / 64 * 64; }
-  size_t bytes() const { return sizeof(OwnerStatus) + static_cast<size_t>(world) * (sizeof(PeerFlags) + 2 * msg_bytes()); }
+  size_t bytes() const { return status_bytes() + static_cast<size_t>(world) * (sizeof(PeerFlags) + 2 * msg_bytes()); }
   OwnerStatus* status(void* base) const { return static_cast<OwnerStatus*>(base); }
+  std::atomic<uint64_t>* suspects(void* base) const {
+    return reinterpret_cast<std::atomic<uint64_t>*>(static_cast<unsigned char*>(base) + sizeof(OwnerStatus));
+  }
+  std::atomic<uint64_t>* proposal(void* base) const { return suspects(base) + mask_words(); }
   PeerFlags* flags(void* base, int peer) const {
-    return reinterpret_cast<PeerFlags*>(static_cast<unsigned char*>(base) + sizeof(OwnerStatus)) + peer;
+    return reinterpret_cast<PeerFlags*>(static_cast<unsigned char*>(base) + status_bytes()) + peer;
   }
   unsigned char* msg(void* base, int peer, uint64_t epoch) const {
-    return static_cast<unsigned char*>(base) + sizeof(OwnerStatus) + static_cast<size_t>(world) * sizeof(PeerFlags) +
+    return static_cast<unsigned char*>(base) + status_bytes() + static_cast<size_t>(world) * sizeof(PeerFlags) +
            (static_cast<size_t>(peer) * 2 + (epoch & 1)) * msg_bytes();
   }
 };
@@ -77,6 +100,9 @@ class WindowEngine : public Transport {
   void exchange_begin(const ExchangeSpec& spec) override;
   void exchange_end() override;
   TransportStats stats() const override;
+  RecoveryResult recover() override;
+  std::vector<int32_t> failed_ranks() const override;
+  bool has_failed_ranks() const override { return gen_ > 0 || !excluded_.empty(); }
 
  protected:
   virtual void* ctrl_base(int rank) = 0;                   // control block of `rank`
@@ -86,6 +112,9 @@ class WindowEngine : public Transport {
   virtual std::string peer_failure(int rank) { (void)rank; return {}; }
   // Empty unless the whole group is known to be unusable (e.g. a rank claimed twice); then why.
   virtual std::string group_failure() { return {}; }
+  // Called when a recovery is agreed: the receive regions of the failed call may still be written by a
+  // rank declared failed; scratch memory handed out before must never be handed out again.
+  virtual void retire_scratch() {}
 
   CtrlLayout layout_;
 
@@ -95,8 +124,13 @@ class WindowEngine : public Transport {
   void run_begin(const ExchangeSpec& spec);  // waves 1 and the payload, "done" signalled
   void run_end();                            // wave 2: every member's "done"
   void check_usable(const char* op);
+  void check_members(const ExchangeSpec& spec);  // InvalidArgument if a failed rank is among them
   // This rank leaves a call unfinished: peers are told (OwnerStatus) and later calls fail at once.
   void abandon(const std::string& why);
+  // Throws if the survivors of a recovery this rank did not join declared it failed.
+  void check_excluded(const char* op);
+  std::string excluded_message(uint64_t generation, const char* op) const;
+  uint64_t decided_generation() { return layout_.status(ctrl_base(0))->decision.load(std::memory_order_acquire) >> 16; }
 
   int rank_;
   int world_;
@@ -112,6 +146,13 @@ class WindowEngine : public Transport {
     std::exception_ptr local_error;
   } pending_;
   std::string broken_;           // set once a call was abandoned: the group's epochs are out of step
+  // Failure recovery: the generation (recoveries agreed), the failed ranks agreed, the ranks this rank
+  // timed out on or saw die since the last agreement, and why this rank was excluded (empty if it was not).
+  uint64_t gen_ = 0;
+  std::vector<int32_t> failed_;
+  std::vector<uint8_t> suspects_;
+  std::string excluded_;
+  uint64_t recovery_calls_ = 0;  // calls_completed agreed at the last recovery
   // Traffic counters: written by this rank's thread only (relaxed), readable from any thread.
   std::atomic<uint64_t> bytes_sent_{0}, payload_bytes_{0}, messages_{0}, exchanges_{0};
 };
