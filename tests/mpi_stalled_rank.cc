@@ -9,6 +9,9 @@
 // ("rank 2", or "ranks 2 and 3") and prints "CHECK rank <r>: ok" or "CHECK rank <r>: FAIL <why>".
 // Then it leaves main (world) or calls MPI_Finalize (own): MPI_Finalize cannot complete with stopped
 // ranks, and moedist must end the job (MPI_Abort) instead of hanging.
+//   mpi_stalled_rank killed 1   (run by tests/mpi_killed_rank.sh): the last rank dies (SIGKILL) before
+// its second dispatch; a job across hosts cannot survive that (no fault-tolerant MPI): it must end
+// promptly with the rank named. Every rank first checks that recover_group says so (Unsupported).
 #include "moedist/mpi.h"  // <mpi.h>, C API only
 #include <unistd.h>
 
@@ -31,6 +34,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   const bool own = std::strcmp(argv[1], "own") == 0;
+  const bool killed = std::strcmp(argv[1], "killed") == 0;
   const int nstop = std::atoi(argv[2]);
   GroupOptions opt;
   opt.timeout = std::chrono::milliseconds(1500);
@@ -58,6 +62,24 @@ int main(int argc, char** argv) {
   a.ep_rank_id = r;
   a.moe_expert_num = E;
   dispatch_v2(a);  // one call that works: every rank is there
+  if (killed) {
+    try {
+      recover_group("ep", r);
+      std::printf("CHECK rank %d: FAIL recover_group did not refuse\n", r);
+    } catch (const Unsupported& e) {
+      std::printf("CHECK rank %d: ok (%s)\n", r, e.what());
+    }
+    std::fflush(stdout);
+    if (r == W - 1) raise(SIGKILL);
+    try {
+      dispatch_v2(a);
+      std::printf("rank %d: FAIL dispatch_v2 succeeded without rank %d\n", r, W - 1);
+    } catch (const std::exception& e) {
+      std::printf("rank %d: %s\n", r, e.what());
+    }
+    std::fflush(stdout);
+    return 1;
+  }
   const bool stops = r >= W - nstop;
   if (stops) raise(SIGSTOP);
   if (r == 0) std::this_thread::sleep_for(std::chrono::seconds(1));
