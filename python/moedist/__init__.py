@@ -28,6 +28,7 @@ from ._ops import (SplitHandle, combine_setup, combine_teardown, dispatch_setup,
                    npu_moe_distribute_dispatch_v2)
 from ._shapes import DispatchShapes, combine_shape, dispatch_shapes
 from .layer import EpBuffer, EpHandle, EpMoE
+from .failover import Recovery, make_elastic_info, query_active_mask, recover, remap_expert_ids
 from .distributed import destroy_comm, get_comm_name, get_hccl_comm_name, init_thread_group
 from .reference import reference_combine_add_rms_norm, reference_combine_v2, reference_dispatch_v2
 
@@ -64,6 +65,11 @@ __all__ = [
     "EpBuffer",
     "EpHandle",
     "EpMoE",
+    "recover",
+    "query_active_mask",
+    "make_elastic_info",
+    "remap_expert_ids",
+    "Recovery",
     "Error",
     "InvalidArgument",
     "Unsupported",

@@ -14,6 +14,7 @@
 #include <thread>
 #include <type_traits>
 #include <cstdint>
+#include <map>
 #include <set>
 #include <string>
 #include <vector>
@@ -517,4 +518,23 @@ PYBIND11_MODULE(_C, m) {
     return py::dict(py::arg("found") = e.found, py::arg("rank") = e.rank, py::arg("world_size") = e.world_size,
                     py::arg("local_rank") = e.local_rank, py::arg("job") = e.job, py::arg("launcher") = e.launcher);
   });
+  // Failover (moedist/elastic.h).
+  m.def(
+      "recover_group",
+      [](const std::string& name, int64_t rank) {
+        moedist::RecoveryResult r;
+        {
+          py::gil_scoped_release nogil;
+          r = moedist::recover_group(name, rank);
+        }
+        return py::make_tuple(r.failed, r.generation, r.calls_completed, r.newly_failed);
+      },
+      py::arg("name"), py::arg("rank"),
+      "Collective among the surviving ranks after a failure: (failed, generation, calls_completed, newly_failed)");
+  m.def("query_active_mask", &moedist::query_active_mask, py::arg("name"), py::arg("rank"),
+        "The failed ranks agreed so far (1 = failed), read locally");
+  m.def("make_elastic_info", &moedist::make_elastic_info, py::arg("failed"), py::arg("shared_expert_rank_num"),
+        py::arg("local_expert_num"), py::arg("shared_expert_num") = 1);
+  m.def("remap_expert_ids", &moedist::remap_expert_ids, py::arg("ids"), py::arg("failed"), py::arg("shared_expert_rank_num"),
+        py::arg("local_expert_num"), py::arg("replacements") = std::map<int32_t, int32_t>{});
 }
