@@ -3,10 +3,12 @@
 // the plain rounding sequence, and TensorView / Tensor basics.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
 #include <random>
+#include <sstream>
 #include <vector>
 
 #include "core/config.h"
@@ -711,6 +713,175 @@ TEST(CommQuant, NonFiniteGroups) {
     EXPECT_EQ(out[20], -std::numeric_limits<float>::infinity());
     EXPECT_TRUE(std::isnan(out[16]));
     EXPECT_FALSE(std::isnan(out[7]));
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// comm_quant_mode 2, the ops' vectorized kernels (comm_quant_row_fast, comm_dequant_row_fast and
+// reduce_terms with int8 terms) against the plain formula the reference uses: every byte of the
+// packed row, every bit of the dequantized floats and of the reduced output.
+
+// One row of groups of 8 for the kernels: each group of one kind. 0: normal values times 2^e (e per
+// group, over most of the dtype's range); 1: raw bit patterns (NaN, inf, subnormals); 2: zeros and
+// -0; 3: subnormals only (bfloat16: the scale falls below the normal floats); 4: a NaN in a normal
+// group; 5: +inf and -inf in a normal group; 6: exact halves with max 127 (ties of the int8
+// rounding); 7: a NaN and an inf. `mixed` false: kind 0 only.
+std::vector<uint16_t> comm_quant_input(DType dt, int64_t n, bool mixed, std::mt19937& rng) {
+  std::normal_distribution<float> nd(0.f, 1.f);
+  const bool bf = dt == DType::kBFloat16;
+  std::uniform_int_distribution<int> ex(bf ? -60 : -12, bf ? 60 : 10);
+  std::vector<uint16_t> y(static_cast<size_t>(n));
+  for (int64_t g0 = 0; g0 < n; g0 += 8) {
+    const int kind = mixed ? static_cast<int>(rng() % 8) : 0;
+    const float scale = std::ldexp(1.0f, ex(rng));
+    const int64_t g1 = std::min<int64_t>(n, g0 + 8);
+    for (int64_t h = g0; h < g1; ++h) {
+      uint16_t v = float_to_half(dt, nd(rng) * scale);
+      if (kind == 1) v = static_cast<uint16_t>(rng());
+      if (kind == 2) v = rng() % 2 ? uint16_t{0x8000} : uint16_t{0};
+      if (kind == 3) v = static_cast<uint16_t>((rng() & 0x83ff) & (bf ? 0x807f : 0x83ff));  // exponent 0
+      if (kind == 6) v = float_to_half(dt, h == g0 ? 127.f : static_cast<float>(static_cast<int>(rng() % 253) - 126) + 0.5f);
+      y[static_cast<size_t>(h)] = v;
+    }
+    const int64_t at = g0 + static_cast<int64_t>(rng() % static_cast<uint32_t>(g1 - g0));
+    if (kind == 4 || kind == 7) y[static_cast<size_t>(at)] = half_nan(dt);
+    if (kind == 5 || kind == 7) y[static_cast<size_t>(g0 + (at - g0 + 1) % (g1 - g0))] = half_inf(dt, rng() % 2);
+    if (kind == 5) y[static_cast<size_t>(g0 + (at - g0 + 2) % (g1 - g0))] = half_inf(dt, true);
+  }
+  return y;
+}
+
+// The packed row and the dequantized floats of the fast kernels equal the plain formula's, byte for
+// byte, for `y` (H elements). Returns "" or what differs first.
+std::string comm_quant_fast_vs_plain(DType dt, const uint16_t* y, int64_t H) {
+  const size_t bytes = static_cast<size_t>(comm_quant_row_bytes(H));
+  std::vector<unsigned char> want(bytes + 8, 0xAB), got(bytes + 8, 0xCD);
+  comm_quant_row(dt, y, H, want.data());
+  comm_quant_row_fast(dt, y, H, got.data());
+  for (size_t i = 0; i < bytes; ++i)
+    if (want[i] != got[i]) {
+      const bool is_scale = i >= static_cast<size_t>(H);
+      const int64_t h = is_scale ? (static_cast<int64_t>(i) - H) / 2 * 8 : static_cast<int64_t>(i);
+      std::ostringstream os;
+      os << dtype_name(dt) << " H=" << H << (is_scale ? " scale byte " : " q ") << i << " (group at " << h << "): got 0x" << std::hex
+         << int{got[i]} << ", want 0x" << int{want[i]} << "; group:";
+      for (int64_t j = h - h % 8; j < std::min(H, h - h % 8 + 8); ++j) os << " 0x" << y[j];
+      return os.str();
+    }
+  if (got[bytes] != 0xCD) return std::string(dtype_name(dt)) + " H=" + std::to_string(H) + ": wrote past the packed row";
+  std::vector<float> dwant(static_cast<size_t>(H)), dgot(static_cast<size_t>(H) + 1, 7.f);
+  comm_dequant_row(dt, want.data(), H, dwant.data());
+  comm_dequant_row_fast(dt, want.data(), H, dgot.data());
+  for (int64_t h = 0; h < H; ++h)
+    if (float_bits(dwant[static_cast<size_t>(h)]) != float_bits(dgot[static_cast<size_t>(h)]))
+      return std::string(dtype_name(dt)) + " H=" + std::to_string(H) + " dequant h=" + std::to_string(h) + ": got " +
+             std::to_string(dgot[static_cast<size_t>(h)]) + ", want " + std::to_string(dwant[static_cast<size_t>(h)]);
+  if (dgot[static_cast<size_t>(H)] != 7.f) return std::string(dtype_name(dt)) + " H=" + std::to_string(H) + ": dequant wrote past H";
+  return "";
+}
+
+// Every H from 1 to 7168 (each tail of the vectors and of the groups), rows of normal values and rows
+// mixing every kind of group.
+TEST(CommQuantFast, EveryLengthMatchesPlainFormula) {
+  for (DType dt : {DType::kBFloat16, DType::kFloat16}) {
+    for (bool mixed : {false, true}) {
+      std::mt19937 rng(mixed ? 21 : 20);
+      const std::vector<uint16_t> y = comm_quant_input(dt, 7168, mixed, rng);
+      int bad = 0;
+      for (int64_t H = 1; H <= 7168 && bad < 3; ++H) {
+        const std::string d = comm_quant_fast_vs_plain(dt, y.data(), H);
+        if (!d.empty()) {
+          ++bad;
+          ADD_FAILURE() << (mixed ? "mixed groups: " : "normal values: ") << d;
+        }
+      }
+    }
+  }
+}
+
+// Many distinct values: the quotient f * (1/s) leaves the float16 rounding in doubt in about one
+// vector of 16 in 30, so these rows take the exact-division fallback thousands of times (a kernel
+// without that fallback differs from the plain formula on these rows).
+TEST(CommQuantFast, ManyRowsMatchPlainFormula) {
+  for (DType dt : {DType::kBFloat16, DType::kFloat16}) {
+    std::mt19937 rng(dt == DType::kBFloat16 ? 31 : 32);
+    int bad = 0;
+    for (int row = 0; row < 600 && bad < 3; ++row) {
+      const int64_t H = row % 3 == 0 ? 7168 : 7168 - static_cast<int64_t>(rng() % 40);
+      const std::vector<uint16_t> y = comm_quant_input(dt, H, row % 4 == 3, rng);
+      const std::string d = comm_quant_fast_vs_plain(dt, y.data(), H);
+      if (!d.empty()) {
+        ++bad;
+        ADD_FAILURE() << "row " << row << ": " << d;
+      }
+    }
+  }
+}
+
+// Hand-checked: halves and the largest value; the float16 rounding of f / s decides the ties.
+TEST(CommQuantFast, TiesOfTheInt8Rounding) {
+  for (DType dt : {DType::kBFloat16, DType::kFloat16}) {
+    const auto y = halves(dt, {127, 2.5f, -3.5f, 0.5f, 1.5f, -0.5f, 126.5f, -127, 127, 1, 2, 3, 4, 5, 6, 7});
+    std::vector<unsigned char> packed(static_cast<size_t>(comm_quant_row_bytes(16)));
+    comm_quant_row_fast(dt, y.data(), 16, packed.data());
+    // s = fp32(127 * fp32(1/127)) is 1 - 2^-24 or 1; either way f / s rounds to f in float16.
+    const int8_t want[16] = {127, 2, -4, 0, 2, 0, 126, -127, 127, 1, 2, 3, 4, 5, 6, 7};
+    for (int i = 0; i < 16; ++i) EXPECT_EQ(static_cast<int8_t>(packed[static_cast<size_t>(i)]), want[i]) << dtype_name(dt) << " h=" << i;
+    EXPECT_EQ(comm_quant_fast_vs_plain(dt, y.data(), 16), "");
+  }
+}
+
+// reduce_terms with int8 terms (comm_quant_mode 2 rows) mixed with half rows, against the plain
+// sequence: acc = acc + round_to(float(q) * scale) * w (or without w), bit for bit, NaN payloads too.
+TEST(ReduceTerms, Int8TermsMatchPlainRoundingSequence) {
+  std::mt19937 rng(9);
+  std::normal_distribution<float> nd(0.f, 1.f);
+  for (DType dt : {DType::kBFloat16, DType::kFloat16}) {
+    for (int64_t H : {1, 7, 8, 9, 15, 16, 17, 24, 31, 32, 33, 40, 63, 64, 65, 100, 129, 1000, 7167, 7168}) {
+      for (int n : {1, 2, 5, 9}) {
+        for (bool mixed : {false, true}) {
+          std::vector<std::vector<uint16_t>> rows(static_cast<size_t>(n));
+          std::vector<std::vector<unsigned char>> packed(static_cast<size_t>(n));
+          std::vector<std::vector<float>> deq(static_cast<size_t>(n));
+          std::vector<RowTerm> terms;
+          for (int i = 0; i < n; ++i) {
+            const bool int8_term = i % 4 != 3;
+            rows[static_cast<size_t>(i)] = comm_quant_input(dt, H, mixed && i == 1, rng);
+            RowTerm t{rows[static_cast<size_t>(i)].data(), nd(rng), i % 3 != 2};
+            if (int8_term) {
+              packed[static_cast<size_t>(i)].resize(static_cast<size_t>(comm_quant_row_bytes(H)));
+              comm_quant_row(dt, rows[static_cast<size_t>(i)].data(), H, packed[static_cast<size_t>(i)].data());
+              deq[static_cast<size_t>(i)].resize(static_cast<size_t>(H));
+              comm_dequant_row(dt, packed[static_cast<size_t>(i)].data(), H, deq[static_cast<size_t>(i)].data());
+              t.packed = packed[static_cast<size_t>(i)].data();
+              t.row = nullptr;
+            }
+            terms.push_back(t);
+          }
+          std::vector<uint16_t> out(static_cast<size_t>(H), 0xdead);
+          if (dt == DType::kBFloat16)
+            reduce_terms_bf16(out.data(), terms.data(), n, H);
+          else
+            reduce_terms_fp16(out.data(), terms.data(), n, H);
+          int bad = 0;
+          for (int64_t h = 0; h < H && bad < 3; ++h) {
+            float acc = 0.f;
+            for (int i = 0; i < n; ++i) {
+              const RowTerm& t = terms[static_cast<size_t>(i)];
+              const float v = t.packed ? deq[static_cast<size_t>(i)][static_cast<size_t>(h)] : half_to_float(dt, t.row[h]);
+              const volatile float term = t.weighted ? v * t.w : v;  // rounded on its own, never fused
+              acc = acc + term;
+            }
+            const uint16_t want = float_to_half(dt, acc), got = out[static_cast<size_t>(h)];
+            if (got != want) {
+              ++bad;
+              ADD_FAILURE() << dtype_name(dt) << " H=" << H << " terms=" << n << (mixed ? " mixed" : "") << " element " << h << ": got 0x"
+                            << std::hex << got << ", want 0x" << want;
+            }
+          }
+        }
+      }
+    }
   }
 }
 

@@ -45,10 +45,14 @@ inline void store_bf16(uint16_t* __restrict out, const float* __restrict acc, in
 }
 
 // One term of a token's reduction: acc += float(row[h]) * w (weighted) or acc += float(row[h]).
+// With `packed` set, the term's values are not `row` but the comm_quant_mode 2 row `packed` (quant.h's
+// layout, H int8 then the group scales) dequantized as core::comm_dequant_row does:
+// v = round_to_dt(float(q) * float(scale)), then acc += v * w or acc += v.
 struct RowTerm {
   const uint16_t* row;
   float w;
   bool weighted;
+  const void* packed = nullptr;
 };
 // out[h] = round(sum of the terms in order, in fp32), for H elements, processed in chunks so the
 // accumulator stays in registers. The order of the terms is the order of summation.
@@ -58,5 +62,14 @@ void reduce_terms_fp16(uint16_t* out, const RowTerm* terms, int n, int64_t H);
 // dispatch quant_mode 2 for the ops: the same bits as core::dynamic_quant_row (quant.h, the spec's
 // formula written plainly, which the reference uses), vectorized where the CPU has AVX-512.
 void dynamic_quant_row_fast(DType dt, const uint16_t* x, const float* smooth, int64_t H, int8_t* q, float* scale);
+
+// combine comm_quant_mode 2 for the ops: the same bytes as core::comm_quant_row (quant.h), 32
+// elements (four groups) at a time where the CPU has AVX-512 with F16C. The division f / s is
+// replaced by f * (1/s) with a bound on its error; a vector where that bound leaves the float16
+// rounding of the quotient in doubt, and every group holding a NaN, an infinity or a scale below the
+// float range's normal numbers, takes the exact division / the plain code.
+void comm_quant_row_fast(DType dt, const uint16_t* y, int64_t H, void* packed);
+// core::comm_dequant_row, vectorized likewise (the same floats).
+void comm_dequant_row_fast(DType dt, const void* packed, int64_t H, float* out);
 
 }  // namespace moedist::core

@@ -62,11 +62,14 @@ void dynamic_quant_row(DType dt, const uint16_t* x, const float* smooth, int64_t
 
 int64_t comm_quant_row_bytes(int64_t H) { return H + ((H + 7) / 8) * 2; }
 
-void comm_quant_row(DType dt, const uint16_t* y, int64_t H, void* packed) {
+void comm_quant_row(DType dt, const uint16_t* y, int64_t H, void* packed) { comm_quant_groups(dt, y, H, 0, H, packed); }
+
+void comm_quant_groups(DType dt, const uint16_t* y, int64_t H, int64_t h_begin, int64_t h_end, void* packed) {
   int8_t* q = static_cast<int8_t*>(packed);
   uint16_t* scales = reinterpret_cast<uint16_t*>(q + H);  // H may be odd: written with memcpy below
   const float inv127 = 1.0f / 127.0f;
-  for (int64_t g0 = 0; g0 < H; g0 += 8) {
+  if (h_end > H) h_end = H;
+  for (int64_t g0 = h_begin; g0 < h_end; g0 += 8) {
     const int64_t g1 = g0 + 8 < H ? g0 + 8 : H;  // padding elements are zeros: they never raise the max
     float m = 0.f;
     bool nan = false;

@@ -22,6 +22,10 @@ void dynamic_quant_row(DType dt, const uint16_t* x, const float* smooth, int64_t
 // ceil(H/8) scales as dt (2 bytes each).
 int64_t comm_quant_row_bytes(int64_t H);
 void comm_quant_row(DType dt, const uint16_t* y, int64_t H, void* packed);
+// The same for the elements [h_begin, h_end) of the row only (h_begin a multiple of 8, h_end a
+// multiple of 8 or H): writes their q bytes and the scales of their groups into the packed row of
+// length H. comm_quant_row(dt, y, H, p) is comm_quant_groups(dt, y, H, 0, H, p).
+void comm_quant_groups(DType dt, const uint16_t* y, int64_t H, int64_t h_begin, int64_t h_end, void* packed);
 // deq[h] = round_to_dt(float(q) * float(stored_scale)), returned as floats.
 void comm_dequant_row(DType dt, const void* packed, int64_t H, float* out);
 
