@@ -44,6 +44,7 @@ inline std::vector<Case> cases() {
     { Case c = b; c.Z = 2; c.C = 1; c.Q = 2; add(c); }
     { Case c = b; c.ragged = true; add(c); }
     { Case c = b; c.comm_quant = 2; add(c); }
+    { Case c = b; c.comm_quant = 2; c.H = 1001; c.W = 3; c.Sr = 1; c.E = 4; add(c); }  // vectors of 32, a tail of 9 (a partial group)
     { Case c = b; c.strided = true; add(c); }
     { Case c = b; c.E = 4; c.tp = 2; add(c); }
     { Case c = b; c.W = 6; c.E = 12; c.removed = {1}; add(c); }

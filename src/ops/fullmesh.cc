@@ -123,9 +123,13 @@ void CombineCtx::wire_row(int64_t i, unsigned char* dst, std::vector<uint16_t>& 
     own_row(i, reinterpret_cast<uint16_t*>(dst));
     return;
   }
-  tmp.resize(static_cast<size_t>(cfg.H));
-  own_row(i, tmp.data());
-  core::comm_quant_row(cfg.dtype, tmp.data(), cfg.H, dst);
+  const uint16_t* y = expand_x + i * cfg.H;
+  if (tp_partial) {
+    tmp.resize(static_cast<size_t>(cfg.H));
+    own_row(i, tmp.data());
+    y = tmp.data();
+  }
+  core::comm_quant_row_fast(cfg.dtype, y, cfg.H, dst);
 }
 
 int64_t CombineCtx::triple(int64_t i, int part) const { return core::at1<int32_t>(args.assist_info_for_combine, 3 * i + part); }
@@ -227,8 +231,9 @@ void fullmesh_combine_reduce(const CombineCtx& cc, CombineSplit& s, uint16_t* ou
   const auto& direct = s.direct;
 
   // Reduce in the spec's order: k ascending (MoE, copy, const), shared slots, shared_expert_x.
-  // Tokens whose terms are all rows (MoE, copy, shared, shared_expert_x) take the chunked kernel;
-  // const experts and int8 slots take the general loop. Both round the same way.
+  // Tokens whose terms are all rows (MoE, copy, shared, shared_expert_x; with comm_quant_mode 2 the
+  // MoE and shared rows are int8, dequantized inside the kernel) take the chunked kernel; tokens with
+  // a const expert take the general loop. Both round the same way.
   std::vector<float> acc(static_cast<size_t>(H)), deq(cc.quant ? static_cast<size_t>(H) : 0);
   std::vector<core::RowTerm> terms;
   std::vector<uint16_t> ori_storage, sx_storage;
@@ -249,7 +254,12 @@ void fullmesh_combine_reduce(const CombineCtx& cc, CombineSplit& s, uint16_t* ou
       const size_t at = static_cast<size_t>(t * SL + kk);
       return in_place && direct[at] ? direct[at] : buf + at * cc.slot_bytes;
     };
-    bool simple = !cc.quant && (!sxv.defined() || sx);
+    bool simple = !sxv.defined() || sx;
+    auto slot_term = [&](int64_t kk, float w, bool weighted) -> core::RowTerm {
+      const unsigned char* p = slot_values(kk);
+      if (cc.quant) return {nullptr, w, weighted, p};
+      return {reinterpret_cast<const uint16_t*>(p), w, weighted};
+    };
     terms.clear();
     for (int64_t k = 0; k < K && simple; ++k) {
       if (!c.entry_on[static_cast<size_t>(t * K + k)]) continue;
@@ -257,7 +267,7 @@ void fullmesh_combine_reduce(const CombineCtx& cc, CombineSplit& s, uint16_t* ou
       const float w = core::at2<float>(cc.args.expert_scales, t, k);
       const core::ExpertKind kind = c.classify(id);
       if (kind == core::ExpertKind::kMoe)
-        terms.push_back({reinterpret_cast<const uint16_t*>(slot_values(k)), w, true});
+        terms.push_back(slot_term(k, w, true));
       else if (kind == core::ExpertKind::kCopy)
         terms.push_back({ori + t * H, w, true});
       else if (kind == core::ExpertKind::kConst)
@@ -265,7 +275,7 @@ void fullmesh_combine_reduce(const CombineCtx& cc, CombineSplit& s, uint16_t* ou
     }
     uint16_t* o = out + t * H;
     if (simple) {
-      for (int64_t s = 0; s < c.S; ++s) terms.push_back({reinterpret_cast<const uint16_t*>(slot_values(K + s)), 1.f, false});
+      for (int64_t s = 0; s < c.S; ++s) terms.push_back(slot_term(K + s, 1.f, false));
       if (sx) terms.push_back({sx + t * H, 1.f, false});
       if (dt == DType::kBFloat16)
         core::reduce_terms_bf16(o, terms.data(), static_cast<int>(terms.size()), H);
@@ -278,7 +288,7 @@ void fullmesh_combine_reduce(const CombineCtx& cc, CombineSplit& s, uint16_t* ou
     auto add_slot = [&](int64_t kk, float w, bool weighted) {
       const unsigned char* p = slot_values(kk);
       if (cc.quant) {
-        core::comm_dequant_row(dt, p, H, deq.data());
+        core::comm_dequant_row_fast(dt, p, H, deq.data());
         for (int64_t h = 0; h < H; ++h) {
           const float term = weighted ? deq[static_cast<size_t>(h)] * w : deq[static_cast<size_t>(h)];
           a[h] = a[h] + term;
