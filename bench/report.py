@@ -9,16 +9,16 @@ def main() -> int:
     rows = json.loads(Path(sys.argv[1]).read_text())
     out = Path(sys.argv[2])
     lines = [
-        "| ranks | hosts | transport | comm_alg | tokens | H | K | experts | quant | moedist dispatch us | moedist combine us "
+        "| ranks | hosts | transport | comm_alg | tokens | H | K | experts | quant | comm quant | moedist dispatch us | moedist combine us "
         "| moedist round us (p10-p90) | MPI round us | speedup | moedist algbw GB/s | bytes across hosts per round: moedist "
         "| MPI | memcpy GB/s | outputs vs baseline | combine metadata check us (% of round) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         m, b = r["moedist"], r["mpi_alltoallv"]
         lines.append(
             f"| {r['ranks']} | {r.get('hosts', 1)} | {r.get('transport', 'shm')} | {r.get('comm_alg', 'fullmesh')} "
-            f"| {r['tokens']} | {r['hidden']} | {r['topk']} | {r['experts']} | {r['quant_mode']} "
+            f"| {r['tokens']} | {r['hidden']} | {r['topk']} | {r['experts']} | {r['quant_mode']} | {r.get('comm_quant_mode', 0)} "
             f"| {m['dispatch_us']['median']:.1f} | {m['combine_us']['median']:.1f} "
             f"| {m['round_us']['median']:.1f} ({m['round_us']['p10']:.0f}-{m['round_us']['p90']:.0f}) "
             f"| {b['round_us']['median']:.1f} | {r['speedup_round']:.2f}x | {m['algbw_GBps']:.2f} "
@@ -37,12 +37,12 @@ def main() -> int:
     except ImportError:
         print("(no matplotlib: plot skipped; pip install matplotlib)", file=sys.stderr)
         return 0
-    # One panel per (transport/alg, ranks, hidden); in each, one line per (experts, quant) for moedist
+    # One panel per (transport/alg, ranks, hidden); in each, one line per (experts, quant, comm_quant) for moedist
     # (solid) and the MPI_Alltoallv pipeline (dashed, same colour).
     panels = {}
     for r in rows:
         key = (r.get("transport", "shm"), r.get("comm_alg", "fullmesh"), r["ranks"], r["hidden"])
-        panels.setdefault(key, {}).setdefault((r["experts"], r["quant_mode"]), []).append(r)
+        panels.setdefault(key, {}).setdefault((r["experts"], r["quant_mode"], r.get("comm_quant_mode", 0)), []).append(r)
     keys = sorted(panels)
     cols = min(3, len(keys))
     nrows = (len(keys) + cols - 1) // cols
@@ -51,10 +51,10 @@ def main() -> int:
         ax.set_visible(False)
     for ax, key in zip(axes.flat, keys):
         transport, alg, ranks, hidden = key
-        for (experts, quant), rs in sorted(panels[key].items()):
+        for (experts, quant, comm_quant), rs in sorted(panels[key].items()):
             rs.sort(key=lambda r: r["tokens"])
             x = [r["tokens"] for r in rs]
-            label = f"E={experts} quant={quant}"
+            label = f"E={experts} quant={quant}" + (f" comm_quant={comm_quant}" if comm_quant else "")
             line = ax.plot(x, [r["moedist"]["round_us"]["median"] for r in rs], marker="o", label="moedist " + label)[0]
             ax.plot(x, [r["mpi_alltoallv"]["round_us"]["median"] for r in rs], marker="x", linestyle="--",
                     color=line.get_color(), label="MPI_Alltoallv " + label)

@@ -15,7 +15,8 @@
 // Bytes per rank and round (the algorithmic bandwidth's numerator): each token row is sent to K
 // experts and comes back once per expert:
 //   dispatch: BS * K * (H * e + s), combine: BS * K * H * 2, with e = 1 and s = 4 for quant_mode 2
-//   (int8 + scale), e = 2 and s = 0 otherwise.
+//   (int8 + scale), e = 2 and s = 0 otherwise; with comm_quant_mode 2 combine moves
+//   BS * K * (H + 2 * ceil(H / 8)) (int8 and one 2-byte scale per group of 8).
 #include "bench.h"
 
 #include <unistd.h>
@@ -292,6 +293,7 @@ struct Sweep {
   std::vector<int> hidden = {7168};
   std::vector<int> experts = {16, 64};
   std::vector<int> quant = {0, 2};
+  std::vector<int> comm_quant = {0};  // combine's comm_quant_mode; each value is a moedist row of its own
   int topk = 8;
   int iters = 30;
   int warmup = 5;
@@ -315,7 +317,7 @@ std::vector<std::string> parse_words(const std::string& s, char sep) {
 int bench_usage(FILE* out = stderr) {
   std::fprintf(out,
                "usage: moedist bench [--ranks 2,4,8] [--tokens 1,8,32,128,512] [--hidden 7168] [--experts 16,64]\n"
-               "                     [--quant 0,2] [--topk 8] [--iters 30] [--warmup 5] [--out DIR] [--quick]\n"
+               "                     [--quant 0,2] [--comm-quant 0] [--topk 8] [--iters 30] [--warmup 5] [--out DIR] [--quick]\n"
                "                     [--transport shm|mpi|hybrid] [--comm-alg fullmesh,hierarchy] [--ranks-per-host N]\n"
                "                     [--hostfile FILE] [--mpirun-args \"ARGS\"]\n"
                "  Runs each configuration under mpirun: moedist and the MPI_Alltoallv pipeline baseline side by\n"
@@ -326,7 +328,9 @@ int bench_usage(FILE* out = stderr) {
                "  (default: as MPI reports them). --hostfile / --mpirun-args go to mpirun (several hosts:\n"
                "  --hostfile hosts --mpirun-args \"--mca btl tcp,self\"). Writes DIR/bench.json, DIR/bench.md\n"
                "  and DIR/latency.png (the plot needs python3 with matplotlib).\n"
-               "  With quant 0 and fullmesh, one more untimed round whose experts return their input rows checks\n"
+               "  --quant: dispatch's quant_mode; --comm-quant: combine's comm_quant_mode (0 and/or 2, 2 = int8 with\n"
+               "  one scale per 8 elements; fullmesh only), each timed on the same inputs, one row each.\n"
+               "  With quant 0, comm-quant 0 and fullmesh, one more untimed round whose experts return their input rows checks\n"
                "  that moedist and the baseline combine to the same bits; a difference fails the run.\n"
                "  The worker can be started directly: mpirun -np 8 --hostfile hosts moedist bench-worker [options]\n"
                "  prints one JSON object per configuration.\n");
@@ -348,6 +352,7 @@ bool help_asked(int argc, char** argv) {
     else if (a == "--hidden") s.hidden = parse_list(next());
     else if (a == "--experts") s.experts = parse_list(next());
     else if (a == "--quant") s.quant = parse_list(next());
+    else if (a == "--comm-quant") s.comm_quant = parse_list(next());
     else if (a == "--topk") s.topk = std::atoi(next().c_str());
     else if (a == "--iters") s.iters = std::atoi(next().c_str());
     else if (a == "--warmup") s.warmup = std::atoi(next().c_str());
@@ -363,6 +368,7 @@ bool help_asked(int argc, char** argv) {
       s.hidden = {256};
       s.experts = {6};
       s.quant = {0, 2};
+      s.comm_quant = {0, 2};
       s.topk = 2;
       s.iters = 3;
       s.warmup = 1;
@@ -389,6 +395,15 @@ bool help_asked(int argc, char** argv) {
       std::fprintf(stderr, "moedist bench: --quant takes 0 and/or 2, got %d\n", q);
       return false;
     }
+  for (int q : s.comm_quant)
+    if (q != 0 && q != 2) {
+      std::fprintf(stderr, "moedist bench: --comm-quant takes 0 and/or 2, got %d\n", q);
+      return false;
+    }
+  if (s.comm_quant.empty()) {
+    std::fprintf(stderr, "moedist bench: empty --comm-quant\n");
+    return false;
+  }
   if (s.iters < 1 || s.warmup < 0 || s.topk < 1 || s.ranks.empty() || s.tokens.empty() || s.hidden.empty() || s.experts.empty()) {
     std::fprintf(stderr, "moedist bench: empty sweep or bad --iters/--warmup/--topk\n");
     return false;
@@ -466,7 +481,7 @@ struct Timing {
   double metadata_check_us = 0;  // combine's check of its metadata against dispatch's, per call (median)
 };
 
-Timing run_moedist(const Inputs& in, int warmup, int iters, const std::string& alg, moedist::Transport& t) {
+Timing run_moedist(const Inputs& in, int warmup, int iters, const std::string& alg, int comm_quant, moedist::Transport& t) {
   using namespace moedist;
   const bool hier = alg == "hierarchy";
   DispatchArgs d;
@@ -480,8 +495,14 @@ Timing run_moedist(const Inputs& in, int warmup, int iters, const std::string& a
   d.comm_alg = alg;
   if (hier) d.expert_scales = TensorView(in.w.data(), DType::kFloat32, {in.BS, in.K});  // hierarchy carries the weights
   DispatchResult r = dispatch_v2(d);
-  // The experts' output stands in as a fixed bf16 buffer of the dispatched rows.
+  // The experts' output stands in as a fixed bf16 buffer of the dispatched rows, filled with this
+  // rank's token values (so that comm_quant_mode 2 quantizes realistic values, not zeros).
   Tensor expert_out(DType::kBFloat16, {r.expand_x.size(0), in.H});
+  {
+    unsigned char* eo = static_cast<unsigned char*>(expert_out.data());
+    const size_t total = static_cast<size_t>(expert_out.numel()) * 2, chunk = in.x.size() * 2;
+    for (size_t at = 0; chunk && at < total; at += chunk) std::memcpy(eo + at, in.x.data(), std::min(chunk, total - at));
+  }
   CombineArgs c;
   c.expand_x = expert_out;
   c.expert_ids = d.expert_ids;
@@ -491,6 +512,7 @@ Timing run_moedist(const Inputs& in, int warmup, int iters, const std::string& a
   c.ep_rank_id = in.rank;
   c.moe_expert_num = in.E;
   c.comm_alg = alg;
+  c.comm_quant_mode = comm_quant;
   Timing tm;
   TransportStats s0{};
   for (int it = 0; it < warmup + iters; ++it) {
@@ -527,7 +549,7 @@ Timing run_moedist(const Inputs& in, int warmup, int iters, const std::string& a
   const TransportStats s1 = t.stats();
   tm.bytes_inter = s1.bytes_sent_inter_host - s0.bytes_sent_inter_host;
   tm.bytes_all = s1.bytes_sent - s0.bytes_sent;
-  if (in.quant == 0) {  // the check round: each expert returns the rows it received
+  if (in.quant == 0 && comm_quant == 0) {  // the check round: each expert returns the rows it received
     MPI_Barrier(MPI_COMM_WORLD);
     r = dispatch_v2(d);
     c.expand_x = r.expand_x;
@@ -736,10 +758,13 @@ int bench_worker_main(int argc, char** argv) {
             const auto bd = max_over_ranks(b.dispatch), bc = max_over_ranks(b.combine), br = max_over_ranks(b.round);
             uint64_t bb[2] = {b.bytes_inter, b.bytes_all}, bsum[2] = {};
             MPI_Allreduce(bb, bsum, 2, MPI_UINT64_T, MPI_SUM, MPI_COMM_WORLD);
-            for (const std::string& alg : s.algs) {
-              const Timing m = run_moedist(in, s.warmup, s.iters, alg, *group);
-              // fullmesh sums a token's terms in k order, as the baseline does; hierarchy pre-sums per server.
-              const bool comparable = q == 0 && alg != "hierarchy";
+            for (const std::string& alg : s.algs)
+            for (int cq : s.comm_quant) {
+              if (cq == 2 && alg == "hierarchy") continue;  // hierarchy refuses comm_quant_mode 2
+              const Timing m = run_moedist(in, s.warmup, s.iters, alg, cq, *group);
+              // fullmesh sums a token's terms in k order, as the baseline does; hierarchy pre-sums per server;
+              // comm_quant_mode 2 returns int8 rows (the baseline returns the bf16 rows).
+              const bool comparable = q == 0 && cq == 0 && alg != "hierarchy";
               int mismatch = comparable && m.check_out != b.check_out ? 1 : 0, mismatches = 0;
               MPI_Allreduce(&mismatch, &mismatches, 1, MPI_INT, MPI_SUM, MPI_COMM_WORLD);
               const char* check = !comparable ? "not compared" : mismatches ? "MISMATCH" : "bit-identical";
@@ -755,16 +780,17 @@ int bench_worker_main(int argc, char** argv) {
               uint64_t mb[2] = {m.bytes_inter, m.bytes_all}, msum[2] = {};
               MPI_Allreduce(mb, msum, 2, MPI_UINT64_T, MPI_SUM, MPI_COMM_WORLD);
               if (rank == 0) {
-                const double bytes = static_cast<double>(BS) * s.topk * (H * (q ? 1.0 : 2.0) + (q ? 4.0 : 0.0) + H * 2.0);
+                const double back = cq == 2 ? H + 2.0 * ((H + 7) / 8) : H * 2.0;
+                const double bytes = static_cast<double>(BS) * s.topk * (H * (q ? 1.0 : 2.0) + (q ? 4.0 : 0.0) + back);
                 const double algbw = bytes / stats_of(mr).median / 1e9;
                 const double it = static_cast<double>(s.iters);
-                std::printf("{\"ranks\":%d,\"tokens\":%d,\"hidden\":%d,\"topk\":%d,\"experts\":%d,\"quant_mode\":%d,"
+                std::printf("{\"ranks\":%d,\"tokens\":%d,\"hidden\":%d,\"topk\":%d,\"experts\":%d,\"quant_mode\":%d,\"comm_quant_mode\":%d,"
                             "\"transport\":\"%s\",\"comm_alg\":\"%s\",\"hosts\":%d,"
                             "\"moedist\":{%s,%s,%s,\"algbw_GBps\":%.3f,\"bytes_inter_host_per_round\":%.0f,\"bytes_per_round\":%.0f,"
                             "\"metadata_check_us\":%.2f,\"metadata_check_pct_of_round\":%.3f},"
                             "\"mpi_alltoallv\":{%s,%s,%s,\"bytes_inter_host_per_round\":%.0f,\"bytes_per_round\":%.0f},"
                             "\"speedup_round\":%.3f,\"memcpy_GBps\":%.2f,\"outputs_vs_baseline\":\"%s\"}\n",
-                            W, BS, H, s.topk, E, q, s.transport.c_str(), alg.c_str(), nhosts, json_stats("dispatch", md).c_str(),
+                            W, BS, H, s.topk, E, q, cq, s.transport.c_str(), alg.c_str(), nhosts, json_stats("dispatch", md).c_str(),
                             json_stats("combine", mc).c_str(), json_stats("round", mr).c_str(), algbw, static_cast<double>(msum[0]) / it,
                             static_cast<double>(msum[1]) / it, check_us, 100.0 * check_us / (stats_of(mr).median * 1e6), json_stats("dispatch", bd).c_str(), json_stats("combine", bc).c_str(),
                             json_stats("round", br).c_str(), static_cast<double>(bsum[0]) / it, static_cast<double>(bsum[1]) / it,
@@ -796,7 +822,7 @@ int bench_main(int argc, char** argv, const char* argv0) {
   if (help_asked(argc, argv)) return bench_usage(stdout);
   if (!parse_sweep(argc, argv, s)) return bench_usage();
   std::string cmd_common = " --tokens " + join(s.tokens) + " --hidden " + join(s.hidden) + " --experts " + join(s.experts) +
-                           " --quant " + join(s.quant) + " --topk " + std::to_string(s.topk) + " --iters " + std::to_string(s.iters) +
+                           " --quant " + join(s.quant) + " --comm-quant " + join(s.comm_quant) + " --topk " + std::to_string(s.topk) + " --iters " + std::to_string(s.iters) +
                            " --warmup " + std::to_string(s.warmup) + " --transport " + s.transport + " --comm-alg " +
                            [&] {
                              std::string a;
