@@ -33,6 +33,14 @@ class PutWriter {
   // A writable pointer to `bytes` bytes at `offset` of receive region `region` of member `peer`
   // (a physical rank). The caller fills it before produce() returns.
   virtual void* dest(int peer, int region, size_t offset, size_t bytes) = 0;
+  // Member `index`'s blob (spec.members order) where the transport keeps it, and its length in *bytes
+  // (the member's own blob_bytes): valid until produce() returns. Null from transports whose
+  // blobs_in_place() is false, which only fill ExchangeSpec::blobs_out.
+  virtual const void* blob(size_t index, size_t* bytes) {
+    (void)index;
+    *bytes = 0;
+    return nullptr;
+  }
 };
 
 struct ExchangeSpec {
@@ -41,9 +49,11 @@ struct ExchangeSpec {
   const void* blob = nullptr;    // this rank's blob, blob_bytes long (a peer's longer blob is cut,
                                  // a shorter one zero-padded: the caller's header tells them apart)
   size_t blob_bytes = 0;
-  void* blobs_out = nullptr;     // members.size() * blob_bytes: every member's blob, in members order
+  void* blobs_out = nullptr;     // members.size() * blob_bytes: every member's blob, in members order;
+                                 // may be null where blobs_in_place() (read them through PutWriter::blob)
   std::span<const RecvRegion> recv;  // this rank's receive regions
-  // Called once every member's blob is in blobs_out; writes this rank's payload to its peers.
+  // Called once every member's blob is in blobs_out (or readable through PutWriter::blob); writes
+  // this rank's payload to its peers.
   // An exception thrown here is re-raised after the exchange completed on every member.
   std::function<void(PutWriter&)> produce;
 };
@@ -127,6 +137,9 @@ class Transport {
   // The largest blob (ExchangeSpec::blob_bytes) one exchange can carry. The ops check their blobs
   // against it during validation, so arguments that would need more are refused before any byte moves.
   virtual size_t max_blob_bytes() const { return std::numeric_limits<size_t>::max(); }
+  // True if PutWriter::blob lends every member's blob during produce, so that a caller that needs them
+  // only there can pass no blobs_out (and keep no members x blob_bytes copy of its own).
+  virtual bool blobs_in_place() const { return false; }
   // What this endpoint has sent so far; a transport that does not count returns zeros.
   virtual TransportStats stats() const { return {}; }
   // True once a call on this endpoint was given up midway (a timeout, a dead peer, an interrupt): a

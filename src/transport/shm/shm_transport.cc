@@ -25,6 +25,8 @@ namespace moedist::transport {
 namespace {
 
 constexpr uint64_t kMagic = 0x6d6f656469737432ull;  // "moedist2"
+// The largest blob of one exchange (what max_blob_bytes reports): a bound on the ops' counts, not a
+// cost per pair of ranks (a blob lies once, in its sender's outbox).
 constexpr size_t kBlobMax = 64 * 1024;
 constexpr size_t kGrain = size_t{2} << 20;  // reservations grow in steps of at least 2 MiB
 
@@ -225,6 +227,8 @@ ShmTransport::ShmTransport(const std::string& job, const std::string& group, int
     if (r != rank && pids_[static_cast<size_t>(r)] > 0)
       pidfds_[static_cast<size_t>(r)] = static_cast<int>(syscall(SYS_pidfd_open, pids_[static_cast<size_t>(r)], 0));
 
+  // The heap first: the setup exchange's message lies in this rank's window (its outbox).
+  own_->heap = std::make_unique<OffsetHeap>(0, window_bytes_);
   // Every rank has mapped every window once this returns on all of them.
   std::vector<int> all;
   for (int r = 0; r < world; ++r) all.push_back(r);
@@ -239,7 +243,6 @@ ShmTransport::ShmTransport(const std::string& job, const std::string& group, int
     claim_fd_ = -1;
     throw;
   }
-  own_->heap = std::make_unique<OffsetHeap>(0, window_bytes_);
 }
 
 ShmTransport::~ShmTransport() {
@@ -302,6 +305,25 @@ void* ShmTransport::scratch(int slot, size_t bytes) {
     slot_bytes_[s] = need;
   }
   return window(rank()) + slot_off_[s];
+}
+
+void* ShmTransport::outbox(size_t bytes, bool fresh) {
+  if (fresh) outbox_bytes_ = 0;  // a slow peer may still read the old message: its block stays allocated
+  if (outbox_bytes_ < bytes) {
+    if (outbox_bytes_) own_->heap->free(outbox_off_);
+    outbox_bytes_ = 0;
+    const size_t need = round_up(std::max<size_t>(bytes, 1), 4096);
+    const size_t off = own_->heap->alloc(need, "shm message");
+    try {
+      own_->reserve(header_bytes_ + off + need, "shm message");
+    } catch (...) {
+      own_->heap->free(off);
+      throw;
+    }
+    outbox_off_ = off;
+    outbox_bytes_ = need;
+  }
+  return window(rank()) + outbox_off_;
 }
 
 uint64_t ShmTransport::encode(const void* p, size_t bytes) {

@@ -34,6 +34,7 @@ class ShmTransport : public WindowEngine {
   void* ctrl_base(int rank) override;
   uint64_t encode(const void* p, size_t bytes) override;
   void* decode(int owner, uint64_t addr, uint64_t bytes) override;
+  void* outbox(size_t bytes, bool fresh) override;
   std::string peer_failure(int rank) override;
   std::string group_failure() override;
   void retire_scratch() override;
@@ -71,6 +72,7 @@ class ShmTransport : public WindowEngine {
   std::shared_ptr<RendezvousListener> listener_;
   int claim_fd_ = -1;  // holds this rank's name while the group lives
   std::vector<size_t> slot_off_, slot_bytes_;
+  size_t outbox_off_ = 0, outbox_bytes_ = 0;  // this rank's message, in its window
 };
 
 }  // namespace moedist::transport

@@ -1,5 +1,6 @@
 #include "transport/thread/thread_transport.h"
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 
@@ -7,6 +8,8 @@
 
 namespace moedist::transport {
 
+// The largest blob of one exchange (what max_blob_bytes reports): a bound on the ops' counts, not a
+// cost per pair of ranks (a blob lies once, in its sender's outbox).
 constexpr size_t kBlobMax = 64 * 1024;
 
 struct FreeDeleter {
@@ -26,9 +29,25 @@ void* ThreadTransport::ctrl_base(int rank) { return shared_->ctrl[static_cast<si
 
 ThreadTransport::~ThreadTransport() {
   // A slow peer may still write into the buffers of an abandoned call: they stay allocated.
-  if (abandoned())
+  if (abandoned()) {
     for (auto& b : scratch_)
       if (b) keep_forever(std::shared_ptr<unsigned char[]>(b.release()));
+    if (outbox_) keep_forever(std::shared_ptr<unsigned char[]>(outbox_.release()));
+  }
+}
+
+void* ThreadTransport::outbox(size_t bytes, bool fresh) {
+  if (fresh && outbox_) {  // a slow peer may still read the old message: leave it be
+    keep_forever(std::shared_ptr<unsigned char[]>(outbox_.release()));
+    outbox_bytes_ = 0;
+  }
+  if (outbox_bytes_ < bytes) {
+    // Grown in steps, so that blobs of slowly growing size do not reallocate on every call.
+    const size_t want = std::max(bytes, std::min<size_t>(2 * outbox_bytes_, bytes + (size_t{1} << 20)));
+    outbox_.reset(new unsigned char[want]);
+    outbox_bytes_ = want;
+  }
+  return outbox_.get();
 }
 
 void ThreadTransport::retire_scratch() {

@@ -28,12 +28,15 @@ class ThreadTransport : public WindowEngine {
   uint64_t encode(const void* p, size_t) override { return reinterpret_cast<uint64_t>(p); }
   void* decode(int, uint64_t addr, uint64_t) override { return reinterpret_cast<void*>(addr); }
   void retire_scratch() override;
+  void* outbox(size_t bytes, bool fresh) override;
 
  private:
   std::shared_ptr<ThreadShared> shared_;
   int ranks_per_server_;
   std::vector<std::unique_ptr<unsigned char[]>> scratch_;
   std::vector<size_t> scratch_bytes_;
+  std::unique_ptr<unsigned char[]> outbox_;  // this rank's message, read by its peers in place
+  size_t outbox_bytes_ = 0;
 };
 
 }  // namespace moedist::transport

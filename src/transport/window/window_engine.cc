@@ -1,6 +1,9 @@
 #include "transport/window/window_engine.h"
 
+#include <linux/futex.h>
 #include <sched.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #include <cstdlib>
 #include <algorithm>
@@ -34,7 +37,7 @@ static int usable_cpus() {
 
 WindowEngine::WindowEngine(int rank, int world, size_t blob_max, std::chrono::milliseconds timeout)
     : rank_(rank), world_(world), timeout_(default_timeout(timeout)), epoch_(static_cast<size_t>(world), 0),
-      spin_(world > usable_cpus() ? 8 : 512) {
+      spin_(world > usable_cpus() ? 8 : 512), crowded_(world > 8 * usable_cpus()) {
   layout_.world = world;
   layout_.blob_max = blob_max;
   failed_.assign(static_cast<size_t>(world), 0);
@@ -50,11 +53,45 @@ inline void cpu_relax() {
 #endif
 }
 
+// The futex word of an epoch flag: its low 32 bits (little-endian), enough to tell a change.
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "futex on the low half of a 64-bit flag");
+inline uint32_t* futex_word(const std::atomic<uint64_t>& flag) {
+  return reinterpret_cast<uint32_t*>(const_cast<std::atomic<uint64_t>*>(&flag));
+}
+
+// Sleeps until `flag` changes from below `epoch` (or `most` passed). The flags live in memory shared
+// between processes too, hence no FUTEX_PRIVATE_FLAG. The sleeper word and the flag are a Dekker pair
+// (both sides store, then load the other, seq_cst): either the writer sees the sleeper and wakes it,
+// or this load sees the writer's store.
+void sleep_on(const std::atomic<uint64_t>& flag, uint64_t epoch, std::chrono::nanoseconds most) {
+  std::atomic<uint32_t>& sleeper = PeerFlags::sleeper_of(flag);
+  sleeper.store(1, std::memory_order_seq_cst);
+  const uint64_t seen = flag.load(std::memory_order_seq_cst);
+  if (seen < epoch) {
+    const long ns = static_cast<long>(std::max<int64_t>(most.count(), 50000));
+    timespec ts{ns / 1000000000L, ns % 1000000000L};
+    syscall(SYS_futex, futex_word(flag), FUTEX_WAIT, static_cast<uint32_t>(seen), &ts, nullptr, 0);
+  }
+  sleeper.store(0, std::memory_order_relaxed);
+}
+
+// Publishes `epoch` in a peer's flag and wakes the peer if it sleeps on it.
+void raise_flag(std::atomic<uint64_t>& flag, uint64_t epoch) {
+  flag.store(epoch, std::memory_order_seq_cst);
+  if (PeerFlags::sleeper_of(flag).load(std::memory_order_seq_cst))
+    syscall(SYS_futex, futex_word(flag), FUTEX_WAKE, 1, nullptr, nullptr, 0);
+}
+
 class WindowWriter : public PutWriter {
  public:
-  WindowWriter(const std::vector<int>& slot_of, std::vector<std::vector<std::pair<void*, uint64_t>>>& regions, int me,
-               const char* op)
-      : slot_of_(slot_of), regions_(regions), me_(me), op_(op) {}
+  WindowWriter(const std::vector<int>& slot_of, std::vector<std::vector<std::pair<void*, uint64_t>>>& regions,
+               const std::vector<std::pair<const unsigned char*, size_t>>& blobs, int me, const char* op)
+      : slot_of_(slot_of), regions_(regions), blobs_(blobs), me_(me), op_(op) {}
+  const void* blob(size_t index, size_t* bytes) override {
+    MOEDIST_ASSERT(index < blobs_.size(), op_, ": blob of member ", index, " of ", blobs_.size());
+    *bytes = blobs_[index].second;
+    return blobs_[index].first;
+  }
   void* dest(int peer, int region, size_t offset, size_t bytes) override {
     MOEDIST_ASSERT(peer >= 0 && peer < static_cast<int>(slot_of_.size()) && slot_of_[static_cast<size_t>(peer)] >= 0,
                    op_, ": rank ", me_, " writes to rank ", peer, " which is not a member");
@@ -70,6 +107,7 @@ class WindowWriter : public PutWriter {
  private:
   const std::vector<int>& slot_of_;
   std::vector<std::vector<std::pair<void*, uint64_t>>>& regions_;
+  const std::vector<std::pair<const unsigned char*, size_t>>& blobs_;  // in the members' outboxes
   int me_;
   const char* op_;
 };
@@ -116,10 +154,13 @@ void WindowEngine::wait_flag(const std::atomic<uint64_t>& flag, uint64_t epoch, 
       throw Timeout(detail::str_cat("[rank ", rank_, "/", world_, "] ", op, ": timed out after ", timeout_.count(), " ms waiting for rank ", peer,
                                     " to ", what, " (it did not call ", op, ", or is stuck or dead)"));
     }
-    if (now - start < std::chrono::milliseconds(2))
+    // Crowded (ranks outnumber CPUs 8 to 1 and more): yielding would keep every waiter runnable and
+    // starve the ranks that have work, so sleep at once; the writer wakes this rank. Otherwise yield
+    // for 2 ms first (a wake-up costs more than a yield when few wait). Sleeps end by the next check.
+    if (!crowded_ && now - start < std::chrono::milliseconds(2))
       sched_yield();
     else
-      std::this_thread::sleep_for(std::chrono::microseconds(50));
+      sleep_on(flag, epoch, std::min(next_check, deadline) - now);
   }
 }
 
@@ -204,37 +245,48 @@ void WindowEngine::run_begin(const ExchangeSpec& spec) {
   }
   MOEDIST_ASSERT(slot_of[static_cast<size_t>(rank_)] >= 0, "rank ", rank_, " is not among the members");
 
-  // Wave 1: publish regions and blob to every member, then collect theirs.
+  // Wave 1: publish regions and blob (once, in this rank's outbox; its place in every member's slot),
+  // then collect theirs.
   MsgHeader hdr{};
   hdr.nregions = static_cast<uint32_t>(spec.recv.size());
   hdr.blob_bytes = static_cast<uint32_t>(spec.blob_bytes);
   for (size_t r = 0; r < spec.recv.size(); ++r)
     hdr.regions[r] = RegionDesc{encode(spec.recv[r].data, spec.recv[r].bytes), spec.recv[r].bytes};
+  const size_t msg_bytes = sizeof(MsgHeader) + spec.blob_bytes;
+  auto* out = static_cast<unsigned char*>(outbox(msg_bytes, outbox_busy_));
+  std::memcpy(out, &hdr, sizeof(hdr));
+  if (spec.blob_bytes) std::memcpy(out + sizeof(MsgHeader), spec.blob, spec.blob_bytes);
+  outbox_busy_ = true;  // until every member said it is done (run_end)
+  const RegionDesc where{encode(out, msg_bytes), msg_bytes};
   for (size_t i = 0; i < n; ++i) {
     const int p = members[i];
     const uint64_t ep = ++epoch_[static_cast<size_t>(p)];
     void* base = ctrl_base(p);
-    unsigned char* msg = layout_.msg(base, rank_, ep);
-    std::memcpy(msg, &hdr, sizeof(hdr));
-    if (spec.blob_bytes) std::memcpy(msg + sizeof(MsgHeader), spec.blob, spec.blob_bytes);
-    layout_.flags(base, rank_)->arrive.store(ep, std::memory_order_release);
+    layout_.msg(base, rank_, ep)->at = where;
+    raise_flag(layout_.flags(base, rank_)->arrive, ep);
   }
   void* mine = ctrl_base(rank_);
   std::vector<std::vector<std::pair<void*, uint64_t>>> regions(n);
+  std::vector<std::pair<const unsigned char*, size_t>> blobs(n);
   for (size_t i = 0; i < n; ++i) {
     const int p = members[i];
     const uint64_t ep = epoch_[static_cast<size_t>(p)];
     wait_flag(layout_.flags(mine, p)->arrive, ep, p, spec.op, "arrive");
-    const unsigned char* msg = layout_.msg(mine, p, ep);
+    const RegionDesc at = layout_.msg(mine, p, ep)->at;
+    MOEDIST_ASSERT(at.bytes >= sizeof(MsgHeader), spec.op, ": rank ", p, " published a message of ", at.bytes, " bytes");
+    const auto* msg = static_cast<const unsigned char*>(decode(p, at.addr, at.bytes));
     MsgHeader ph;
     std::memcpy(&ph, msg, sizeof(ph));
+    MOEDIST_ASSERT(ph.blob_bytes <= at.bytes - sizeof(MsgHeader), spec.op, ": rank ", p, "'s blob of ", ph.blob_bytes,
+                   " bytes overruns its message of ", at.bytes);
+    blobs[i] = {msg + sizeof(MsgHeader), ph.blob_bytes};
     // Blobs may differ in length when ranks disagree on the call (or one failed before counting):
     // the caller's header check reports that; here the shorter one is zero-padded.
-    if (spec.blob_bytes) {
+    if (spec.blob_bytes && spec.blobs_out) {
       unsigned char* dst = static_cast<unsigned char*>(spec.blobs_out) + i * spec.blob_bytes;
-      const size_t n = std::min<size_t>(ph.blob_bytes, spec.blob_bytes);
-      std::memcpy(dst, msg + sizeof(MsgHeader), n);
-      std::memset(dst + n, 0, spec.blob_bytes - n);
+      const size_t k = std::min<size_t>(ph.blob_bytes, spec.blob_bytes);
+      std::memcpy(dst, msg + sizeof(MsgHeader), k);
+      std::memset(dst + k, 0, spec.blob_bytes - k);
     }
     for (uint32_t r = 0; r < ph.nregions && r < static_cast<uint32_t>(kMaxRegions); ++r)
       regions[i].emplace_back(ph.regions[r].bytes ? decode(p, ph.regions[r].addr, ph.regions[r].bytes) : nullptr, ph.regions[r].bytes);
@@ -244,7 +296,7 @@ void WindowEngine::run_begin(const ExchangeSpec& spec) {
   std::exception_ptr local_error;
   uint64_t payload = 0;
   if (spec.produce) {
-    WindowWriter writer(slot_of, regions, rank_, spec.op);
+    WindowWriter writer(slot_of, regions, blobs, rank_, spec.op);
     try {
       spec.produce(writer);
     } catch (...) {
@@ -263,7 +315,7 @@ void WindowEngine::run_begin(const ExchangeSpec& spec) {
     const int p = members[i];
     PeerFlags* f = layout_.flags(ctrl_base(p), rank_);
     f->done_failed.store(local_error ? 1u : 0u, std::memory_order_relaxed);
-    f->done.store(epoch_[static_cast<size_t>(p)], std::memory_order_release);
+    raise_flag(f->done, epoch_[static_cast<size_t>(p)]);
   }
   pending_.active = true;
   pending_.members.assign(members.begin(), members.end());
@@ -286,6 +338,7 @@ void WindowEngine::run_end() {
     if (f->done_failed.load(std::memory_order_relaxed) && failed_peer < 0 && p != rank_) failed_peer = p;
   }
   completed_ = true;  // errors from here on were seen by every member alike: the group stays in step
+  outbox_busy_ = false;  // every member is done reading this rank's message
   if (local_error) std::rethrow_exception(local_error);
   if (failed_peer >= 0)
     throw TransportError(detail::str_cat("[rank ", rank_, "/", world_, "] ", op, ": rank ", failed_peer,

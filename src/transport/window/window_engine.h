@@ -1,14 +1,22 @@
 // The exchange protocol of transports whose ranks can load and store each other's memory (threads of
 // one process, processes sharing POSIX segments). Each rank owns a control block; peers write into it:
 //   per sender: an `arrive` epoch flag (message published), a `done` epoch flag (payload written), and
-//   two alternating message slots (receive-region descriptors + blob). Flags are cache-line padded,
-//   released by the writer and acquired by the owner, who polls only its own memory.
+//   two alternating message slots. Flags are cache-line padded, released by the writer and acquired by
+//   the owner, who polls only its own memory.
+// A message (receive-region descriptors + blob) is the same for every peer, so the sender writes it once,
+// into memory of its own that peers can read (its outbox: WindowEngine::outbox), and a message slot only
+// says where it lies: 32 bytes per pair of ranks whatever the blob's size, instead of a copy of the
+// largest blob per pair. Receivers read the message in place; they are done with it before they raise
+// their `done` flag, and the sender rewrites its outbox only after it saw every member's `done` (the
+// end of its previous exchange), so one outbox per rank suffices. An exchange that was abandoned midway
+// leaves its outbox to slow readers: the next one gets a fresh outbox.
 // Epochs count per pair of ranks, so a subset of the ranks (elastic scale-down) can exchange while
 // the others stay away. Two message slots suffice without a closing barrier: a peer can only reach
 // epoch s+2 after this rank finished epoch s+1, hence stopped reading slot s % 2.
 #pragma once
 
 #include <atomic>
+#include <cstddef>
 #include <chrono>
 #include <exception>
 #include <cstdint>
@@ -26,20 +34,38 @@ struct RegionDesc {
   uint64_t bytes;
 };
 
+// Each flag is followed by its sleeper word: nonzero while the owner sleeps on the flag (a futex on its
+// low 32 bits), so the writer wakes it after the store (and makes no system call otherwise).
 struct alignas(64) PeerFlags {
   std::atomic<uint64_t> arrive{0};
-  char pad0[64 - sizeof(std::atomic<uint64_t>)];
+  std::atomic<uint32_t> arrive_sleeper{0};
+  char pad0[64 - sizeof(std::atomic<uint64_t>) - sizeof(std::atomic<uint32_t>)];
   std::atomic<uint64_t> done{0};
+  std::atomic<uint32_t> done_sleeper{0};
   std::atomic<uint32_t> done_failed{0};
-  char pad1[64 - sizeof(std::atomic<uint64_t>) - sizeof(std::atomic<uint32_t>)];
+  char pad1[64 - sizeof(std::atomic<uint64_t>) - 2 * sizeof(std::atomic<uint32_t>)];
+  // The sleeper word of `arrive` or `done`.
+  static std::atomic<uint32_t>& sleeper_of(const std::atomic<uint64_t>& flag) {
+    return *reinterpret_cast<std::atomic<uint32_t>*>(const_cast<unsigned char*>(reinterpret_cast<const unsigned char*>(&flag)) + 8);
+  }
 };
 static_assert(sizeof(PeerFlags) == 128);
+static_assert(offsetof(PeerFlags, arrive_sleeper) == offsetof(PeerFlags, arrive) + 8 &&
+              offsetof(PeerFlags, done_sleeper) == offsetof(PeerFlags, done) + 8);
 
+// A message, in the sender's outbox: this header, then blob_bytes of blob.
 struct MsgHeader {
   uint32_t nregions;
   uint32_t blob_bytes;
   RegionDesc regions[kMaxRegions];
 };
+
+// A message slot: where the sender's message lies (encoded like receive regions) and its length.
+struct MsgSlot {
+  RegionDesc at;
+  uint64_t reserved[2];
+};
+static_assert(sizeof(MsgSlot) == 32);
 
 // The owner's status, at the start of its control block. `failed` is written when the owner abandons a
 // call (a timeout, a dead peer, an interrupt): peers waiting for it stop at once and name it, instead of
@@ -72,7 +98,7 @@ struct CtrlLayout {
   size_t blob_max = 0;
   size_t mask_words() const { return (static_cast<size_t>(world) + 63) / 64; }
   size_t status_bytes() const { return (sizeof(OwnerStatus) + 2 * mask_words() * 8 + 63) / 64 * 64; }
-  size_t msg_bytes() const { return (sizeof(MsgHeader) + blob_max + 63) / 64 * 64; }
+  static size_t msg_bytes() { return sizeof(MsgSlot); }
   size_t bytes() const { return status_bytes() + static_cast<size_t>(world) * (sizeof(PeerFlags) + 2 * msg_bytes()); }
   OwnerStatus* status(void* base) const { return static_cast<OwnerStatus*>(base); }
   std::atomic<uint64_t>* suspects(void* base) const {
@@ -82,9 +108,9 @@ struct CtrlLayout {
   PeerFlags* flags(void* base, int peer) const {
     return reinterpret_cast<PeerFlags*>(static_cast<unsigned char*>(base) + status_bytes()) + peer;
   }
-  unsigned char* msg(void* base, int peer, uint64_t epoch) const {
-    return static_cast<unsigned char*>(base) + status_bytes() + static_cast<size_t>(world) * sizeof(PeerFlags) +
-           (static_cast<size_t>(peer) * 2 + (epoch & 1)) * msg_bytes();
+  MsgSlot* msg(void* base, int peer, uint64_t epoch) const {
+    return reinterpret_cast<MsgSlot*>(static_cast<unsigned char*>(base) + status_bytes() + static_cast<size_t>(world) * sizeof(PeerFlags)) +
+           (static_cast<size_t>(peer) * 2 + (epoch & 1));
   }
 };
 
@@ -95,8 +121,11 @@ class WindowEngine : public Transport {
   int world_size() const override { return world_; }
   std::chrono::milliseconds timeout() const override { return timeout_; }
   size_t max_blob_bytes() const override { return layout_.blob_max; }
+  // Bytes of this rank's control block (what every rank reserves for the protocol, outbox aside).
+  size_t control_block_bytes() const { return layout_.bytes(); }
   void exchange(const ExchangeSpec& spec) override;
   bool abandoned() const override { return !broken_.empty(); }
+  bool blobs_in_place() const override { return true; }
   void exchange_begin(const ExchangeSpec& spec) override;
   void exchange_end() override;
   TransportStats stats() const override;
@@ -108,6 +137,10 @@ class WindowEngine : public Transport {
   virtual void* ctrl_base(int rank) = 0;                   // control block of `rank`
   virtual uint64_t encode(const void* p, size_t bytes) = 0;  // describe my memory to peers
   virtual void* decode(int owner, uint64_t addr, uint64_t bytes) = 0;
+  // This rank's outbox: at least `bytes` of its memory that peers can read (decode(rank, encode(p))),
+  // kept until the next call. `fresh`: the previous message may still be read by a slow peer (its
+  // exchange was abandoned), so it must stay as it is: hand out other memory.
+  virtual void* outbox(size_t bytes, bool fresh) = 0;
   // Empty if `rank` is alive as far as can be told; otherwise why it is not.
   virtual std::string peer_failure(int rank) { (void)rank; return {}; }
   // Empty unless the whole group is known to be unusable (e.g. a rank claimed twice); then why.
@@ -137,7 +170,9 @@ class WindowEngine : public Transport {
   std::chrono::milliseconds timeout_;
   std::vector<uint64_t> epoch_;  // per peer
   int spin_;                     // polls before the first yield: fewer when ranks outnumber CPUs
+  bool crowded_;                 // ranks outnumber CPUs 8:1 or more: waiters sleep (futex) at once instead of yielding
   bool completed_ = false;       // the current exchange finished on this rank (both waves)
+  bool outbox_busy_ = false;     // peers may still read this rank's outbox (its exchange did not end)
   // Between run_begin and run_end: the members, the op and this rank's own error from produce.
   struct Pending {
     bool active = false;
