@@ -47,21 +47,45 @@ void Step::run(const char* op, const std::string& self_label, const std::string*
   std::vector<unsigned char> blob(bb);
   std::memcpy(blob.data(), &hdr, sizeof(hdr));
   if (!payload.empty()) std::memcpy(blob.data() + sizeof(hdr), payload.data(), payload.size());
-  blobs.assign(members.size() * bb, 0);
+  const bool lent = !blobs_after && transport->blobs_in_place();
+  views_.clear();
+  padded_.clear();
+  if (lent) {
+    blobs.clear();
+  } else {
+    blobs.assign(members.size() * bb, 0);
+    for (size_t i = 0; i < members.size(); ++i) views_.push_back(blobs.data() + i * bb);
+  }
 
   ExchangeSpec spec;
   spec.op = op;
   spec.members = members;
   spec.blob = blob.data();
   spec.blob_bytes = bb;
-  spec.blobs_out = blobs.data();
+  spec.blobs_out = lent ? nullptr : blobs.data();
   spec.recv = recv;
   spec.produce = [&](PutWriter& w) {
+    if (lent) views_.resize(members.size());
+    for (size_t i = 0; lent && i < members.size(); ++i) {
+      size_t got = 0;
+      const auto* b = static_cast<const unsigned char*>(w.blob(i, &got));
+      MOEDIST_ASSERT(b || got == 0, op, ": the ", transport->name(), " transport lent no blob for member ", i);
+      if (got == bb) {
+        views_[i] = b;
+        continue;
+      }
+      // Another length (the ranks disagree on the call): cut or zero-padded, as blobs_out would hold it;
+      // the header checks below name the disagreement.
+      padded_.emplace_back(bb, 0);
+      if (got) std::memcpy(padded_.back().data(), b, std::min(got, bb));
+      views_[i] = padded_.back().data();
+    }
+    const unsigned char* const* const view = views_.data();
     // Same call on every member? Otherwise nothing else in the blobs can be trusted.
     bool agree = true;
     for (size_t i = 0; i < members.size() && agree; ++i) {
       BlobHeader ph;
-      std::memcpy(&ph, blobs.data() + i * bb, sizeof(ph));
+      std::memcpy(&ph, view[i], sizeof(ph));
       agree = ph.seq == hdr.seq && std::strncmp(ph.call, hdr.call, sizeof(hdr.call)) == 0;
     }
     if (!agree) {
@@ -72,7 +96,7 @@ void Step::run(const char* op, const std::string& self_label, const std::string*
           break;
         }
         BlobHeader ph;
-        std::memcpy(&ph, blobs.data() + i * bb, sizeof(ph));
+        std::memcpy(&ph, view[i], sizeof(ph));
         calls += detail::str_cat(i ? ", " : "", "rank ", members[i], " ", call_name(ph), " #", ph.seq);
       }
       throw InvalidArgument(detail::str_cat(self_label, op, ": the ranks of the group are not in the same call (", calls,
@@ -81,14 +105,14 @@ void Step::run(const char* op, const std::string& self_label, const std::string*
     }
     for (size_t i = 0; i < members.size(); ++i) {
       BlobHeader ph;
-      std::memcpy(&ph, blobs.data() + i * bb, sizeof(ph));
+      std::memcpy(&ph, view[i], sizeof(ph));
       if (ph.status != 0 && members[i] != transport->rank())
         throw TransportError(detail::str_cat(self_label, op, ": rank ", members[i], " rejected its call: ", ph.message));
     }
     if (failure) throw InvalidArgument(*failure);
     for (size_t i = 0; i < members.size(); ++i) {
       BlobHeader ph;
-      std::memcpy(&ph, blobs.data() + i * bb, sizeof(ph));
+      std::memcpy(&ph, view[i], sizeof(ph));
       for (int32_t j = 0; j < ph.n_uniform && j < hdr.n_uniform; ++j)
         if (ph.uniform[j] != hdr.uniform[j])
           throw InvalidArgument(detail::str_cat(self_label, op, ": ", uni[static_cast<size_t>(j)].first, "=",
@@ -101,6 +125,17 @@ void Step::run(const char* op, const std::string& self_label, const std::string*
     }
     if (produce) produce(w);
   };
+  struct Forget {  // lent blobs are the peers' memory: not to be read once the exchange went on
+    bool lent;
+    std::vector<const unsigned char*>& views;
+    std::vector<std::vector<unsigned char>>& padded;
+    ~Forget() {
+      if (lent) {
+        views.clear();
+        padded.clear();
+      }
+    }
+  } forget{lent, views_, padded_};
   if (split)
     transport->exchange_begin(spec);
   else

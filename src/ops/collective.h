@@ -42,9 +42,16 @@ struct Step {
   std::vector<std::pair<const char*, int64_t>> extra_uniform;
   std::vector<unsigned char> payload;   // this rank's payload (same size on every member)
   std::vector<RecvRegion> recv;
-  std::vector<unsigned char> blobs;     // filled: members.size() * (sizeof(BlobHeader) + payload size)
+  // Whether the members' blobs stay readable (payload_of) after run() returns. false: only inside
+  // produce, where the transport lends them in place (Transport::blobs_in_place): no copy of
+  // members.size() blobs per rank, which at hundreds of ranks is most of a call's memory.
+  bool blobs_after = true;
+  std::vector<unsigned char> blobs;     // members.size() * (sizeof(BlobHeader) + payload size), when copied
+  // Member i's payload (what it put after its BlobHeader): inside produce, and after run() with blobs_after.
   const unsigned char* payload_of(size_t member_index) const {
-    return blobs.data() + member_index * (sizeof(BlobHeader) + payload.size()) + sizeof(BlobHeader);
+    MOEDIST_ASSERT(member_index < views_.size(), "payload_of(", member_index, ") outside produce (blobs_after is false) or past ",
+                   views_.size(), " members");
+    return views_[member_index] + sizeof(BlobHeader);
   }
   size_t index_of(int phys_rank) const;
   // Runs the exchange. failure: this rank's own error (null if none); produce runs only when all ok.
@@ -52,6 +59,10 @@ struct Step {
   // With split set, run() only begins the exchange (Transport::exchange_begin) and end() finishes it.
   bool split = false;
   void end() { transport->exchange_end(); }
+
+ private:
+  std::vector<const unsigned char*> views_;          // each member's blob, sizeof(BlobHeader) + payload size
+  std::vector<std::vector<unsigned char>> padded_;  // lent blobs of another length, cut or zero-padded
 };
 
 // Runs `members`' step as a rejected call (this rank's error in `msg`): its peers fail at once, naming it.

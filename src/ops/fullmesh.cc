@@ -34,24 +34,39 @@ DispatchCounts fullmesh_dispatch(const DispatchCtx& d, const RowSinks& sinks, St
   step.recv = {RecvRegion{sinks.expand_x, A * d.row_bytes}, RecvRegion{sinks.dynamic_scales, A * 4},
                RecvRegion{sinks.assist, A * 12}, RecvRegion{sinks.expand_scales, A * 4}};
 
-  // counts_from(r)[dest * L + e]: what effective rank r sends to (dest, e)
-  auto counts_from = [&](int64_t r) {
-    return reinterpret_cast<const int32_t*>(step.payload_of(step.index_of(c.phys(r))));
-  };
+  // The members' counts are read where the transport keeps them, inside the exchange only: a copy of
+  // every member's W x L counts on every rank would grow as W^3 over the group.
+  step.blobs_after = false;
+  DispatchCounts out;
+  const int64_t nblk = c.local_experts();
   step.run("dispatch_v2", d.label, nullptr, [&](PutWriter& w) {
-    // Start of block (e, me) on each destination: rows of earlier experts from every source, then
-    // rows of expert e from lower-ranked sources.
+    // from[r][dest * L + e]: what effective rank r sends to (dest, e)
+    std::vector<const int32_t*> from(static_cast<size_t>(W));
+    for (int64_t r = 0; r < W; ++r) from[static_cast<size_t>(r)] = reinterpret_cast<const int32_t*>(step.payload_of(step.index_of(c.phys(r))));
+    // What this rank receives: block (e, r) holds the rows of source r for local expert e.
+    out.cnt.assign(static_cast<size_t>(nblk * W), 0);
+    for (int64_t e = 0; e < nblk; ++e)
+      for (int64_t r = 0; r < W; ++r) {
+        const int64_t n = from[static_cast<size_t>(r)][c.rank * L + e];
+        out.cnt[static_cast<size_t>(e * W + r)] = n;
+        out.rows += n;
+      }
+    // Start of block (e, me) on a destination: rows of earlier experts from every source, then rows of
+    // expert e from lower-ranked sources. Worked out for the destinations this rank sends to only
+    // (O(W L) each, instead of O(W^2 L) for all).
     std::vector<int64_t> next(static_cast<size_t>(W * L), 0);
-    for (int64_t dst = 0; dst < W; ++dst) {
-      const int64_t nblk = dst < c.Sr ? 1 : L;
+    std::vector<uint8_t> known(static_cast<size_t>(W), 0);
+    auto layout = [&](int64_t dst) {
+      known[static_cast<size_t>(dst)] = 1;
+      const int64_t blocks = dst < c.Sr ? 1 : L;
       int64_t off = 0;
-      for (int64_t e = 0; e < nblk; ++e)
+      for (int64_t e = 0; e < blocks; ++e)
         for (int64_t r = 0; r < W; ++r) {
           if (r == c.rank) next[static_cast<size_t>(dst * L + e)] = off;
-          off += counts_from(r)[dst * L + e];
+          off += from[static_cast<size_t>(r)][dst * L + e];
         }
       // off <= the destination's A: validation bounds every BS by global_bs / W.
-    }
+    };
     // Without smooth scales a token quantizes the same for every expert: once, then copies.
     const bool reuse = d.quant && !d.smooth;
     std::vector<unsigned char> qrow(reuse ? d.row_bytes : 0);
@@ -59,6 +74,7 @@ DispatchCounts fullmesh_dispatch(const DispatchCtx& d, const RowSinks& sinks, St
     int64_t qtoken = -1;
     auto emit = [&](int64_t dst, int64_t e, int64_t t, int64_t kk, int64_t scale_row, float wgt) {
       const int peer = c.phys(dst);
+      if (!known[static_cast<size_t>(dst)]) layout(dst);
       const size_t pos = static_cast<size_t>(next[static_cast<size_t>(dst * L + e)]++);
       float scale;
       auto* row = static_cast<unsigned char*>(w.dest(peer, 0, pos * d.row_bytes, d.row_bytes));
@@ -87,16 +103,6 @@ DispatchCounts fullmesh_dispatch(const DispatchCtx& d, const RowSinks& sinks, St
         for (int64_t s = 0; s < c.S; ++s) emit(c.shared_dest(c.rank, s), 0, t, K + s, s, d.weights ? 1.f : 0.f);
     }
   });
-
-  DispatchCounts out;
-  const int64_t nblk = c.local_experts();
-  out.cnt.assign(static_cast<size_t>(nblk * W), 0);
-  for (int64_t e = 0; e < nblk; ++e)
-    for (int64_t r = 0; r < W; ++r) {
-      const int64_t n = counts_from(r)[c.rank * L + e];
-      out.cnt[static_cast<size_t>(e * W + r)] = n;
-      out.rows += n;
-    }
   return out;
 }
 
@@ -192,6 +198,7 @@ void fullmesh_combine_send(const CombineCtx& cc, CombineSplit& s) {
   step.transport = cc.ep;
   step.members = c.members();
   step.cfg = &c;
+  step.blobs_after = false;  // the sources' BS are read inside produce only
   step.extra_uniform = {{"comm_quant_mode", cc.quant ? 2 : 0}};
   put_pod<int64_t>(step.payload, c.BS);
   const size_t region = static_cast<size_t>(c.BS * SL) * cc.slot_bytes;
