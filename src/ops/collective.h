@@ -26,8 +26,8 @@ struct BlobHeader {
   int32_t status = 0;  // 0 ok, else this rank failed before sending (message follows)
   int32_t n_uniform = 0;
   int64_t payload_bytes = 0;
-  char message[400] = {};
   int64_t uniform[kMaxUniform] = {};
+  char message[400] = {};  // last: read only when status says this rank failed
 };
 
 // Runs one exchange whose blob is [BlobHeader | payload]. Before produce() runs, every member's header

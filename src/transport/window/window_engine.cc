@@ -10,6 +10,8 @@
 #include <cstdio>
 #include <cstring>
 #include <exception>
+#include <functional>
+#include <span>
 #include <thread>
 
 #include "moedist/error.h"
@@ -84,9 +86,11 @@ void raise_flag(std::atomic<uint64_t>& flag, uint64_t epoch) {
 
 class WindowWriter : public PutWriter {
  public:
-  WindowWriter(const std::vector<int>& slot_of, std::vector<std::vector<std::pair<void*, uint64_t>>>& regions,
-               const std::vector<std::pair<const unsigned char*, size_t>>& blobs, int me, const char* op)
-      : slot_of_(slot_of), regions_(regions), blobs_(blobs), me_(me), op_(op) {}
+  using Decode = std::function<void*(int owner, uint64_t addr, uint64_t bytes)>;
+  WindowWriter(const std::vector<int>& slot_of, std::span<const int> members, const std::vector<const unsigned char*>& msgs,
+               const std::vector<std::pair<const unsigned char*, size_t>>& blobs, Decode decode, int me, const char* op)
+      : slot_of_(slot_of), members_(members), msgs_(msgs), blobs_(blobs), decode_(std::move(decode)), me_(me), op_(op),
+        regions_(msgs.size() * kMaxRegions), nregions_(msgs.size(), -1) {}
   const void* blob(size_t index, size_t* bytes) override {
     MOEDIST_ASSERT(index < blobs_.size(), op_, ": blob of member ", index, " of ", blobs_.size());
     *bytes = blobs_[index].second;
@@ -95,21 +99,39 @@ class WindowWriter : public PutWriter {
   void* dest(int peer, int region, size_t offset, size_t bytes) override {
     MOEDIST_ASSERT(peer >= 0 && peer < static_cast<int>(slot_of_.size()) && slot_of_[static_cast<size_t>(peer)] >= 0,
                    op_, ": rank ", me_, " writes to rank ", peer, " which is not a member");
-    auto& regs = regions_[static_cast<size_t>(slot_of_[static_cast<size_t>(peer)])];
-    MOEDIST_ASSERT(region >= 0 && region < static_cast<int>(regs.size()), op_, ": region ", region, " of rank ", peer);
-    MOEDIST_ASSERT(offset + bytes <= regs[static_cast<size_t>(region)].second, op_, ": write of ", bytes, " bytes at ", offset,
-                   " past region ", region, " (", regs[static_cast<size_t>(region)].second, " bytes) of rank ", peer);
+    const size_t slot = static_cast<size_t>(slot_of_[static_cast<size_t>(peer)]);
+    if (nregions_[slot] < 0) decode_regions(slot);
+    MOEDIST_ASSERT(region >= 0 && region < nregions_[slot], op_, ": region ", region, " of rank ", peer);
+    const auto& reg = regions_[slot * kMaxRegions + static_cast<size_t>(region)];
+    MOEDIST_ASSERT(offset + bytes <= reg.second, op_, ": write of ", bytes, " bytes at ", offset, " past region ", region, " (",
+                   reg.second, " bytes) of rank ", peer);
     if (peer != me_) bytes_to_peers += bytes;
-    return static_cast<unsigned char*>(regs[static_cast<size_t>(region)].first) + offset;
+    return static_cast<unsigned char*>(reg.first) + offset;
   }
   uint64_t bytes_to_peers = 0;  // payload written into other ranks' regions
 
  private:
+  // A member's receive regions, decoded when this rank first writes to it (at hundreds of ranks most
+  // members are never written to in a call).
+  void decode_regions(size_t slot) {
+    MsgHeader ph;
+    std::memcpy(&ph, msgs_[slot], sizeof(ph));
+    const uint32_t nr = std::min<uint32_t>(ph.nregions, kMaxRegions);
+    for (uint32_t r = 0; r < nr; ++r)
+      regions_[slot * kMaxRegions + r] = {ph.regions[r].bytes ? decode_(members_[slot], ph.regions[r].addr, ph.regions[r].bytes) : nullptr,
+                                          ph.regions[r].bytes};
+    nregions_[slot] = static_cast<int>(nr);
+  }
+
   const std::vector<int>& slot_of_;
-  std::vector<std::vector<std::pair<void*, uint64_t>>>& regions_;
-  const std::vector<std::pair<const unsigned char*, size_t>>& blobs_;  // in the members' outboxes
+  std::span<const int> members_;
+  const std::vector<const unsigned char*>& msgs_;                      // in the members' outboxes
+  const std::vector<std::pair<const unsigned char*, size_t>>& blobs_;  // likewise
+  Decode decode_;
   int me_;
   const char* op_;
+  std::vector<std::pair<void*, uint64_t>> regions_;  // kMaxRegions per member
+  std::vector<int> nregions_;                        // per member; -1 until decoded
 };
 }  // namespace
 
@@ -266,7 +288,7 @@ void WindowEngine::run_begin(const ExchangeSpec& spec) {
     raise_flag(layout_.flags(base, rank_)->arrive, ep);
   }
   void* mine = ctrl_base(rank_);
-  std::vector<std::vector<std::pair<void*, uint64_t>>> regions(n);
+  std::vector<const unsigned char*> msgs(n);
   std::vector<std::pair<const unsigned char*, size_t>> blobs(n);
   for (size_t i = 0; i < n; ++i) {
     const int p = members[i];
@@ -275,28 +297,27 @@ void WindowEngine::run_begin(const ExchangeSpec& spec) {
     const RegionDesc at = layout_.msg(mine, p, ep)->at;
     MOEDIST_ASSERT(at.bytes >= sizeof(MsgHeader), spec.op, ": rank ", p, " published a message of ", at.bytes, " bytes");
     const auto* msg = static_cast<const unsigned char*>(decode(p, at.addr, at.bytes));
-    MsgHeader ph;
-    std::memcpy(&ph, msg, sizeof(ph));
-    MOEDIST_ASSERT(ph.blob_bytes <= at.bytes - sizeof(MsgHeader), spec.op, ": rank ", p, "'s blob of ", ph.blob_bytes,
+    uint32_t blob_bytes;
+    std::memcpy(&blob_bytes, msg + offsetof(MsgHeader, blob_bytes), sizeof(blob_bytes));
+    MOEDIST_ASSERT(blob_bytes <= at.bytes - sizeof(MsgHeader), spec.op, ": rank ", p, "'s blob of ", blob_bytes,
                    " bytes overruns its message of ", at.bytes);
-    blobs[i] = {msg + sizeof(MsgHeader), ph.blob_bytes};
+    msgs[i] = msg;
+    blobs[i] = {msg + sizeof(MsgHeader), blob_bytes};
     // Blobs may differ in length when ranks disagree on the call (or one failed before counting):
     // the caller's header check reports that; here the shorter one is zero-padded.
     if (spec.blob_bytes && spec.blobs_out) {
       unsigned char* dst = static_cast<unsigned char*>(spec.blobs_out) + i * spec.blob_bytes;
-      const size_t k = std::min<size_t>(ph.blob_bytes, spec.blob_bytes);
+      const size_t k = std::min<size_t>(blob_bytes, spec.blob_bytes);
       std::memcpy(dst, msg + sizeof(MsgHeader), k);
       std::memset(dst + k, 0, spec.blob_bytes - k);
     }
-    for (uint32_t r = 0; r < ph.nregions && r < static_cast<uint32_t>(kMaxRegions); ++r)
-      regions[i].emplace_back(ph.regions[r].bytes ? decode(p, ph.regions[r].addr, ph.regions[r].bytes) : nullptr, ph.regions[r].bytes);
   }
 
   // Payload, then wave 2: tell every member we are done writing into it (and whether we failed).
   std::exception_ptr local_error;
   uint64_t payload = 0;
   if (spec.produce) {
-    WindowWriter writer(slot_of, regions, blobs, rank_, spec.op);
+    WindowWriter writer(slot_of, members, msgs, blobs, [this](int o, uint64_t a, uint64_t b) { return decode(o, a, b); }, rank_, spec.op);
     try {
       spec.produce(writer);
     } catch (...) {
