@@ -55,24 +55,20 @@ inline void cpu_relax() {
 #endif
 }
 
-// The futex word of an epoch flag: its low 32 bits (little-endian), enough to tell a change.
-static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "futex on the low half of a 64-bit flag");
-inline uint32_t* futex_word(const std::atomic<uint64_t>& flag) {
-  return reinterpret_cast<uint32_t*>(const_cast<std::atomic<uint64_t>*>(&flag));
-}
+inline uint32_t* futex_word(std::atomic<uint32_t>& sleeper) { return reinterpret_cast<uint32_t*>(&sleeper); }
 
-// Sleeps until `flag` changes from below `epoch` (or `most` passed). The flags live in memory shared
-// between processes too, hence no FUTEX_PRIVATE_FLAG. The sleeper word and the flag are a Dekker pair
-// (both sides store, then load the other, seq_cst): either the writer sees the sleeper and wakes it,
-// or this load sees the writer's store.
+// Sleeps until `flag` reaches `epoch`, a writer wakes this rank, or `most` passed. The futex is the
+// flag's sleeper word: 1 while this rank sleeps, cleared by the writer that wakes it (so no wake-up is
+// lost, whatever the epochs). The flags live in memory shared between processes too, hence no
+// FUTEX_PRIVATE_FLAG. Sleeper and flag are a Dekker pair (both sides store, then load the other,
+// seq_cst): either the writer sees the sleeper and wakes it, or this load sees the writer's store.
 void sleep_on(const std::atomic<uint64_t>& flag, uint64_t epoch, std::chrono::nanoseconds most) {
   std::atomic<uint32_t>& sleeper = PeerFlags::sleeper_of(flag);
   sleeper.store(1, std::memory_order_seq_cst);
-  const uint64_t seen = flag.load(std::memory_order_seq_cst);
-  if (seen < epoch) {
+  if (flag.load(std::memory_order_seq_cst) < epoch) {
     const long ns = static_cast<long>(std::max<int64_t>(most.count(), 50000));
     timespec ts{ns / 1000000000L, ns % 1000000000L};
-    syscall(SYS_futex, futex_word(flag), FUTEX_WAIT, static_cast<uint32_t>(seen), &ts, nullptr, 0);
+    syscall(SYS_futex, futex_word(sleeper), FUTEX_WAIT, 1u, &ts, nullptr, 0);
   }
   sleeper.store(0, std::memory_order_relaxed);
 }
@@ -80,8 +76,9 @@ void sleep_on(const std::atomic<uint64_t>& flag, uint64_t epoch, std::chrono::na
 // Publishes `epoch` in a peer's flag and wakes the peer if it sleeps on it.
 void raise_flag(std::atomic<uint64_t>& flag, uint64_t epoch) {
   flag.store(epoch, std::memory_order_seq_cst);
-  if (PeerFlags::sleeper_of(flag).load(std::memory_order_seq_cst))
-    syscall(SYS_futex, futex_word(flag), FUTEX_WAKE, 1, nullptr, nullptr, 0);
+  std::atomic<uint32_t>& sleeper = PeerFlags::sleeper_of(flag);
+  if (sleeper.load(std::memory_order_seq_cst) && sleeper.exchange(0, std::memory_order_seq_cst))
+    syscall(SYS_futex, futex_word(sleeper), FUTEX_WAKE, 1, nullptr, nullptr, 0);
 }
 
 class WindowWriter : public PutWriter {

@@ -34,8 +34,8 @@ struct RegionDesc {
   uint64_t bytes;
 };
 
-// Each flag is followed by its sleeper word: nonzero while the owner sleeps on the flag (a futex on its
-// low 32 bits), so the writer wakes it after the store (and makes no system call otherwise).
+// Each flag is followed by its sleeper word (a futex): 1 while the owner sleeps waiting for the flag, so
+// that the writer wakes it after the store (and makes no system call otherwise).
 struct alignas(64) PeerFlags {
   std::atomic<uint64_t> arrive{0};
   std::atomic<uint32_t> arrive_sleeper{0};
