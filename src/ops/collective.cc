@@ -56,6 +56,7 @@ void Step::run(const char* op, const std::string& self_label, const std::string*
   spec.blob_bytes = bb;
   spec.blobs_out = blobs.data();
   spec.recv = recv;
+  spec.waits_us = waits_us;
   spec.produce = [&](PutWriter& w) {
     // Same call on every member? Otherwise nothing else in the blobs can be trusted.
     bool agree = true;

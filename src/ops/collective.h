@@ -42,6 +42,7 @@ struct Step {
   std::vector<std::pair<const char*, int64_t>> extra_uniform;
   std::vector<unsigned char> payload;   // this rank's payload (same size on every member)
   std::vector<RecvRegion> recv;
+  int64_t* waits_us = nullptr;  // ExchangeSpec::waits_us: set on the EP steps only (performance_info)
   std::vector<unsigned char> blobs;     // filled: members.size() * (sizeof(BlobHeader) + payload size)
   const unsigned char* payload_of(size_t member_index) const {
     return blobs.data() + member_index * (sizeof(BlobHeader) + payload.size()) + sizeof(BlobHeader);
