@@ -27,4 +27,5 @@ expect_usage_error "--timeout soon is not a number of seconds" launch -n 2 --tim
 expect_usage_error "-n needs a value" launch -n
 expect_usage_error "unknown command 'frobnicate'" frobnicate
 expect_usage_error "--ranks expects an integer, got 'x'" demo --ranks x
+expect_usage_error "--slow-us N needs N >= 0 and --slow-rank R with R >= 0 (got --slow-rank -1 --slow-us 5)" bench --waits --slow-us 5
 echo "cli usage: PASS"

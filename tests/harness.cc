@@ -453,6 +453,152 @@ std::string run_case(const Case& c) {
   return "";
 }
 
+std::string run_body(const Case& c, const RankBody& body) {
+  const std::string prefix = "t" + std::to_string(g_case_counter++) + "_";
+  auto P = prepare(c, prefix);
+  GroupOptions opt;
+  opt.timeout = std::chrono::milliseconds(20000 * kDeadlineScale);
+  opt.ranks_per_server = c.ranks_per_server;
+  std::vector<std::string> names;
+  const int tp = c.tp == 2 ? 2 : 1;
+  for (int q = 0; q < tp; ++q) {
+    names.push_back(P->ep_group(q));
+    register_group(names.back(), make_thread_group(c.W, opt));
+  }
+  if (c.tp)
+    for (int r = 0; r < c.W; ++r) {
+      names.push_back(P->tp_group(r));
+      register_group(names.back(), make_thread_group(2, opt));
+    }
+  struct Cleanup {
+    std::vector<std::string>& n;
+    ~Cleanup() {
+      for (auto& s : n) unregister_group(s);
+    }
+  } cleanup{names};
+  const int n = static_cast<int>(P->ranks.size());
+  // A rank whose check fails stops calling, and its peers then time out: its message comes first.
+  std::vector<std::string> msg(static_cast<size_t>(n)), thrown(static_cast<size_t>(n));
+  run_ranks(n, [&](int i) {
+    try {
+      msg[static_cast<size_t>(i)] = body(*P, i);
+    } catch (const std::exception& e) {
+      thrown[static_cast<size_t>(i)] = "rank index " + std::to_string(i) + ": " + e.what();
+    }
+  });
+  for (const auto* v : {&msg, &thrown})
+    for (const auto& m : *v)
+      if (!m.empty()) return m;
+  return "";
+}
+
+namespace {
+std::string str_of(const std::vector<int64_t>& v) {
+  std::string s = "[";
+  for (size_t j = 0; j < v.size(); ++j) s += (j ? ", " : "") + std::to_string(v[j]);
+  return s + "]";
+}
+}  // namespace
+
+std::string check_waits_rank(const Prepared& P, int i, int slow, int sleep_ms) {
+  const Case& c = P.c;
+  const int me = rank_of(P, i, nullptr);
+  const auto idx = static_cast<size_t>(i);
+  constexpr int64_t kStart = 7;  // the op adds: what the caller put there stays part of the value
+  std::vector<int64_t> perf(static_cast<size_t>(c.W), kStart);
+  const TensorView pv(perf.data(), DType::kInt64, {c.W});
+  std::vector<int64_t> prev = perf;
+  std::string timing;  // the first complaint about the times: reported at the end, the rank keeps calling
+  auto fail = [&](const std::string& when, const std::string& what) {
+    return "rank " + std::to_string(me) + ", " + when + ": " + what + " (performance_info " + str_of(perf) + ", before " + str_of(prev) +
+           ")";
+  };
+  // Every entry grew or stayed, this rank's own is untouched; "" if so.
+  auto monotone = [&](const std::string& when) -> std::string {
+    if (perf[static_cast<size_t>(me)] != kStart) return fail(when, "its own entry changed");
+    for (size_t j = 0; j < perf.size(); ++j)
+      if (perf[j] < prev[j]) return fail(when, "entry " + std::to_string(j) + " decreased");
+    for (int j : c.removed)  // ranks removed by elastic_info take no part: nobody waits for them
+      if (perf[static_cast<size_t>(j)] != kStart) return fail(when, "the entry of removed rank " + std::to_string(j) + " changed");
+    return "";
+  };
+  // A warm-up round without performance_info brings the ranks into step.
+  {
+    std::string diff = check_dispatch(P, i, dispatch_v2(P.dargs[idx]));
+    if (diff.empty())
+      diff = c.add_rms_norm ? check_add_rms_norm(P, i, combine_add_rms_norm(P.nargs[idx])) : check_combine(P, i, combine_v2(P.cargs[idx]));
+    if (!diff.empty()) return "warm-up: " + diff;
+  }
+  for (int round = 0; round < 2; ++round) {
+    const std::string when = "round " + std::to_string(round);
+    DispatchArgs d = P.dargs[idx];
+    d.performance_info = pv;
+    if (me == slow) std::this_thread::sleep_for(std::chrono::milliseconds(sleep_ms));
+    DispatchResult r;
+    if (c.split) {
+      const uint64_t h = dispatch_setup(d);
+      std::this_thread::sleep_for(std::chrono::microseconds(200 * (me % 3)));
+      r = dispatch_teardown(h);
+    } else {
+      r = dispatch_v2(d);
+    }
+    std::string diff = check_dispatch(P, i, r);
+    if (!diff.empty()) return when + ", dispatch with performance_info: " + diff;
+    diff = monotone(when + ", dispatch");
+    if (!diff.empty()) return diff;
+    if (me != slow) {
+      const int64_t need = kStart + (round + 1) * 20000;  // at least 20 ms per round (the slow rank sleeps longer)
+      const auto s = static_cast<size_t>(slow);
+      if (timing.empty() && perf[s] < need)
+        timing = "timing: " + fail(when + ", dispatch", "waited less than " + std::to_string(need - kStart) + " us for the slow rank");
+      for (size_t j = 0; j < perf.size() && timing.empty(); ++j)
+        if (j != s && perf[j] >= perf[s]) timing = "timing: " + fail(when + ", dispatch", "entry " + std::to_string(j) + " is not below the slow rank's");
+    }
+    prev = perf;
+    // Combine: with performance_info in round 0, without in round 1 (then the tensor stays as it is).
+    const bool give = round == 0;
+    if (c.add_rms_norm) {
+      CombineAddRmsNormArgs n = P.nargs[idx];
+      if (give) n.combine.performance_info = pv;
+      diff = check_add_rms_norm(P, i, combine_add_rms_norm(n));
+    } else {
+      CombineArgs a = P.cargs[idx];
+      if (give) a.performance_info = pv;
+      if (c.split) {
+        const uint64_t h = combine_setup(a);
+        std::this_thread::sleep_for(std::chrono::microseconds(200 * (me % 3)));
+        diff = check_combine(P, i, combine_teardown(h));
+      } else {
+        diff = check_combine(P, i, combine_v2(a));
+      }
+    }
+    if (!diff.empty()) return when + ", combine: " + diff;
+    diff = monotone(when + ", combine");
+    if (!diff.empty()) return diff;
+    if (!give && perf != prev) return fail(when + ", combine", "changed by a call without performance_info");
+    prev = perf;
+  }
+  return timing;
+}
+
+bool only_timing(const std::string& result) {
+  if (result.empty()) return false;
+  std::istringstream lines(result);
+  std::string line;
+  while (std::getline(lines, line))
+    if (line.find("timing: ") == std::string::npos) return false;  // (lines may carry a "rank r: " prefix)
+  return true;
+}
+
+std::string retry_timing(const std::function<std::string()>& run) {
+  std::string r;
+  for (int attempt = 0; attempt < 3; ++attempt) {
+    r = run();
+    if (!only_timing(r)) return r;
+  }
+  return r + " (in 3 attempts)";
+}
+
 Prepared::~Prepared() = default;
 
 int rank_of(const Prepared& p, int index, int* tp_rank) {
@@ -587,7 +733,7 @@ std::string run_processes(int nproc, const std::function<std::string(int)>& chil
   return result;
 }
 
-std::string run_case_shm(const Case& c) {
+std::string run_body_shm(const Case& c, const RankBody& body) {
   const std::string job = "test" + std::to_string(getpid()) + "_" + std::to_string(g_case_counter++);
   const int tp = c.tp == 2 ? 2 : 1;
   const std::string prefix = "s_";
@@ -601,17 +747,23 @@ std::string run_case_shm(const Case& c) {
     auto P = prepare(c, prefix);
     for (size_t i = 0; i < P->ranks.size(); ++i) {
       int tq;
-      if (rank_of(*P, static_cast<int>(i), &tq) != r || tq != q) continue;
-      std::string diff = check_dispatch(*P, static_cast<int>(i), run_dispatch(c, P->dargs[i]));
-      if (!diff.empty()) return diff;
-      if (c.add_rms_norm) return check_add_rms_norm(*P, static_cast<int>(i), combine_add_rms_norm(P->nargs[i]));
-      return check_combine(*P, static_cast<int>(i), run_combine(c, P->cargs[i]));
+      if (rank_of(*P, static_cast<int>(i), &tq) == r && tq == q) return body(*P, static_cast<int>(i));
     }
     return "";  // removed by elastic_info: does not call
   }, 90 * kDeadlineScale);
   const auto left = shm_leftovers(job);
   if (result.empty() && !left.empty()) result = "segment left in /dev/shm: " + left[0];
   return result;
+}
+
+std::string run_case_shm(const Case& c) {
+  return run_body_shm(c, [&](const Prepared& P, int i) -> std::string {
+    const auto idx = static_cast<size_t>(i);
+    std::string diff = check_dispatch(P, i, run_dispatch(c, P.dargs[idx]));
+    if (!diff.empty()) return diff;
+    if (c.add_rms_norm) return check_add_rms_norm(P, i, combine_add_rms_norm(P.nargs[idx]));
+    return check_combine(P, i, run_combine(c, P.cargs[idx]));
+  });
 }
 
 }  // namespace moedist::test

@@ -81,6 +81,25 @@ std::string run_case(const Case& c);
 // Runs the case on processes over shared memory (forked from this one, one per rank).
 std::string run_case_shm(const Case& c);
 
+// What one calling rank (its index in Prepared::ranks) does in a case instead of one checked dispatch
+// and combine; returns "" when it passed, else what went wrong.
+using RankBody = std::function<std::string(const Prepared&, int)>;
+// The case's groups, as run_case / run_case_shm make them, with `body` on every calling rank.
+std::string run_body(const Case& c, const RankBody& body);
+std::string run_body_shm(const Case& c, const RankBody& body);
+
+// performance_info on calling rank i: two rounds in which EP rank `slow` sleeps `sleep_ms` before
+// dispatch; every output is checked against the reference bit for bit, and the wait times must
+// single out the slow rank (generous lower bounds only), accumulate, leave the rank's own entry alone
+// and stay untouched by a call without performance_info. A complaint about the times alone starts with
+// "timing: " and comes after the rank made all its calls (its peers are not left waiting).
+std::string check_waits_rank(const Prepared& P, int i, int slow, int sleep_ms);
+// Runs `run` until it returns anything but a "timing: " complaint, at most 3 times: on a loaded machine
+// any rank can be delayed for longer than the slow rank sleeps, but hardly three times running.
+std::string retry_timing(const std::function<std::string()>& run);
+// True if every line of `result` is such a complaint.
+bool only_timing(const std::string& result);
+
 // Forks n processes running child(i); returns the first non-empty child message, an abnormal end, or
 // a timeout (all children killed). Used by the process transports' tests.
 std::string run_processes(int n, const std::function<std::string(int)>& child, int timeout_s);

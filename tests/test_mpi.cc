@@ -8,6 +8,7 @@
 //   MpiWorldGroup.*             make_mpi_world_group (no MPI calls in the program)
 //   MpiRounds.*                 many calls in a row; large messages (several blocks per peer)
 //   MpiBytes.*                  2 hosts x 2 ranks: hierarchy sends fewer bytes across hosts than fullmesh
+//   MpiWaits.*                  performance_info names a slow rank (MPI and hybrid)
 // Hosts: detected (MPI_COMM_TYPE_SHARED and network namespace); MOEDIST_RANKS_PER_HOST overrides.
 #include <gtest/gtest.h>
 
@@ -165,6 +166,38 @@ Case small_case() {
   c.BS = 8;
   c.H = 64;
   return c;
+}
+
+// performance_info over MPI and hybrid: EP rank 2 of 4 sleeps before each dispatch; every other rank's
+// entry for it must grow by at least 20 ms per round and exceed its others (check_waits_rank), with the
+// outputs checked against the reference in the same calls.
+TEST(MpiWaits, SlowRankStandsOut) {
+  SKIP_UNLESS_RANKS(4);
+  for (Kind kind : {Kind::kMpi, Kind::kHybrid}) {
+    Case c = small_case();
+    c.name = kind == Kind::kMpi ? "waits_mpi" : "waits_hybrid";
+    auto attempt = [&]() -> std::string {
+      const std::string prefix = "w" + std::to_string(g_counter++) + "_";
+      MPI_Comm sub = first_ranks(c.W);
+      std::string msg;
+      if (sub != MPI_COMM_NULL) {
+        try {
+          Registered reg;
+          GroupOptions opt;
+          opt.timeout = std::chrono::milliseconds(30000);
+          reg.add(prefix + "ep0", make(kind, sub, opt));
+          auto P = prepare(c, prefix);
+          for (size_t i = 0; i < P->dargs.size(); ++i)
+            if (rank_of(*P, static_cast<int>(i), nullptr) == g_rank) msg = check_waits_rank(*P, static_cast<int>(i), 2, 40);
+        } catch (const std::exception& e) {
+          msg = std::string("exception: ") + e.what();
+        }
+        MPI_Comm_free(&sub);
+      }
+      return agree(msg);  // the same verdict on every rank: all make the same number of attempts
+    };
+    EXPECT_EQ(retry_timing(attempt), "") << c.name;
+  }
 }
 
 // `call` must raise Kind with a message containing every one of `words`.

@@ -489,6 +489,12 @@ std::vector<DCase> dispatch_rejects() {
          a.elastic_info = elastic(st, {0, 16, 0, 16}, id, id);
        },
        I, {"elastic_info", "comm_alg \"hierarchy\"", "must be absent"}},
+      {"ProfileA3HierarchyRejectsPerformanceInfo",
+       [a3h](Store& st, A& a) {
+         a3h(st, a);
+         a.performance_info = st.view<int64_t>(DType::kInt64, std::vector<int64_t>(16, 0), {16});
+       },
+       I, {"performance_info (profile a3 with comm_alg \"hierarchy\": not supported, must be absent)"}},
   };
   // a2: W in {16, 32, 64}, E <= 1024, BS in [1, 256], H in (0, 7168] and % 32 == 0, K <= 16,
   // L <= 24 with fullmesh, no TP, no shared ranks, no elastic, no special experts, no mask.
@@ -560,6 +566,20 @@ std::vector<DCase> dispatch_rejects() {
   };
   v.insert(v.end(), null_data.begin(), null_data.end());
   v.insert(v.end(), prof2.begin(), prof2.end());
+  // performance_info: a contiguous (ep_world_size,) int64 tensor (the op adds into it), or none.
+  const std::vector<DCase> perf = {
+      {"PerformanceInfoDtype", [](Store& st, A& a) { a.performance_info = st.i32({0, 0, 0, 0}, {4}); }, I,
+       {"performance_info has dtype int32 (must be int64)"}},
+      {"PerformanceInfoShape", [](Store& st, A& a) { a.performance_info = st.view<int64_t>(DType::kInt64, {0, 0, 0}, {3}); }, I,
+       {"performance_info has shape (3,) (must be (ep_world_size,) = (4,))"}},
+      {"PerformanceInfo2D", [](Store& st, A& a) { a.performance_info = st.view<int64_t>(DType::kInt64, {0, 0, 0, 0}, {1, 4}); }, I,
+       {"performance_info has shape (1, 4)"}},
+      {"PerformanceInfoStrided", [](Store& st, A& a) { a.performance_info = st.view<int64_t>(DType::kInt64, std::vector<int64_t>(8, 0), {4}, {2}); },
+       I, {"performance_info has shape (4,) and stride 2 (must be contiguous"}},
+      {"PerformanceInfoNullData", [](Store&, A& a) { a.performance_info = TensorView(nullptr, DType::kInt64, {4}); }, I,
+       {"performance_info has shape (4,) but a null data pointer"}},
+  };
+  v.insert(v.end(), perf.begin(), perf.end());
   return v;
 }
 
@@ -826,6 +846,19 @@ TEST_P(DispatchAccepts, Resolves) {
 INSTANTIATE_TEST_SUITE_P(Valid, DispatchAccepts, ::testing::ValuesIn(dispatch_accepts()),
                          [](const ::testing::TestParamInfo<DOk>& i) { return i.param.name; });
 
+// performance_info is optional; given, the op writes into the caller's memory (a view of it, no copy),
+// also with elastic_info, where its length stays the group's size as created.
+TEST(DispatchRules, PerformanceInfoIsTheCallersMemory) {
+  Store st;
+  DispatchArgs a = base_dispatch(st);
+  EXPECT_EQ(core::resolve_dispatch(a).waits_us, nullptr);
+  std::vector<int64_t> perf(4, 0);
+  a.performance_info = TensorView(perf.data(), DType::kInt64, {4});
+  EXPECT_EQ(core::resolve_dispatch(a).waits_us, perf.data());
+  a.performance_info = TensorView(perf.data(), DType::kInt64, {4}, {1});  // explicit unit stride
+  EXPECT_EQ(core::resolve_dispatch(a).waits_us, perf.data());
+}
+
 TEST(DispatchRules, EmptyCommAlgFollowsHcclEnvironment) {
   Store st;
   DispatchArgs a = base_dispatch(st);
@@ -1053,6 +1086,14 @@ std::vector<CCase> combine_rejects() {
       {"NullDataOriX", [](Store&, A& a) { a.ori_x = TensorView(nullptr, kBf16, {3, 16}); }, I, {"ori_x has shape (3, 16) but a null data pointer"}},
       {"NullDataExpandScales", [](Store&, A& a) { a.expand_scales = TensorView(nullptr, DType::kFloat32, {24}); }, I,
        {"expand_scales has shape (24,) but a null data pointer"}},
+      // --- performance_info
+      {"CombinePerformanceInfoDtype", [](Store& st, A& a) { a.performance_info = st.f32({0, 0, 0, 0}, {4}); }, I,
+       {"performance_info has dtype float32 (must be int64)"}},
+      {"CombinePerformanceInfoShape", [](Store& st, A& a) { a.performance_info = st.view<int64_t>(DType::kInt64, std::vector<int64_t>(5, 0), {5}); },
+       I, {"performance_info has shape (5,) (must be (ep_world_size,) = (4,))"}},
+      {"CombinePerformanceInfoStrided",
+       [](Store& st, A& a) { a.performance_info = st.view<int64_t>(DType::kInt64, std::vector<int64_t>(12, 0), {4}, {3}); }, I,
+       {"performance_info has shape (4,) and stride 3 (must be contiguous"}},
       // --- not validated by the library today (see the report)
       {"ExpandXStrideCount", [](Store& st, A& a) { a.expand_x = st.view<uint16_t>(kBf16, std::vector<uint16_t>(384, 0), {24, 16}, {16}); }, I,
        {"expand_x has 1 strides"}},
@@ -1432,6 +1473,51 @@ TEST(PeerFailure, CombineRankRejectsItsCall) {
   std::vector<Result> again(4);
   run_ranks(4, [&](int r) { again[static_cast<size_t>(r)] = observe([&] { combine_v2(ca[static_cast<size_t>(r)]); }); });
   for (int r = 0; r < 4; ++r) EXPECT_TRUE(ended(again[static_cast<size_t>(r)], Outcome::kOk, {}, 2.0)) << "rank " << r;
+}
+
+// A bad performance_info on one rank, through the ops: that rank raises InvalidArgument naming it, its
+// shape and what is allowed; its peers a TransportError naming the rank at once; the rejected tensor
+// is not written; the group stays usable.
+TEST(PeerFailure, RankWithBadPerformanceInfo) {
+  Group g(4, std::chrono::milliseconds(5000), "perfbad");
+  std::vector<RankInputs> in;
+  for (int r = 0; r < 4; ++r) in.emplace_back(r);
+  std::vector<std::vector<int64_t>> perf(4, std::vector<int64_t>(4, 5));
+  std::vector<DispatchArgs> da;
+  for (int r = 0; r < 4; ++r) {
+    da.push_back(in[static_cast<size_t>(r)].args(g.name, r));
+    da.back().performance_info = TensorView(perf[static_cast<size_t>(r)].data(), DType::kInt64, {4});
+  }
+  da[3].performance_info = TensorView(perf[3].data(), DType::kInt64, {2, 2});
+  std::vector<Result> res(4);
+  run_ranks(4, [&](int r) { res[static_cast<size_t>(r)] = observe([&] { dispatch_v2(da[static_cast<size_t>(r)]); }); });
+  EXPECT_TRUE(ended(res[3], Outcome::kInvalid, {"[rank 3/4] dispatch_v2: ", "performance_info has shape (2, 2) (must be (ep_world_size,) = (4,))"}, 2.0));
+  for (int r : {0, 1, 2})
+    EXPECT_TRUE(ended(res[static_cast<size_t>(r)], Outcome::kTransport, {"[rank " + std::to_string(r) + "/4] ", "dispatch_v2", "rank 3", "performance_info"}, 2.0))
+        << "rank " << r;
+  // The rejected tensor is not written; the peers' may hold waits of the failed call, only added.
+  EXPECT_EQ(perf[3], std::vector<int64_t>(4, 5));
+  for (int r = 0; r < 3; ++r) {
+    EXPECT_EQ(perf[static_cast<size_t>(r)][static_cast<size_t>(r)], 5) << "rank " << r;
+    for (int j = 0; j < 4; ++j) EXPECT_GE(perf[static_cast<size_t>(r)][static_cast<size_t>(j)], 5) << "rank " << r;
+  }
+  // Valid everywhere: the group is usable, and the op adds to what the tensor held (never subtracts).
+  da[3].performance_info = TensorView(perf[3].data(), DType::kInt64, {4});
+  std::vector<DispatchResult> dr(4);
+  run_ranks(4, [&](int r) { dr[static_cast<size_t>(r)] = dispatch_v2(da[static_cast<size_t>(r)]); });
+  for (int r = 0; r < 4; ++r) {
+    EXPECT_EQ(perf[static_cast<size_t>(r)][static_cast<size_t>(r)], 5) << "rank " << r << ": a rank never waits for itself";
+    for (int j = 0; j < 4; ++j) EXPECT_GE(perf[static_cast<size_t>(r)][static_cast<size_t>(j)], 5) << "rank " << r;
+  }
+  // combine_v2 with a float32 performance_info on rank 0.
+  std::vector<CombineArgs> ca;
+  for (int r = 0; r < 4; ++r) ca.push_back(combine_args_from(da[static_cast<size_t>(r)], dr[static_cast<size_t>(r)]));
+  std::vector<float> fbad(4, 0.f);
+  ca[0].performance_info = TensorView(fbad.data(), DType::kFloat32, {4});
+  run_ranks(4, [&](int r) { res[static_cast<size_t>(r)] = observe([&] { combine_v2(ca[static_cast<size_t>(r)]); }); });
+  EXPECT_TRUE(ended(res[0], Outcome::kInvalid, {"[rank 0/4] combine_v2: ", "performance_info has dtype float32 (must be int64)"}, 2.0));
+  for (int r : {1, 2, 3})
+    EXPECT_TRUE(ended(res[static_cast<size_t>(r)], Outcome::kTransport, {"combine_v2", "rank 0", "performance_info"}, 2.0)) << "rank " << r;
 }
 
 // A null data pointer behind a shape with elements, through the op on thread ranks: the rank raises

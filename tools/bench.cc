@@ -302,6 +302,9 @@ struct Sweep {
   std::vector<std::string> algs = {"fullmesh"};
   int ranks_per_host = 0;
   std::string mpirun_args;  // passed to mpirun as they are (hostfile, --mca ...)
+  bool waits = false;       // performance_info on every rank; rank 0 prints the W x W wait matrix
+  int slow_rank = -1;       // this rank sleeps slow_us before each dispatch (to see it in the matrix)
+  int slow_us = 0;
 };
 
 std::vector<std::string> parse_words(const std::string& s, char sep) {
@@ -319,7 +322,7 @@ int bench_usage(FILE* out = stderr) {
                "usage: moedist bench [--ranks 2,4,8] [--tokens 1,8,32,128,512] [--hidden 7168] [--experts 16,64]\n"
                "                     [--quant 0,2] [--comm-quant 0] [--topk 8] [--iters 30] [--warmup 5] [--out DIR] [--quick]\n"
                "                     [--transport shm|mpi|hybrid] [--comm-alg fullmesh,hierarchy] [--ranks-per-host N]\n"
-               "                     [--hostfile FILE] [--mpirun-args \"ARGS\"]\n"
+               "                     [--hostfile FILE] [--mpirun-args \"ARGS\"] [--waits [--slow-rank R --slow-us N]]\n"
                "  Runs each configuration under mpirun: moedist and the MPI_Alltoallv pipeline baseline side by\n"
                "  side, plus memcpy bandwidth, and the bytes that crossed between hosts per round for both.\n"
                "  --transport: shm (processes of this host, default), mpi (MPI between all ranks), hybrid\n"
@@ -332,6 +335,11 @@ int bench_usage(FILE* out = stderr) {
                "  one scale per 8 elements; fullmesh only), each timed on the same inputs, one row each.\n"
                "  With quant 0, comm-quant 0 and fullmesh, one more untimed round whose experts return their input rows checks\n"
                "  that moedist and the baseline combine to the same bits; a difference fails the run.\n"
+               "  --waits: every rank passes performance_info to the timed calls; for each configuration and\n"
+               "  comm_alg the W x W matrix of wait times is printed (row i = rank i, column j = microseconds rank i\n"
+               "  waited for rank j, per round: dispatch + combine, mean over the timed rounds). --slow-rank R\n"
+               "  --slow-us N: rank R sleeps N microseconds before each dispatch, so its column stands out (the\n"
+               "  other ranks' moedist times in the table then include that wait; the baseline is not delayed).\n"
                "  The worker can be started directly: mpirun -np 8 --hostfile hosts moedist bench-worker [options]\n"
                "  prints one JSON object per configuration.\n");
   return out == stderr ? 2 : 0;
@@ -362,6 +370,9 @@ bool help_asked(int argc, char** argv) {
     else if (a == "--ranks-per-host") s.ranks_per_host = std::atoi(next().c_str());
     else if (a == "--hostfile") s.mpirun_args += " --hostfile '" + next() + "'";
     else if (a == "--mpirun-args") s.mpirun_args += " " + next();
+    else if (a == "--waits") s.waits = true;
+    else if (a == "--slow-rank") s.slow_rank = std::atoi(next().c_str());
+    else if (a == "--slow-us") s.slow_us = std::atoi(next().c_str());
     else if (a == "--quick") {
       s.ranks = {2, 3};
       s.tokens = {1, 8};
@@ -402,6 +413,11 @@ bool help_asked(int argc, char** argv) {
     }
   if (s.comm_quant.empty()) {
     std::fprintf(stderr, "moedist bench: empty --comm-quant\n");
+    return false;
+  }
+  if (s.slow_us < 0 || s.slow_rank < -1 || (s.slow_us > 0 && s.slow_rank < 0)) {
+    std::fprintf(stderr, "moedist bench: --slow-us N needs N >= 0 and --slow-rank R with R >= 0 (got --slow-rank %d --slow-us %d)\n",
+                 s.slow_rank, s.slow_us);
     return false;
   }
   if (s.iters < 1 || s.warmup < 0 || s.topk < 1 || s.ranks.empty() || s.tokens.empty() || s.hidden.empty() || s.experts.empty()) {
@@ -481,7 +497,10 @@ struct Timing {
   double metadata_check_us = 0;  // combine's check of its metadata against dispatch's, per call (median)
 };
 
-Timing run_moedist(const Inputs& in, int warmup, int iters, const std::string& alg, int comm_quant, moedist::Transport& t) {
+// waits: null, or W entries that the timed rounds' performance_info accumulates into. slow_us: this
+// rank sleeps that long before each dispatch (outside its own timings).
+Timing run_moedist(const Inputs& in, int warmup, int iters, const std::string& alg, int comm_quant, moedist::Transport& t,
+                   int64_t* waits = nullptr, int slow_us = 0) {
   using namespace moedist;
   const bool hier = alg == "hierarchy";
   DispatchArgs d;
@@ -515,9 +534,16 @@ Timing run_moedist(const Inputs& in, int warmup, int iters, const std::string& a
   c.comm_quant_mode = comm_quant;
   Timing tm;
   TransportStats s0{};
+  std::vector<int64_t> warmup_waits(static_cast<size_t>(in.W), 0);  // the warmup rounds' waits, not reported
   for (int it = 0; it < warmup + iters; ++it) {
+    if (waits) {
+      const TensorView pi(it < warmup ? warmup_waits.data() : waits, DType::kInt64, {in.W});
+      d.performance_info = pi;
+      c.performance_info = pi;
+    }
     MPI_Barrier(MPI_COMM_WORLD);
     if (it == warmup) s0 = t.stats();
+    if (slow_us > 0) std::this_thread::sleep_for(std::chrono::microseconds(slow_us));
     const auto t0 = Clock::now();
     r = dispatch_v2(d);
     const double td = seconds_since(t0);
@@ -546,6 +572,7 @@ Timing run_moedist(const Inputs& in, int warmup, int iters, const std::string& a
     std::sort(us.begin(), us.end());
     tm.metadata_check_us = us[us.size() / 2];
   }
+  d.performance_info = c.performance_info = TensorView();  // the check round below is not counted
   const TransportStats s1 = t.stats();
   tm.bytes_inter = s1.bytes_sent_inter_host - s0.bytes_sent_inter_host;
   tm.bytes_all = s1.bytes_sent - s0.bytes_sent;
@@ -761,7 +788,33 @@ int bench_worker_main(int argc, char** argv) {
             for (const std::string& alg : s.algs)
             for (int cq : s.comm_quant) {
               if (cq == 2 && alg == "hierarchy") continue;  // hierarchy refuses comm_quant_mode 2
-              const Timing m = run_moedist(in, s.warmup, s.iters, alg, cq, *group);
+              std::vector<int64_t> waits(static_cast<size_t>(W), 0);
+              const Timing m = run_moedist(in, s.warmup, s.iters, alg, cq, *group, s.waits ? waits.data() : nullptr,
+                                           rank == s.slow_rank ? s.slow_us : 0);
+              if (s.waits) {
+                std::vector<int64_t> all(static_cast<size_t>(W) * static_cast<size_t>(W));
+                MPI_Gather(waits.data(), W, MPI_INT64_T, all.data(), W, MPI_INT64_T, 0, MPI_COMM_WORLD);
+                if (rank == 0) {
+                  std::printf("waits: ranks %d, tokens %d, hidden %d, experts %d, quant_mode %d, comm_quant_mode %d, %s, %s", W, BS, H, E, q,
+                              cq, s.transport.c_str(), alg.c_str());
+                  if (s.slow_rank >= 0 && s.slow_us > 0) std::printf(", rank %d sleeps %d us before each dispatch", s.slow_rank, s.slow_us);
+                  std::printf("\n  row i = rank i, column j = us rank i waited for rank j (per round, mean of %d)\n  %6s", s.iters, "");
+                  char name[16];
+                  for (int j = 0; j < W; ++j) {
+                    std::snprintf(name, sizeof(name), "r%d", j);
+                    std::printf(" %8s", name);
+                  }
+                  std::printf("\n");
+                  for (int i = 0; i < W; ++i) {
+                    std::snprintf(name, sizeof(name), "r%d", i);
+                    std::printf("  %6s", name);
+                    for (int j = 0; j < W; ++j)
+                      std::printf(" %8.1f", static_cast<double>(all[static_cast<size_t>(i) * static_cast<size_t>(W) + static_cast<size_t>(j)]) / s.iters);
+                    std::printf("\n");
+                  }
+                  std::fflush(stdout);
+                }
+              }
               // fullmesh sums a token's terms in k order, as the baseline does; hierarchy pre-sums per server;
               // comm_quant_mode 2 returns int8 rows (the baseline returns the bf16 rows).
               const bool comparable = q == 0 && cq == 0 && alg != "hierarchy";
@@ -829,7 +882,8 @@ int bench_main(int argc, char** argv, const char* argv0) {
                              for (const auto& x : s.algs) a += (a.empty() ? "" : ",") + x;
                              return a;
                            }() +
-                           " --ranks-per-host " + std::to_string(s.ranks_per_host);
+                           " --ranks-per-host " + std::to_string(s.ranks_per_host) +
+                           (s.waits ? " --waits --slow-rank " + std::to_string(s.slow_rank) + " --slow-us " + std::to_string(s.slow_us) : "");
   if (std::system(("mkdir -p '" + s.out + "'").c_str()) != 0) {
     std::fprintf(stderr, "moedist bench: cannot create %s\n", s.out.c_str());
     return 1;
@@ -842,8 +896,14 @@ int bench_main(int argc, char** argv, const char* argv0) {
     FILE* p = popen(cmd.c_str(), "r");
     if (!p) return 1;
     char line[4096];
-    while (std::fgets(line, sizeof(line), p))
-      if (line[0] == '{') rows.emplace_back(line);
+    while (std::fgets(line, sizeof(line), p)) {
+      if (line[0] == '{') {
+        rows.emplace_back(line);
+      } else {
+        std::fputs(line, stdout);  // the --waits matrices
+        std::fflush(stdout);
+      }
+    }
     if (pclose(p) != 0) {
       std::fprintf(stderr, "moedist bench: the run with %d ranks failed\n", W);
       return 1;

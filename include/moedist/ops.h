@@ -38,6 +38,9 @@ struct DispatchArgs {
   int64_t zero_expert_num = 0;       // [in] Z >= 0
   int64_t copy_expert_num = 0;       // [in] C >= 0
   int64_t const_expert_num = 0;      // [in] Q >= 0
+  // [in, out, optional] (W,) int64, contiguous: the microseconds this rank waited for each EP rank
+  // (indexed by rank in the group as created, also with elastic_info) are added to it; see docs/semantics.md.
+  TensorView performance_info;
   // moedist extension: "" (no product limits), "a2" or "a3" (also enforce that product's limits).
   std::string profile = "";
 };
@@ -84,6 +87,7 @@ struct CombineArgs {
   int64_t zero_expert_num = 0;
   int64_t copy_expert_num = 0;
   int64_t const_expert_num = 0;
+  TensorView performance_info;  // [in, out, optional] as in DispatchArgs
   std::string profile = "";
 };
 

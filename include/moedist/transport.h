@@ -56,6 +56,10 @@ struct ExchangeSpec {
   // this rank's payload to its peers.
   // An exception thrown here is re-raised after the exchange completed on every member.
   std::function<void(PutWriter&)> produce;
+  // Optional: world_size() entries indexed by physical rank. For every member p this rank had to wait
+  // for (its blob not yet there, or its payload not yet written), the microseconds spent waiting are
+  // added to waits_us[p]; nothing is written when no wait was needed. Kept until exchange_end.
+  int64_t* waits_us = nullptr;
 };
 
 // Traffic this endpoint sent to other ranks since it was created (cumulative; take differences around

@@ -26,7 +26,7 @@ _COMBINE = "npu_moe_distribute_combine_v2"
 
 
 def _dispatch_kwargs(x, expert_ids, group_ep, ep_world_size, ep_rank_id, moe_expert_num, scales, x_active_mask,
-                     expert_scales, elastic_info, group_tp, tp_world_size, tp_rank_id, expert_shard_type,
+                     expert_scales, elastic_info, performance_info, group_tp, tp_world_size, tp_rank_id, expert_shard_type,
                      shared_expert_num, shared_expert_rank_num, quant_mode, global_bs, expert_token_nums_type,
                      comm_alg, zero_expert_num, copy_expert_num, const_expert_num) -> dict:
     op = _DISPATCH
@@ -35,7 +35,7 @@ def _dispatch_kwargs(x, expert_ids, group_ep, ep_world_size, ep_rank_id, moe_exp
         ep_world_size=ep_world_size, ep_rank_id=ep_rank_id, moe_expert_num=moe_expert_num,
         scales=view(scales, "scales", op), x_active_mask=view(x_active_mask, "x_active_mask", op),
         expert_scales=view(expert_scales, "expert_scales", op), elastic_info=view(elastic_info, "elastic_info", op),
-        group_tp=group_tp, tp_world_size=tp_world_size, tp_rank_id=tp_rank_id, expert_shard_type=expert_shard_type,
+        performance_info=_performance_view(performance_info, op), group_tp=group_tp, tp_world_size=tp_world_size, tp_rank_id=tp_rank_id, expert_shard_type=expert_shard_type,
         shared_expert_num=shared_expert_num, shared_expert_rank_num=shared_expert_rank_num, quant_mode=quant_mode,
         global_bs=global_bs, expert_token_nums_type=expert_token_nums_type, comm_alg=comm_alg,
         zero_expert_num=zero_expert_num, copy_expert_num=copy_expert_num, const_expert_num=const_expert_num)
@@ -44,7 +44,7 @@ def _dispatch_kwargs(x, expert_ids, group_ep, ep_world_size, ep_rank_id, moe_exp
 def _combine_kwargs(expand_x, expert_ids, assist_info_for_combine, ep_send_counts, expert_scales, group_ep,
                     ep_world_size, ep_rank_id, moe_expert_num, tp_send_counts, x_active_mask, expand_scales,
                     shared_expert_x, elastic_info, ori_x, const_expert_alpha_1, const_expert_alpha_2, const_expert_v,
-                    group_tp, tp_world_size, tp_rank_id, expert_shard_type, shared_expert_num,
+                    performance_info, group_tp, tp_world_size, tp_rank_id, expert_shard_type, shared_expert_num,
                     shared_expert_rank_num, global_bs, comm_quant_mode, comm_alg, zero_expert_num, copy_expert_num,
                     const_expert_num) -> dict:
     op = _COMBINE
@@ -59,10 +59,21 @@ def _combine_kwargs(expand_x, expert_ids, assist_info_for_combine, ep_send_count
         const_expert_alpha_1=view(const_expert_alpha_1, "const_expert_alpha_1", op),
         const_expert_alpha_2=view(const_expert_alpha_2, "const_expert_alpha_2", op),
         const_expert_v=view(const_expert_v, "const_expert_v", op),
-        group_tp=group_tp, tp_world_size=tp_world_size, tp_rank_id=tp_rank_id, expert_shard_type=expert_shard_type,
+        performance_info=_performance_view(performance_info, op), group_tp=group_tp, tp_world_size=tp_world_size, tp_rank_id=tp_rank_id, expert_shard_type=expert_shard_type,
         shared_expert_num=shared_expert_num, shared_expert_rank_num=shared_expert_rank_num, global_bs=global_bs,
         comm_quant_mode=comm_quant_mode, comm_alg=comm_alg, zero_expert_num=zero_expert_num,
         copy_expert_num=copy_expert_num, const_expert_num=const_expert_num)
+
+
+def _performance_view(t, op: str):
+    """performance_info as the C++ core takes it; the core checks dtype, shape and contiguity. The op adds
+    into its memory, so it must be this process's memory: a tensor on another device is refused here."""
+    if isinstance(t, torch.Tensor) and t.device.type not in ("cpu", "meta"):
+        shape = "(" + ", ".join(str(int(n)) for n in t.shape) + ("," if t.dim() == 1 else "") + ")"
+        raise _C.InvalidArgument(
+            f"{op}: performance_info is a {shape} {str(t.dtype).replace('torch.', '')} tensor on device {t.device} "
+            f"(must be a contiguous (ep_world_size,) int64 tensor in CPU memory, where moedist adds its wait times)")
+    return view(t, "performance_info", op)
 
 
 # ---- rejections before the collective ----
@@ -146,17 +157,18 @@ def _checked(op: str, args: dict) -> None:
 
 # ---- custom operators ----
 
-@torch.library.custom_op("moedist::npu_moe_distribute_dispatch_v2", mutates_args=())
+@torch.library.custom_op("moedist::npu_moe_distribute_dispatch_v2", mutates_args=("performance_info",))
 def _dispatch_op(x: Tensor, expert_ids: Tensor, group_ep: str, ep_world_size: int, ep_rank_id: int,
                  moe_expert_num: int, scales: Optional[Tensor], x_active_mask: Optional[Tensor],
-                 expert_scales: Optional[Tensor], elastic_info: Optional[Tensor], group_tp: str, tp_world_size: int,
+                 expert_scales: Optional[Tensor], elastic_info: Optional[Tensor],
+                 performance_info: Optional[Tensor], group_tp: str, tp_world_size: int,
                  tp_rank_id: int, expert_shard_type: int, shared_expert_num: int, shared_expert_rank_num: int,
                  quant_mode: int, global_bs: int, expert_token_nums_type: int, comm_alg: str, zero_expert_num: int,
                  copy_expert_num: int, const_expert_num: int
                  ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     try:
         args = _dispatch_kwargs(x, expert_ids, group_ep, ep_world_size, ep_rank_id, moe_expert_num, scales,
-                                x_active_mask, expert_scales, elastic_info, group_tp, tp_world_size, tp_rank_id,
+                                x_active_mask, expert_scales, elastic_info, performance_info, group_tp, tp_world_size, tp_rank_id,
                                 expert_shard_type, shared_expert_num, shared_expert_rank_num, quant_mode, global_bs,
                                 expert_token_nums_type, comm_alg, zero_expert_num, copy_expert_num, const_expert_num)
     except Exception as e:
@@ -168,7 +180,7 @@ def _dispatch_op(x: Tensor, expert_ids: Tensor, group_ep: str, ep_world_size: in
 
 @_dispatch_op.register_fake
 def _dispatch_fake(x, expert_ids, group_ep, ep_world_size, ep_rank_id, moe_expert_num, scales, x_active_mask,
-                   expert_scales, elastic_info, group_tp, tp_world_size, tp_rank_id, expert_shard_type,
+                   expert_scales, elastic_info, performance_info, group_tp, tp_world_size, tp_rank_id, expert_shard_type,
                    shared_expert_num, shared_expert_rank_num, quant_mode, global_bs, expert_token_nums_type, comm_alg,
                    zero_expert_num, copy_expert_num, const_expert_num):
     s = dispatch_shapes(x.shape, expert_ids.shape, ep_world_size, ep_rank_id, moe_expert_num,
@@ -186,13 +198,14 @@ def _dispatch_fake(x, expert_ids, group_ep, ep_world_size, ep_rank_id, moe_exper
     )
 
 
-@torch.library.custom_op("moedist::npu_moe_distribute_combine_v2", mutates_args=())
+@torch.library.custom_op("moedist::npu_moe_distribute_combine_v2", mutates_args=("performance_info",))
 def _combine_op(expand_x: Tensor, expert_ids: Tensor, assist_info_for_combine: Tensor, ep_send_counts: Tensor,
                 expert_scales: Tensor, group_ep: str, ep_world_size: int, ep_rank_id: int, moe_expert_num: int,
                 tp_send_counts: Optional[Tensor], x_active_mask: Optional[Tensor], expand_scales: Optional[Tensor],
                 shared_expert_x: Optional[Tensor], elastic_info: Optional[Tensor], ori_x: Optional[Tensor],
                 const_expert_alpha_1: Optional[Tensor], const_expert_alpha_2: Optional[Tensor],
-                const_expert_v: Optional[Tensor], group_tp: str, tp_world_size: int, tp_rank_id: int,
+                const_expert_v: Optional[Tensor], performance_info: Optional[Tensor], group_tp: str,
+                tp_world_size: int, tp_rank_id: int,
                 expert_shard_type: int, shared_expert_num: int, shared_expert_rank_num: int, global_bs: int,
                 comm_quant_mode: int, comm_alg: str, zero_expert_num: int, copy_expert_num: int,
                 const_expert_num: int) -> Tensor:
@@ -200,7 +213,7 @@ def _combine_op(expand_x: Tensor, expert_ids: Tensor, assist_info_for_combine: T
         args = _combine_kwargs(expand_x, expert_ids, assist_info_for_combine, ep_send_counts, expert_scales, group_ep,
                                ep_world_size, ep_rank_id, moe_expert_num, tp_send_counts, x_active_mask, expand_scales,
                                shared_expert_x, elastic_info, ori_x, const_expert_alpha_1, const_expert_alpha_2,
-                               const_expert_v, group_tp, tp_world_size, tp_rank_id, expert_shard_type,
+                               const_expert_v, performance_info, group_tp, tp_world_size, tp_rank_id, expert_shard_type,
                                shared_expert_num, shared_expert_rank_num, global_bs, comm_quant_mode, comm_alg,
                                zero_expert_num, copy_expert_num, const_expert_num)
     except Exception as e:
@@ -219,7 +232,7 @@ def _combine_fake(expand_x, expert_ids, assist_info_for_combine, ep_send_counts,
 
 def npu_moe_distribute_dispatch_v2(x, expert_ids, group_ep, ep_world_size, ep_rank_id, moe_expert_num, *,
                                    scales=None, x_active_mask=None, expert_scales=None, elastic_info=None,
-                                   group_tp="", tp_world_size=0, tp_rank_id=0, expert_shard_type=0,
+                                   performance_info=None, group_tp="", tp_world_size=0, tp_rank_id=0, expert_shard_type=0,
                                    shared_expert_num=1, shared_expert_rank_num=0, quant_mode=0, global_bs=0,
                                    expert_token_nums_type=1, comm_alg="", zero_expert_num=0, copy_expert_num=0,
                                    const_expert_num=0):
@@ -244,7 +257,7 @@ def npu_moe_distribute_dispatch_v2(x, expert_ids, group_ep, ep_world_size, ep_ra
     _checked(_DISPATCH, dict(x=x, expert_ids=expert_ids, group_ep=group_ep, ep_world_size=ep_world_size,
                              ep_rank_id=ep_rank_id, moe_expert_num=moe_expert_num, scales=scales,
                              x_active_mask=x_active_mask, expert_scales=expert_scales, elastic_info=elastic_info,
-                             group_tp=group_tp, tp_world_size=tp_world_size, tp_rank_id=tp_rank_id,
+                             performance_info=performance_info, group_tp=group_tp, tp_world_size=tp_world_size, tp_rank_id=tp_rank_id,
                              expert_shard_type=expert_shard_type, shared_expert_num=shared_expert_num,
                              shared_expert_rank_num=shared_expert_rank_num, quant_mode=quant_mode, global_bs=global_bs,
                              expert_token_nums_type=expert_token_nums_type, comm_alg=comm_alg,
@@ -252,7 +265,7 @@ def npu_moe_distribute_dispatch_v2(x, expert_ids, group_ep, ep_world_size, ep_ra
                              const_expert_num=const_expert_num))
     return torch.ops.moedist.npu_moe_distribute_dispatch_v2(
         x, expert_ids, group_ep, ep_world_size, ep_rank_id, moe_expert_num, scales, x_active_mask, expert_scales,
-        elastic_info, group_tp, tp_world_size, tp_rank_id, expert_shard_type, shared_expert_num,
+        elastic_info, performance_info, group_tp, tp_world_size, tp_rank_id, expert_shard_type, shared_expert_num,
         shared_expert_rank_num, quant_mode, global_bs, expert_token_nums_type, comm_alg, zero_expert_num,
         copy_expert_num, const_expert_num)
 
@@ -261,7 +274,7 @@ def npu_moe_distribute_combine_v2(expand_x, expert_ids, assist_info_for_combine,
                                   group_ep, ep_world_size, ep_rank_id, moe_expert_num, *, tp_send_counts=None,
                                   x_active_mask=None, expand_scales=None, shared_expert_x=None, elastic_info=None,
                                   ori_x=None, const_expert_alpha_1=None, const_expert_alpha_2=None,
-                                  const_expert_v=None, group_tp="", tp_world_size=0, tp_rank_id=0,
+                                  const_expert_v=None, performance_info=None, group_tp="", tp_world_size=0, tp_rank_id=0,
                                   expert_shard_type=0, shared_expert_num=1, shared_expert_rank_num=0, global_bs=0,
                                   comm_quant_mode=0, comm_alg="", zero_expert_num=0, copy_expert_num=0,
                                   const_expert_num=0):
@@ -281,7 +294,7 @@ def npu_moe_distribute_combine_v2(expand_x, expert_ids, assist_info_for_combine,
                             tp_send_counts=tp_send_counts, x_active_mask=x_active_mask, expand_scales=expand_scales,
                             shared_expert_x=shared_expert_x, elastic_info=elastic_info, ori_x=ori_x,
                             const_expert_alpha_1=const_expert_alpha_1, const_expert_alpha_2=const_expert_alpha_2,
-                            const_expert_v=const_expert_v, group_tp=group_tp, tp_world_size=tp_world_size,
+                            const_expert_v=const_expert_v, performance_info=performance_info, group_tp=group_tp, tp_world_size=tp_world_size,
                             tp_rank_id=tp_rank_id, expert_shard_type=expert_shard_type,
                             shared_expert_num=shared_expert_num, shared_expert_rank_num=shared_expert_rank_num,
                             global_bs=global_bs, comm_quant_mode=comm_quant_mode, comm_alg=comm_alg,
@@ -290,8 +303,8 @@ def npu_moe_distribute_combine_v2(expand_x, expert_ids, assist_info_for_combine,
     return torch.ops.moedist.npu_moe_distribute_combine_v2(
         expand_x, expert_ids, assist_info_for_combine, ep_send_counts, expert_scales, group_ep, ep_world_size,
         ep_rank_id, moe_expert_num, tp_send_counts, x_active_mask, expand_scales, shared_expert_x, elastic_info,
-        ori_x, const_expert_alpha_1, const_expert_alpha_2, const_expert_v, group_tp, tp_world_size, tp_rank_id,
-        expert_shard_type, shared_expert_num, shared_expert_rank_num, global_bs, comm_quant_mode, comm_alg,
+        ori_x, const_expert_alpha_1, const_expert_alpha_2, const_expert_v, performance_info, group_tp, tp_world_size,
+        tp_rank_id, expert_shard_type, shared_expert_num, shared_expert_rank_num, global_bs, comm_quant_mode, comm_alg,
         zero_expert_num, copy_expert_num, const_expert_num)
 
 
@@ -310,7 +323,7 @@ def _check_reserved(activation_scale, weight_scale, group_list, out_dtype, group
             raise _C.InvalidArgument(f"{op}: {name}={v} is a reserved parameter (must be 0)")
 
 
-@torch.library.custom_op("moedist::npu_moe_distribute_combine_add_rms_norm", mutates_args=())
+@torch.library.custom_op("moedist::npu_moe_distribute_combine_add_rms_norm", mutates_args=("performance_info",))
 def _add_rms_norm_op(expand_x: Tensor, expert_ids: Tensor, expand_idx: Tensor, ep_send_counts: Tensor,
                      expert_scales: Tensor, residual_x: Tensor, gamma: Tensor, group_ep: str, ep_world_size: int,
                      ep_rank_id: int, moe_expert_num: int, tp_send_counts: Optional[Tensor],
@@ -318,17 +331,23 @@ def _add_rms_norm_op(expand_x: Tensor, expert_ids: Tensor, expand_idx: Tensor, e
                      weight_scale: Optional[Tensor], group_list: Optional[Tensor], expand_scales: Optional[Tensor],
                      shared_expert_x: Optional[Tensor], elastic_info: Optional[Tensor], ori_x: Optional[Tensor],
                      const_expert_alpha_1: Optional[Tensor], const_expert_alpha_2: Optional[Tensor],
-                     const_expert_v: Optional[Tensor], group_tp: str, tp_world_size: int, tp_rank_id: int,
-                     expert_shard_type: int, shared_expert_num: int, shared_expert_rank_num: int, global_bs: int,
+                     const_expert_v: Optional[Tensor], performance_info: Optional[Tensor], group_tp: str,
+                     tp_world_size: int, tp_rank_id: int, expert_shard_type: int, shared_expert_num: int, shared_expert_rank_num: int, global_bs: int,
                      out_dtype: int, comm_quant_mode: int, group_list_type: int, norm_eps: float,
                      zero_expert_num: int, copy_expert_num: int, const_expert_num: int
                      ) -> Tuple[Tensor, Tensor, Tensor]:
     _check_reserved(activation_scale, weight_scale, group_list, out_dtype, group_list_type)
-    args = _combine_kwargs(expand_x, expert_ids, expand_idx, ep_send_counts, expert_scales, group_ep, ep_world_size,
-                           ep_rank_id, moe_expert_num, tp_send_counts, x_active_mask, expand_scales, shared_expert_x,
-                           elastic_info, ori_x, const_expert_alpha_1, const_expert_alpha_2, const_expert_v, group_tp,
-                           tp_world_size, tp_rank_id, expert_shard_type, shared_expert_num, shared_expert_rank_num,
-                           global_bs, comm_quant_mode, "", zero_expert_num, copy_expert_num, const_expert_num)
+    try:
+        args = _combine_kwargs(expand_x, expert_ids, expand_idx, ep_send_counts, expert_scales, group_ep,
+                               ep_world_size, ep_rank_id, moe_expert_num, tp_send_counts, x_active_mask, expand_scales,
+                               shared_expert_x, elastic_info, ori_x, const_expert_alpha_1, const_expert_alpha_2,
+                               const_expert_v, performance_info, group_tp, tp_world_size, tp_rank_id,
+                               expert_shard_type, shared_expert_num, shared_expert_rank_num, global_bs,
+                               comm_quant_mode, "", zero_expert_num, copy_expert_num, const_expert_num)
+    except Exception as e:
+        _reject(_COMBINE, e, _group_fields(group_ep, ep_world_size, ep_rank_id, elastic_info, group_tp, tp_world_size,
+                                           tp_rank_id))
+        raise
     op = _ADD_RMS_NORM
     out = _C.combine_add_rms_norm(args, view(residual_x, "residual_x", op), view(gamma, "gamma", op), float(norm_eps))
     return tuple(from_capsule(c) for c in out)
@@ -347,7 +366,7 @@ def npu_moe_distribute_combine_add_rms_norm(expand_x, expert_ids, expand_idx, ep
                                             weight_scale=None, group_list=None, expand_scales=None,
                                             shared_expert_x=None, elastic_info=None, ori_x=None,
                                             const_expert_alpha_1=None, const_expert_alpha_2=None,
-                                            const_expert_v=None, group_tp="", tp_world_size=0, tp_rank_id=0,
+                                            const_expert_v=None, performance_info=None, group_tp="", tp_world_size=0, tp_rank_id=0,
                                             expert_shard_type=0, shared_expert_num=1, shared_expert_rank_num=0,
                                             global_bs=0, out_dtype=0, comm_quant_mode=0, group_list_type=0,
                                             norm_eps=1e-06, zero_expert_num=0, copy_expert_num=0,
@@ -363,7 +382,7 @@ def npu_moe_distribute_combine_add_rms_norm(expand_x, expert_ids, expand_idx, ep
         expand_x, expert_ids, expand_idx, ep_send_counts, expert_scales, residual_x, gamma, group_ep, ep_world_size,
         ep_rank_id, moe_expert_num, tp_send_counts, x_active_mask, activation_scale, weight_scale, group_list,
         expand_scales, shared_expert_x, elastic_info, ori_x, const_expert_alpha_1, const_expert_alpha_2,
-        const_expert_v, group_tp, tp_world_size, tp_rank_id, expert_shard_type, shared_expert_num,
+        const_expert_v, performance_info, group_tp, tp_world_size, tp_rank_id, expert_shard_type, shared_expert_num,
         shared_expert_rank_num, global_bs, out_dtype, comm_quant_mode, group_list_type, float(norm_eps),
         zero_expert_num, copy_expert_num, const_expert_num)
 

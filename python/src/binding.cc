@@ -177,6 +177,7 @@ moedist::DispatchArgs dispatch_args(const py::dict& d) {
   a.x_active_mask = r.tensor("x_active_mask");
   a.expert_scales = r.tensor("expert_scales");
   a.elastic_info = r.tensor("elastic_info");
+  a.performance_info = r.tensor("performance_info");
   r.get("group_tp", a.group_tp);
   r.get("tp_world_size", a.tp_world_size);
   r.get("tp_rank_id", a.tp_rank_id);
@@ -216,6 +217,7 @@ moedist::CombineArgs combine_args(const py::dict& d) {
   a.const_expert_alpha_1 = r.tensor("const_expert_alpha_1");
   a.const_expert_alpha_2 = r.tensor("const_expert_alpha_2");
   a.const_expert_v = r.tensor("const_expert_v");
+  a.performance_info = r.tensor("performance_info");
   r.get("group_tp", a.group_tp);
   r.get("tp_world_size", a.tp_world_size);
   r.get("tp_rank_id", a.tp_rank_id);

@@ -110,6 +110,21 @@ void check_tensor(const CheckCtx& ctx, const TensorView& v, const char* name, DT
   check_strides(ctx, v, name);
 }
 
+// performance_info: absent, or a contiguous (W,) int64 tensor the op adds its waits to.
+void check_performance_info(EpConfig& c, const TensorView& v, const std::string& profile) {
+  if (!v.defined()) return;
+  const CheckCtx& ctx = c.ctx;
+  MOEDIST_CHECK(ctx, !(profile == "a3" && c.alg == Alg::kHierarchy),
+                "performance_info (profile a3 with comm_alg \"hierarchy\": not supported, must be absent)");
+  MOEDIST_CHECK(ctx, v.dtype == DType::kInt64, "performance_info has dtype ", dtype_name(v.dtype), " (must be int64)");
+  MOEDIST_CHECK(ctx, v.dim() == 1 && v.size(0) == c.W_orig, "performance_info has shape ", v.shape_str(), " (must be (ep_world_size,) = (",
+                c.W_orig, ",))");
+  check_strides(ctx, v, "performance_info");
+  MOEDIST_CHECK(ctx, v.is_contiguous(), "performance_info has shape ", v.shape_str(), " and stride ", v.stride(0),
+                " (must be contiguous: the op writes into it)");
+  c.waits_us = static_cast<int64_t*>(const_cast<void*>(v.data));
+}
+
 AlgName parse_alg_name(const CheckCtx& ctx, const std::string& s) {
   if (s == "fullmesh") return AlgName::kFullmesh;
   if (s == "fullmesh_v1") return AlgName::kFullmeshV1;
@@ -423,6 +438,7 @@ EpConfig resolve_dispatch(const DispatchArgs& a) {
   } else if (c.alg == Alg::kHierarchy) {
     c.ctx.fail("expert_scales is missing (comm_alg \"hierarchy\" needs the weights in dispatch: they travel with the token)");
   }
+  check_performance_info(c, a.performance_info, a.profile);
   return c;
 }
 
@@ -488,6 +504,7 @@ EpConfig resolve_combine(const CombineArgs& a) {
     if (a.comm_quant_mode == 2) cx.unsupported("comm_quant_mode=2 with comm_alg \"hierarchy\" is not supported (use \"fullmesh\")");
   }
   if (a.expand_scales.defined()) check_tensor(cx, a.expand_scales, "expand_scales", DType::kFloat32, 1);
+  check_performance_info(c, a.performance_info, a.profile);
   return c;
 }
 

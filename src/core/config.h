@@ -70,6 +70,7 @@ struct EpConfig {
   std::vector<int32_t> ids;        // (BS, K) expert ids, row-major copy
   std::vector<uint8_t> entry_on;   // (BS, K): the mask allows entry (t, k) (before the id filter)
   std::vector<uint8_t> token_on;   // (BS,): token t is active (takes part at all)
+  int64_t* waits_us = nullptr;     // performance_info's W_orig entries (by physical rank), or null
 
   int64_t slots() const { return K + S; }
   bool is_shared_rank() const { return rank < Sr; }

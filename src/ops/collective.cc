@@ -65,6 +65,7 @@ void Step::run(const char* op, const std::string& self_label, const std::string*
   spec.blob_bytes = bb;
   spec.blobs_out = lent ? nullptr : blobs.data();
   spec.recv = recv;
+  spec.waits_us = waits_us;
   spec.produce = [&](PutWriter& w) {
     if (lent) views_.resize(members.size());
     for (size_t i = 0; lent && i < members.size(); ++i) {

@@ -42,6 +42,7 @@ struct Step {
   std::vector<std::pair<const char*, int64_t>> extra_uniform;
   std::vector<unsigned char> payload;   // this rank's payload (same size on every member)
   std::vector<RecvRegion> recv;
+  int64_t* waits_us = nullptr;  // ExchangeSpec::waits_us: set on the EP steps only (performance_info)
   // Whether the members' blobs stay readable (payload_of) after run() returns. false: only inside
   // produce, where the transport lends them in place (Transport::blobs_in_place): no copy of
   // members.size() blobs per rank, which at hundreds of ranks is most of a call's memory.

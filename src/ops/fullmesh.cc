@@ -24,6 +24,7 @@ DispatchCounts fullmesh_dispatch(const DispatchCtx& d, const RowSinks& sinks, St
   step.split = split != nullptr;
   step.transport = d.ep;
   step.members = c.members();
+  step.waits_us = c.waits_us;
   step.cfg = &c;
   step.extra_uniform = {{"quant_mode", d.quant ? 2 : 0}};
   const std::vector<int32_t> mine = send_counts(d);
@@ -197,6 +198,7 @@ void fullmesh_combine_send(const CombineCtx& cc, CombineSplit& s) {
   Step& step = s.step;
   step.transport = cc.ep;
   step.members = c.members();
+  step.waits_us = c.waits_us;
   step.cfg = &c;
   step.blobs_after = false;  // the sources' BS are read inside produce only
   step.extra_uniform = {{"comm_quant_mode", cc.quant ? 2 : 0}};

@@ -75,6 +75,7 @@ DispatchCounts hierarchy_dispatch(const DispatchCtx& d, const RowSinks& sinks) {
   Step s1;
   s1.transport = d.ep;
   s1.members = c.members();
+  s1.waits_us = c.waits_us;
   s1.cfg = &c;
   s1.extra_uniform = {{"quant_mode", d.quant ? 2 : 0}, {"ranks per server", sv.P}};
   const std::vector<int32_t> mine = send_counts(d);
@@ -128,6 +129,7 @@ DispatchCounts hierarchy_dispatch(const DispatchCtx& d, const RowSinks& sinks) {
   Step s2;
   s2.transport = d.ep;
   s2.members = c.members();
+  s2.waits_us = c.waits_us;
   const size_t A = static_cast<size_t>(sinks.capacity);
   s2.recv = {RecvRegion{sinks.expand_x, A * d.row_bytes}, RecvRegion{sinks.dynamic_scales, A * 4},
              RecvRegion{sinks.assist, A * 12}, RecvRegion{sinks.expand_scales, A * 4}};
@@ -205,6 +207,7 @@ void hierarchy_combine(const CombineCtx& cc, uint16_t* out) {
   Step s1;
   s1.transport = cc.ep;
   s1.members = c.members();
+  s1.waits_us = c.waits_us;
   s1.cfg = &c;
   s1.extra_uniform = {{"comm_quant_mode", 0}, {"ranks per server", sv.P}};
   put_pod<int64_t>(s1.payload, c.BS);
@@ -242,6 +245,7 @@ void hierarchy_combine(const CombineCtx& cc, uint16_t* out) {
   Step s2;
   s2.transport = cc.ep;
   s2.members = c.members();
+  s2.waits_us = c.waits_us;
   const size_t mine = static_cast<size_t>(c.BS * sv.n);
   auto* parts = static_cast<uint16_t*>(cc.ep->scratch(8, std::max<size_t>(mine * row, 1)));
   auto* have = static_cast<uint8_t*>(cc.ep->scratch(9, std::max<size_t>(mine, 1)));

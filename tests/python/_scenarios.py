@@ -455,3 +455,69 @@ def python_side_rejection(ctx: Ctx, kind: str = "float64", bad_rank: int = 1) ->
     roundtrip(ctx)  # the rejection was part of the exchange: the communicator is still usable
     res["after"] = "ok"
     return res
+
+
+def same_dispatch(a, b) -> bool:
+    """Two dispatch results (no TP) agree where they are specified: expand_x's received rows,
+    assist_info_for_combine's first 3 * rows entries, every other output whole."""
+    rows = int(a[4].max()) if a[4].numel() else 0
+    return (torch.equal(a[0][:rows], b[0][:rows]) and torch.equal(a[2][:3 * rows], b[2][:3 * rows])
+            and all(torch.equal(a[i], b[i]) for i in (1, 3, 4, 5, 6)))
+
+
+def performance_info(ctx: Ctx, slow_rank: int = 1, sleep_ms: int = 40) -> dict:
+    """performance_info through torch: rank slow_rank sleeps before each dispatch; the others' entries for it
+    grow by at least 20 ms per round and exceed every other entry; the op only adds (entries start at 7, a
+    rank's own entry stays 7); a combine without it leaves the tensor alone; outputs are the same bits as
+    without performance_info. Then a float32 tensor on one rank: ValueError naming performance_info there,
+    RuntimeError naming that rank on its peers, and the group still works."""
+    import torch._dynamo
+
+    c = make_cfg(ctx.world)
+    group_ep, _ = groups_for(ctx, c)
+    t = gen_inputs(c, ctx.rank)
+    kw = dispatch_kwargs(c, ctx.rank, t, group_ep, "")
+    d0 = call(moedist.npu_moe_distribute_dispatch_v2, DISPATCH_POSITIONAL, kw)  # also brings the ranks into step
+    ckw0 = combine_kwargs(c, ctx.rank, t, d0, expert(c, d0[0], d0[1]), group_ep, "")
+    out0 = call(moedist.npu_moe_distribute_combine_v2, COMBINE_POSITIONAL, ckw0)
+    W = c["W"]
+    perf = torch.full((W,), 7, dtype=torch.int64)
+    snaps = []
+    for rnd in range(2):
+        if ctx.rank == slow_rank:
+            time.sleep(sleep_ms / 1000)
+        d = call(moedist.npu_moe_distribute_dispatch_v2, DISPATCH_POSITIONAL, dict(kw, performance_info=perf))
+        assert same_dispatch(d, d0), "dispatch outputs changed with performance_info"
+        snaps.append(perf.tolist())
+        ckw = combine_kwargs(c, ctx.rank, t, d, expert(c, d[0], d[1]), group_ep, "")
+        if rnd == 0:
+            ckw["performance_info"] = perf
+        out = call(moedist.npu_moe_distribute_combine_v2, COMBINE_POSITIONAL, ckw)
+        assert torch.equal(out, out0), "combine output changed with performance_info"
+        snaps.append(perf.tolist())
+    res = {"snaps": snaps}
+    # Compiled (fullgraph, aot_eager): the mutation of performance_info survives functionalization.
+    def step(x, ids, perf_t):
+        return call(moedist.npu_moe_distribute_dispatch_v2, DISPATCH_POSITIONAL,
+                    dict(kw, x=x, expert_ids=ids, performance_info=perf_t))
+
+    torch._dynamo.reset()
+    cstep = torch.compile(step, fullgraph=True, backend="aot_eager")
+    cperf = torch.zeros(W, dtype=torch.int64)
+    cstep(kw["x"], kw["expert_ids"], cperf)  # compiles (every rank), then brings the ranks into step
+    cperf.zero_()
+    if ctx.rank == slow_rank:
+        time.sleep(sleep_ms / 1000)
+    dc = cstep(kw["x"], kw["expert_ids"], cperf)
+    assert same_dispatch(dc, d0), "compiled dispatch outputs differ"
+    res["compiled"] = cperf.tolist()
+    # A bad tensor on rank 0 (float32), in dispatch.
+    bad = dict(kw, performance_info=torch.zeros(W, dtype=torch.float32) if ctx.rank == 0 else perf)
+    try:
+        call(moedist.npu_moe_distribute_dispatch_v2, DISPATCH_POSITIONAL, bad)
+        res["raised"] = None
+    except Exception as e:  # noqa: BLE001
+        res.update(raised=type(e).__name__, message=str(e), value_error=isinstance(e, ValueError))
+    res["after_bad"] = perf.tolist()
+    roundtrip(ctx)  # the group is still usable
+    return res

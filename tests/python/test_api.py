@@ -15,16 +15,16 @@ import _scenarios as sc
 # The signatures of torch_npu's npu_moe_distribute_dispatch_v2 and npu_moe_distribute_combine_v2, verbatim.
 DISPATCH_SIG = (
     "(x, expert_ids, group_ep, ep_world_size, ep_rank_id, moe_expert_num, *, scales=None, x_active_mask=None, "
-    "expert_scales=None, elastic_info=None, group_tp='', tp_world_size=0, tp_rank_id=0, expert_shard_type=0, "
-    "shared_expert_num=1, shared_expert_rank_num=0, quant_mode=0, global_bs=0, expert_token_nums_type=1, "
-    "comm_alg='', zero_expert_num=0, copy_expert_num=0, const_expert_num=0)")
+    "expert_scales=None, elastic_info=None, performance_info=None, group_tp='', tp_world_size=0, tp_rank_id=0, "
+    "expert_shard_type=0, shared_expert_num=1, shared_expert_rank_num=0, quant_mode=0, global_bs=0, "
+    "expert_token_nums_type=1, comm_alg='', zero_expert_num=0, copy_expert_num=0, const_expert_num=0)")
 COMBINE_SIG = (
     "(expand_x, expert_ids, assist_info_for_combine, ep_send_counts, expert_scales, group_ep, ep_world_size, "
     "ep_rank_id, moe_expert_num, *, tp_send_counts=None, x_active_mask=None, expand_scales=None, "
     "shared_expert_x=None, elastic_info=None, ori_x=None, const_expert_alpha_1=None, const_expert_alpha_2=None, "
-    "const_expert_v=None, group_tp='', tp_world_size=0, tp_rank_id=0, expert_shard_type=0, shared_expert_num=1, "
-    "shared_expert_rank_num=0, global_bs=0, comm_quant_mode=0, comm_alg='', zero_expert_num=0, copy_expert_num=0, "
-    "const_expert_num=0)")
+    "const_expert_v=None, performance_info=None, group_tp='', tp_world_size=0, tp_rank_id=0, expert_shard_type=0, "
+    "shared_expert_num=1, shared_expert_rank_num=0, global_bs=0, comm_quant_mode=0, comm_alg='', zero_expert_num=0, "
+    "copy_expert_num=0, const_expert_num=0)")
 
 
 def test_signatures_are_torch_npus():
@@ -38,6 +38,15 @@ def test_custom_operators_registered():
     assert [a.name for a in d.arguments] == list(inspect.signature(moedist.npu_moe_distribute_dispatch_v2).parameters)
     assert [a.name for a in c.arguments] == list(inspect.signature(moedist.npu_moe_distribute_combine_v2).parameters)
     assert len(d.returns) == 7 and len(c.returns) == 1
+
+
+def test_performance_info_is_declared_mutated():
+    """The ops add into performance_info: their schemas say so (torch.compile keeps the write)."""
+    for op in (torch.ops.moedist.npu_moe_distribute_dispatch_v2, torch.ops.moedist.npu_moe_distribute_combine_v2,
+               torch.ops.moedist.npu_moe_distribute_combine_add_rms_norm):
+        args = {a.name: a for a in op.default._schema.arguments}
+        assert args["performance_info"].alias_info is not None and args["performance_info"].alias_info.is_write, op
+        assert not any(a.alias_info is not None and a.alias_info.is_write for n, a in args.items() if n != "performance_info")
 
 
 def test_exception_classes():
@@ -230,3 +239,40 @@ def test_torch_compile_inductor_fullgraph():
         got = cm(*args)
         for e, g in zip(eager, got):
             assert torch.equal(e, g)
+
+
+@pytest.mark.timeout(300)
+def test_performance_info_under_torch_compile():
+    """performance_info passes through torch.compile (fullgraph, aot_eager): the mutated argument traces,
+    and the outputs equal eager's. One rank: it waits for nobody, so the tensor keeps its values."""
+    name = _thread_group("solo-perf-compile", 1)
+    c = sc.make_cfg(1, BS=4, K=2, L=2)
+    t = sc.gen_inputs(c, 0)
+
+    def f(x, ids, perf):
+        return moedist.npu_moe_distribute_dispatch_v2(x, ids, name, 1, 0, c["E"], performance_info=perf)
+
+    perf = torch.full((1,), 3, dtype=torch.int64)
+    eager = f(t["x"], t["expert_ids"], perf)
+    torch._dynamo.reset()
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(t["x"], t["expert_ids"], perf)
+    rows = int(eager[4].max())  # rows past them (and assist entries past 3 * rows) are unspecified
+    assert torch.equal(eager[0][:rows], got[0][:rows]) and torch.equal(eager[2][:3 * rows], got[2][:3 * rows])
+    for i in (1, 3, 4, 5, 6):
+        assert torch.equal(eager[i], got[i]), i
+    assert perf.tolist() == [3]
+
+
+def test_performance_info_on_another_device_is_refused():
+    """The op adds into performance_info's memory, so it must be CPU memory; a tensor that reports another
+    device (this machine has none: a tensor subclass stands in) is an InvalidArgument naming it."""
+
+    class OnCuda(torch.Tensor):
+        @property
+        def device(self):
+            return torch.device("cuda", 0)
+
+    t = torch.zeros(4, dtype=torch.int64).as_subclass(OnCuda)
+    with pytest.raises(moedist.InvalidArgument, match=r"npu_moe_distribute_dispatch_v2: performance_info is a \(4,\) int64 "
+                                                      r"tensor on device cuda:0 \(must be a contiguous \(ep_world_size,\) int64"):
+        moedist._ops._performance_view(t, "npu_moe_distribute_dispatch_v2")

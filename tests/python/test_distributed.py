@@ -117,3 +117,46 @@ def test_get_comm_name_is_idempotent_and_checks_rank(pools):
 def test_torch_compile_fullgraph_matches_eager(pools, world, over):
     res = pools.get(world).run("compiled", timeout=150, backend="aot_eager", **over)
     assert len(res) == world
+
+
+@pytest.mark.timeout(400)
+def test_performance_info_names_the_slow_rank(pools):
+    world, slow = 2, 1
+
+    def timing_ok(res):
+        """The others waited >= 20 ms per round for the slow rank, more than for anyone else (a loaded
+        machine can delay any rank: the run is tried again, at most 3 times, when only this fails)."""
+        for r, x in enumerate(res):
+            if r == slow:
+                continue
+            s = x["snaps"]
+            for i, rnd in ((0, 0), (2, 1)):
+                if s[i][slow] < 7 + 20000 * (rnd + 1) or any(v >= s[i][slow] for j, v in enumerate(s[i]) if j != slow):
+                    return False
+            if x["compiled"][slow] < 20000:
+                return False
+        return True
+
+    for _ in range(3):
+        res = pools.get(world).run("performance_info", slow_rank=slow, sleep_ms=40)
+        if timing_ok(res):
+            break
+    assert timing_ok(res), res
+    for r, x in enumerate(res):
+        snaps = x["snaps"]  # after dispatch 0, combine 0 (with), dispatch 1, combine 1 (without)
+        for s in snaps:
+            assert s[r] == 7, (r, snaps)  # a rank never waits for itself; the op adds to what was there
+        for a, b in zip(snaps, snaps[1:]):
+            assert all(vb >= va for va, vb in zip(a, b)), (r, snaps)  # accumulates
+        assert snaps[3] == snaps[2], (r, snaps)  # the combine without performance_info left it alone
+        assert x["compiled"][r] == 0, x["compiled"]
+        # the rejected call: rank 0 names the parameter; the peer names rank 0
+        if r == 0:
+            assert x["raised"] == "InvalidArgument" and x["value_error"], x
+            assert "performance_info has dtype float32 (must be int64)" in x["message"], x["message"]
+            assert x["after_bad"] == snaps[3], x  # its valid tensor was not passed to the rejected call
+        else:
+            assert x["raised"] in ("TransportError", "RuntimeError"), x
+            assert "rank 0" in x["message"] and "performance_info" in x["message"], x["message"]
+            # it took part in the failed exchange: it may have added some waits, never removed any
+            assert all(vb >= va for va, vb in zip(snaps[3], x["after_bad"])) and x["after_bad"][r] == 7, x

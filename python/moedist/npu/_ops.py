@@ -15,6 +15,7 @@ from .. import _ops as _md_ops
 
 _STR = {"group_ep", "group_tp", "comm_alg"}
 _FLOAT = {"norm_eps"}
+_MUTATED = {"performance_info"}  # the op adds into it: declared mutated
 _installed = False
 _lib = None
 
@@ -31,6 +32,8 @@ def _schema(name: str, fn, returns: str) -> str:
             typ = "float"
         elif p.default is inspect.Parameter.empty:
             typ = "int" if p.name in ("ep_world_size", "ep_rank_id", "moe_expert_num") else "Tensor"
+        elif p.name in _MUTATED:
+            typ = "Tensor(a!)?"
         elif p.default is None:
             typ = "Tensor?"
         else:

@@ -317,8 +317,13 @@ void MpiEngine::poll(Step step, Missing missing) {
   const auto start = Clock::now();
   const auto deadline = start + timeout_;
   auto next_check = start + std::chrono::milliseconds(20);
+  waiting_ = false;
   for (int i = 0;; ++i) {
     if (step()) return;
+    if (i == 0) {
+      waiting_ = true;
+      wait_mark_ = start;
+    }
     if (i < 64) continue;  // each MPI call above progresses the transfers
     take_notices();
     const auto now = Clock::now();
@@ -337,6 +342,14 @@ void MpiEngine::poll(Step step, Missing missing) {
     else
       std::this_thread::sleep_for(std::chrono::microseconds(20));
   }
+}
+
+void MpiEngine::arrived(int peer) {
+  int64_t* waits = spec_ ? spec_->waits_us : nullptr;
+  if (!waiting_ || !waits) return;
+  const auto now = std::chrono::steady_clock::now();
+  waits[peer] += std::chrono::duration_cast<std::chrono::microseconds>(now - wait_mark_).count();
+  wait_mark_ = now;
 }
 
 std::string MpiEngine::ranks_str(const std::vector<int32_t>& r) const {
@@ -515,6 +528,7 @@ void MpiEngine::collect() {
             }
             st.rstate = 2;
             --pending;
+            arrived(p);
           }
         }
         return pending == 0;
@@ -678,6 +692,7 @@ int MpiEngine::finish(bool failed) {
             if (--st.blocks_left == 0) {
               st.rstate = 2;
               --pending;
+              arrived(p);
             }
           }
         }

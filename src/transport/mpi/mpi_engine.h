@@ -168,6 +168,9 @@ class MpiEngine {
   [[noreturn]] void timed_out(const std::vector<int>& missing, const char* what);
   std::string ranks_str(const std::vector<int32_t>& r) const;  // "rank 2" / "ranks 2 and 3"
   void unpack(int peer, const unsigned char* msg, size_t len);
+  // Inside poll's step: `peer`'s message of the current wave is complete. When poll had to wait, the
+  // time since the wait began or the previous peer completed is added to spec.waits_us[peer].
+  void arrived(int peer);
   Block& room(Peer& st, size_t need);
 
   MPI_Comm comm_;
@@ -183,6 +186,8 @@ class MpiEngine {
   std::vector<std::vector<unsigned char>> graveyard_vec_;
   const ExchangeSpec* spec_ = nullptr;
   const char* op_ = "";
+  bool waiting_ = false;  // poll's first look found messages missing (arrived() measures)
+  std::chrono::steady_clock::time_point wait_mark_{};
   std::vector<int32_t> culprits_;  // the peers this rank timed out waiting for in the current call
   std::vector<std::vector<unsigned char>> notices_;  // GaveUp messages in flight (MPI may still read them)
   std::atomic<uint64_t> bytes_sent_{0}, bytes_inter_{0}, payload_{0}, payload_inter_{0}, messages_{0};

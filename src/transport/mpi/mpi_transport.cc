@@ -269,6 +269,12 @@ void HybridTransport::exchange(const ExchangeSpec& spec) {
   sub.blob_bytes = bb;
   sub.blobs_out = local_blobs.data();
   sub.recv = spec.recv;
+  // The shm half counts its waits by host-local index; they are added to spec.waits_us by rank.
+  std::vector<int64_t> local_waits(spec.waits_us ? local_ranks_.size() : 0, 0);
+  if (spec.waits_us) sub.waits_us = local_waits.data();
+  auto add_local_waits = [&] {
+    for (size_t l = 0; l < local_waits.size(); ++l) spec.waits_us[local_ranks_[l]] += local_waits[l];
+  };
   sub.produce = [&](PutWriter& shm_writer) {
     // The shm blobs are in; now the remote ones, then the payload to both, then MPI wave 2.
     e.collect();
@@ -294,13 +300,16 @@ void HybridTransport::exchange(const ExchangeSpec& spec) {
   try {
     shm_->exchange(sub);
   } catch (const Timeout& ex) {
+    add_local_waits();
     if (!mpi_done) abandon_and_rethrow(e);
     note_mpi_group_failure(ex.what(), e.timeout());  // the shared-memory half timed out
     throw;
   } catch (...) {
+    add_local_waits();
     if (!mpi_done) abandon_and_rethrow(e);
     throw;
   }
+  add_local_waits();
 }
 
 TransportStats HybridTransport::stats() const {

@@ -179,6 +179,7 @@ class WindowEngine : public Transport {
     std::vector<int> members;
     const char* op = "";
     std::exception_ptr local_error;
+    int64_t* waits_us = nullptr;  // ExchangeSpec::waits_us
   } pending_;
   std::string broken_;           // set once a call was abandoned: the group's epochs are out of step
   // Failure recovery: the generation (recoveries agreed), the failed ranks agreed, the ranks this rank
