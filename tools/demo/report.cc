@@ -203,7 +203,7 @@ int report_rounds(const Layer& base, const std::vector<RankSummary>& ranks, cons
   std::string mask;
   for (int32_t f : expect_failed) mask += f ? '1' : '0';
   int restart = -1;
-  int64_t last_end_ns = 0;
+  int64_t last_end_ns = 0, last_recovered_ns = 0;
   for (const RankSummary& s : survivors) {
     if (s.status != RankSummary::Status::kOk) continue;  // report() names it
     const std::string who = rank_name(base, s.tp_rank, s.ep_rank);
@@ -215,6 +215,7 @@ int report_rounds(const Layer& base, const std::vector<RankSummary>& ranks, cons
       problems.push_back(cat(who, " restarted from round ", s.restart_round, ", another survivor from round ", restart));
     if (s.recovered_round_end_ns == 0) problems.push_back(cat(who, " completed no round after the recovery"));
     last_end_ns = std::max(last_end_ns, s.recovered_round_end_ns);
+    last_recovered_ns = std::max(last_recovered_ns, s.recovered_ns);
   }
   for (const std::string& p : problems) std::printf("error: %s\n", p.c_str());
 
@@ -229,6 +230,10 @@ int report_rounds(const Layer& base, const std::vector<RankSummary>& ranks, cons
                 mask.c_str());
     std::printf("rank %d %s in %s of round %d; %lld ranks continued after %.0f ms\n", o.victim, verb, o.victim_phase.c_str(), victim_round(o),
                 static_cast<long long>(l.active_ranks), ms);
+    if (victim && last_recovered_ns > 0 && last_end_ns > 0)
+      std::printf("  (%.0f ms until every survivor had found the failure and agreed: recover_group returned; the last survivor completed "
+                  "the round made again %.0f ms later)\n",
+                  static_cast<double>(last_recovered_ns - victim->signal_ns) / 1e6, static_cast<double>(last_end_ns - last_recovered_ns) / 1e6);
   } else {
     std::printf("rounds: %d, each with its own tokens\n", rounds);
   }

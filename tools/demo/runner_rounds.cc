@@ -128,6 +128,7 @@ void run_rounds_rank(const Layer& base, int p, RankSummary& s) {
         if (++recoveries > 3) throw;
         failure_seen = true;
         const RecoveryResult r = recover_group(group, p);
+        s.recovered_ns = now_ns();
         failed = r.failed;
         // Two calls per round (dispatch, combine): the rounds every survivor completed stand, the
         // first one that some survivor did not complete is made again, by every survivor.

@@ -69,7 +69,8 @@ std::string summary_text(const RankSummary& s) {
     << "error " << one_line(s.error) << "\n"
     << "dispatch_diff " << one_line(s.dispatch_diff) << "\n"
     << "combine_diff " << one_line(s.combine_diff) << "\n"
-    << "rounds " << s.rounds_checked << " " << s.restart_round << " " << s.recovered_round_end_ns << " " << (s.declared_failed ? 1 : 0) << "\n"
+    << "rounds " << s.rounds_checked << " " << s.restart_round << " " << s.recovered_round_end_ns << " " << (s.declared_failed ? 1 : 0) << " " << s.recovered_ns
+    << "\n"
     << "failed_mask " << s.failed_mask << "\n"
     << "end\n";
   return f.str();
@@ -121,7 +122,7 @@ bool parse_summary(std::istream& f, RankSummary& s) {
     } else if (key == "combine_diff") {
       r.combine_diff = rest;
     } else if (key == "rounds") {
-      in >> r.rounds_checked >> r.restart_round >> r.recovered_round_end_ns >> r.declared_failed;
+      in >> r.rounds_checked >> r.restart_round >> r.recovered_round_end_ns >> r.declared_failed >> r.recovered_ns;
     } else if (key == "failed_mask") {
       r.failed_mask = rest;
     } else if (key == "end") {

@@ -31,6 +31,7 @@ struct RankSummary {
   int rounds_checked = 0;          // rounds run and checked
   int restart_round = 0;           // the round (1-based) the survivors made again after a recovery; 0: none
   std::string failed_mask;         // the failed ranks the survivors agreed on, one digit per rank ("" before any)
+  int64_t recovered_ns = 0;            // steady clock when recover_group returned
   int64_t recovered_round_end_ns = 0;  // steady clock at the end of the first round completed after the recovery
   bool declared_failed = false;    // this rank was told it had been declared failed (the victim of --stop)
 };
