@@ -57,8 +57,8 @@ int demo_main(const std::vector<std::string>& args) {
         throw UsageError(cat(what, " needs rank processes: threads of one process cannot be killed or stopped one by one, and the "
                              "rounds run only in process mode (leave out --threads)"));
       if (options.transport != "shm")
-        throw UsageError(cat(what, " works only with --transport shm: under MPI the job cannot survive a rank's death (MPI_Finalize "
-                             "waits for every rank; docs/design.md, The demo), not with --transport ", options.transport));
+        throw UsageError(cat(what, " works only with --transport shm: a rank that dies ends an MPI job (mpirun kills the "
+                             "others; docs/design.md, Failover), not with --transport ", options.transport));
       if (env.found && options.report_dir.empty())
         throw UsageError(cat(what, " needs the demo started directly (moedist demo ...), not by the ", env.launcher,
                              " launcher: the demo's parent reports, so that any rank, rank 0 too, may fail"));
