@@ -28,4 +28,11 @@ expect_usage_error "-n needs a value" launch -n
 expect_usage_error "unknown command 'frobnicate'" frobnicate
 expect_usage_error "--ranks expects an integer, got 'x'" demo --ranks x
 expect_usage_error "--slow-us N needs N >= 0 and --slow-rank R with R >= 0 (got --slow-rank -1 --slow-us 5)" bench --waits --slow-us 5
+expect_usage_error "--kill 9@dispatch: rank 9 is out of range (must be in [0, 4)" demo --ranks 4 --kill 9@dispatch
+expect_usage_error "--kill 1@gating: unknown phase 'gating' (must be dispatch or combine)" demo --kill 1@gating
+expect_usage_error "--kill '3' must be RANK@PHASE" demo --kill 3
+expect_usage_error "--stop 1@combine needs rank processes: threads of one process cannot be killed or stopped one by one" demo --threads --stop 1@combine
+expect_usage_error "--kill-round 7 is past the last round (--rounds 6)" demo --kill 1@dispatch --kill-round 7
+expect_usage_error "--kill-round 2 needs --kill or --stop" demo --kill-round 2
+expect_usage_error "--expect-signal x is not RANK:SIGNAL" launch --expect-signal x -n 2 -- true
 echo "cli usage: PASS"

@@ -2,7 +2,8 @@
 // MOEDIST_LOCAL_RANK / MOEDIST_JOB_ID set (what moedist::launch_env() reads). The job id is random, so
 // two jobs never share one (an inherited MOEDIST_JOB_ID is replaced). If a rank fails, the others are
 // stopped; SIGINT, SIGTERM and SIGHUP are passed on to the ranks, and ranks never outlive the launcher
-// (PR_SET_PDEATHSIG). Shared-memory windows have no names, so nothing is left to clean up.
+// (PR_SET_PDEATHSIG). Shared-memory windows have no names, so nothing is left to clean up. A rank's end
+// by a signal named with --expect-signal (a failover test kills it on purpose) is no failure.
 #include "launch.h"
 
 #include <dirent.h>
@@ -31,10 +32,12 @@ void on_signal(int sig) { g_signal = sig; }
 // The usage text: to stdout for --help (exit 0), to stderr after a usage error (exit 2).
 int usage(FILE* out = stderr) {
   std::fprintf(out,
-               "usage: moedist launch -n N [--timeout SECONDS] [--] PROGRAM [ARGS...]\n"
+               "usage: moedist launch -n N [--timeout SECONDS] [--expect-signal RANK:SIGNAL] [--] PROGRAM [ARGS...]\n"
                "  Starts N ranks of PROGRAM on this host (processes; moedist groups use shared memory).\n"
                "  Each rank gets MOEDIST_RANK, MOEDIST_WORLD_SIZE, MOEDIST_LOCAL_RANK, MOEDIST_JOB_ID.\n"
-               "  A rank that fails stops the others; the exit code is the first failure's.\n");
+               "  A rank that fails stops the others; the exit code is the first failure's.\n"
+               "  --expect-signal RANK:SIGNAL: RANK ending by signal number SIGNAL is expected (a failover test):\n"
+               "  it is not a failure, the others keep running (repeatable).\n");
   return out == stderr ? 2 : 0;
 }
 
@@ -77,10 +80,26 @@ std::string random_job_id() {
 int launch_main(int argc, char** argv) {
   int n = 0;
   double timeout_s = 0;
+  std::vector<std::pair<long, long>> expected;  // (rank, signal) whose end is no failure
   int i = 0;
   for (; i < argc; ++i) {
     const std::string a = argv[i];
-    if (a == "-n" || a == "--np" || a == "--nproc" || a == "--timeout") {
+    if (a == "--expect-signal") {
+      if (i + 1 >= argc) {
+        std::fprintf(stderr, "moedist launch: %s needs a value\n", a.c_str());
+        return usage();
+      }
+      const std::string value = argv[++i];
+      const size_t colon = value.find(':');
+      long rank = 0, sig = 0;
+      if (colon == std::string::npos || !parse_count(value.substr(0, colon).c_str(), 0, 99999, rank) ||
+          !parse_count(value.substr(colon + 1).c_str(), 1, 64, sig)) {
+        std::fprintf(stderr, "moedist launch: --expect-signal %s is not RANK:SIGNAL (a rank >= 0 and a signal number 1 to 64)\n",
+                     value.c_str());
+        return usage();
+      }
+      expected.emplace_back(rank, sig);
+    } else if (a == "-n" || a == "--np" || a == "--nproc" || a == "--timeout") {
       if (i + 1 >= argc) {
         std::fprintf(stderr, "moedist launch: %s needs a value\n", a.c_str());
         return usage();
@@ -163,6 +182,12 @@ int launch_main(int argc, char** argv) {
       int code = 0;
       if (WIFEXITED(status)) code = WEXITSTATUS(status);
       if (WIFSIGNALED(status)) code = 128 + WTERMSIG(status);
+      if (WIFSIGNALED(status))
+        for (const auto& [er, es] : expected)
+          if (er == r && es == WTERMSIG(status)) {
+            std::fprintf(stderr, "moedist launch: rank %d ended by signal %d, as expected; the others keep running\n", r, WTERMSIG(status));
+            code = 0;
+          }
       if (code != 0 && first_failure == 0) {
         first_failure = code;
         if (WIFSIGNALED(status))

@@ -62,14 +62,14 @@ std::vector<std::vector<float>> dense_layer(const Layer& l, const std::vector<Ra
   FfnScratch scratch;
   for (int64_t g = 0; g < l.E_active; ++g) {
     if (uses[static_cast<size_t>(g)].empty()) continue;
-    const ExpertWeights w = make_expert_weights(l, ExpertKey{false, g});
+    const ExpertWeights w = make_expert_weights(l, ExpertKey{false, l.original_of[static_cast<size_t>(g)]});
     for (const Use& u : uses[static_cast<size_t>(g)]) {
       ffn_forward(w, input[u.rank].data() + u.token * H, 0, l.F, scratch, y.data());
       float* acc = out[u.rank].data() + u.token * H;
       for (int64_t h = 0; h < H; ++h) acc[h] += u.weight * y[static_cast<size_t>(h)];
     }
   }
-  if (l.S > 0) {
+  if (l.S > 0 && l.Sr_active > 0) {  // with every shared-expert rank removed, the shared expert is gone
     const ExpertWeights w = make_expert_weights(l, ExpertKey{true, 0});
     for (size_t i : which)
       for (int64_t t = 0; t < l.active_tokens; ++t) {

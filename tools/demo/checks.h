@@ -16,7 +16,9 @@ struct RankSummary;
 
 // The layer computed densely in fp32 in one process: for every active token,
 //   sum_k w_k * expert_{id_k}(x)  (+ the shared expert's FFN(x), unweighted),
-// with zero -> 0, copy -> x, const -> alpha1*x + alpha2*v. Inputs of the FFN experts are quantized
+// with zero -> 0, copy -> x, const -> alpha1*x + alpha2*v. After a scale-down (l.removed) the experts
+// of the removed ranks are not there (the router no longer picks them), a compact id is the original
+// expert it stands for (l.original_of), and the shared expert is gone once no shared-expert rank is left. Inputs of the FFN experts are quantized
 // and dequantized exactly like dispatch_v2 does with --quant 2, so the check measures the layer's
 // rounding (expert outputs and the combined sum in the token dtype), not the int8 error.
 // Only the ranks in `which` are computed (a rank process checks its own tokens); the others' entries

@@ -50,6 +50,19 @@ int demo_main(const std::vector<std::string>& args) {
     if (options.threads && env.found && env.world_size > 1)
       throw UsageError(cat("--threads runs every rank in this one process, but it was started as rank ", env.rank, " of ", env.world_size,
                            " by the ", env.launcher, " launcher (leave out --threads, or start it directly)"));
+    if (rounds_mode(options)) {
+      const std::string what = options.victim >= 0 ? cat(options.victim_stops ? "--stop " : "--kill ", options.victim, "@", options.victim_phase)
+                                                   : cat("--rounds ", options.rounds);
+      if (options.threads)
+        throw UsageError(cat(what, " needs rank processes: threads of one process cannot be killed or stopped one by one, and the "
+                             "rounds run only in process mode (leave out --threads)"));
+      if (options.transport != "shm")
+        throw UsageError(cat(what, " works only with --transport shm: a rank that dies ends an MPI job (mpirun kills the "
+                             "others; docs/design.md, Failover), not with --transport ", options.transport));
+      if (env.found && options.report_dir.empty())
+        throw UsageError(cat(what, " needs the demo started directly (moedist demo ...), not by the ", env.launcher,
+                             " launcher: the demo's parent reports, so that any rank, rank 0 too, may fail"));
+    }
     if (!options.report_dir.empty() && (options.threads || !env.found))
       throw UsageError("--report-dir is internal: the demo sets it for the rank processes it starts");
     if (options.transport != "shm") {

@@ -2,6 +2,7 @@
 
 #include <cmath>
 
+#include "moedist/elastic.h"
 #include "moedist/half.h"
 #include "rng.h"
 
@@ -17,11 +18,15 @@ Layer make_layer(const DemoOptions& o) {
   l.F = o.ffn;
   l.E = o.experts;
   l.tp = o.tp == 2 ? 2 : 1;
-  l.active_ranks = o.ranks - o.elastic;
-  l.Sr = o.shared_ranks;
+  l.active_ranks = o.ranks;
+  l.Sr = l.Sr_active = o.shared_ranks;
   l.S = o.shared_ranks > 0 ? 1 : 0;
   l.L = o.experts / (o.ranks - o.shared_ranks);
-  l.E_active = l.L * (l.active_ranks - l.Sr);
+  l.E_active = l.E;
+  for (int64_t g = 0; g < l.E; ++g) {
+    l.original_of.push_back(static_cast<int32_t>(g));
+    l.compact_of.push_back(static_cast<int32_t>(g));
+  }
   l.special = o.zero + o.copy + o.constant;
   l.active_tokens = o.mask ? l.BS - l.BS / 4 : l.BS;
 
@@ -40,19 +45,39 @@ Layer make_layer(const DemoOptions& o) {
   }
   for (int64_t i = 0; i < o.constant * l.H; ++i) l.const_v.push_back(float_to_half(o.dtype, crng.uniform()));
 
-  if (o.elastic > 0) {
-    // The highest ranks leave, so the remaining ranks keep their ids: local id == physical id.
-    l.elastic_info.assign(static_cast<size_t>(4 + 2 * l.W), -1);
-    l.elastic_info[0] = 1;
-    l.elastic_info[1] = static_cast<int32_t>(l.active_ranks);
-    l.elastic_info[2] = static_cast<int32_t>(l.Sr);
-    l.elastic_info[3] = static_cast<int32_t>(l.E_active);
-    for (int64_t r = 0; r < l.active_ranks; ++r) {
-      l.elastic_info[static_cast<size_t>(4 + r)] = static_cast<int32_t>(r);           // T1: physical -> local
-      l.elastic_info[static_cast<size_t>(4 + l.W + r)] = static_cast<int32_t>(r);     // T2: local -> physical
+  if (o.elastic > 0) {  // the highest ranks leave, so the remaining ranks keep their ids
+    std::vector<int32_t> removed(static_cast<size_t>(l.W), 0);
+    for (int64_t r = l.W - o.elastic; r < l.W; ++r) removed[static_cast<size_t>(r)] = 1;
+    return with_removed(l, removed);
+  }
+  return l;
+}
+
+Layer with_removed(const Layer& base, const std::vector<int32_t>& removed) {
+  Layer l = base;
+  l.removed = removed;
+  l.elastic_info = make_elastic_info(removed, l.Sr, l.L, 1);
+  l.active_ranks = l.elastic_info[1];
+  l.Sr_active = l.elastic_info[2];
+  l.E_active = l.elastic_info[3];
+  l.original_of.clear();
+  l.compact_of.assign(static_cast<size_t>(l.E), -1);
+  for (int64_t r = l.Sr; r < l.W; ++r) {
+    if (removed[static_cast<size_t>(r)]) continue;
+    for (int64_t e = 0; e < l.L; ++e) {
+      const int64_t g = (r - l.Sr) * l.L + e;
+      l.compact_of[static_cast<size_t>(g)] = static_cast<int32_t>(l.original_of.size());
+      l.original_of.push_back(static_cast<int32_t>(g));
     }
   }
   return l;
+}
+
+std::vector<int64_t> Layer::active_rank_ids() const {
+  std::vector<int64_t> ids;
+  for (int64_t r = 0; r < W; ++r)
+    if (!is_removed(r)) ids.push_back(r);
+  return ids;
 }
 
 }  // namespace moedist::tools::demo

@@ -30,6 +30,8 @@ constexpr IntOption kIntOptions[] = {
     {"--const", &DemoOptions::constant, 0, 64},
     {"--elastic", &DemoOptions::elastic, 0, 255},
     {"--timeout-ms", &DemoOptions::timeout_ms, 1, 3600 * 1000},
+    {"--rounds", &DemoOptions::rounds, 1, 100000},
+    {"--kill-round", &DemoOptions::kill_round, 1, 100000},
 };
 
 template <typename T>
@@ -64,10 +66,25 @@ static void validate(const DemoOptions& o) {
   }
   require(o.elastic < moe_ranks, cat("--elastic ", o.elastic, " must leave at least one MoE rank (must be < ranks - shared ranks = ",
                                      moe_ranks, ")"));
-  const int routed = o.experts / moe_ranks * (moe_ranks - o.elastic);
+  if (o.kill_round > 0) require(o.victim >= 0, cat("--kill-round ", o.kill_round, " needs --kill or --stop (the rank that fails)"));
+  int lost_moe_ranks = o.elastic;
+  if (o.victim >= 0) {
+    const std::string opt = cat(o.victim_stops ? "--stop " : "--kill ", o.victim, "@", o.victim_phase);
+    require(o.victim < o.ranks, cat(opt, ": rank ", o.victim, " is out of range (must be in [0, ", o.ranks, "), the EP ranks of --ranks ",
+                                    o.ranks, ")"));
+    require(o.tp != 2, cat(opt, " works only without TP (--tp 0): the survivors continue with elastic_info, which excludes TP"));
+    require(o.elastic == 0, cat(opt, " and --elastic ", o.elastic, " cannot be combined (leave out one of them)"));
+    if (o.victim >= o.shared_ranks) {
+      require(moe_ranks > 1, cat(opt, ": rank ", o.victim, " is the only rank with routed experts (ranks - shared ranks = 1), nothing would be left"));
+      lost_moe_ranks = 1;
+    }
+    require(victim_round(o) <= round_count(o), cat("--kill-round ", victim_round(o), " is past the last round (--rounds ", round_count(o),
+                                                   "): must be in [1, ", round_count(o), "]"));
+  }
+  const int routed = o.experts / moe_ranks * (moe_ranks - lost_moe_ranks);
   const int choices = routed + o.zero + o.copy + o.constant;
   require(o.topk <= choices, cat("--topk ", o.topk, " exceeds the experts the router can choose from: ", routed, " routed",
-                                 o.elastic ? " (after scale-down)" : "", " + ", o.zero + o.copy + o.constant, " zero/copy/const = ", choices));
+                                 lost_moe_ranks ? " (after scale-down)" : "", " + ", o.zero + o.copy + o.constant, " zero/copy/const = ", choices));
 }
 
 // Parses the arguments after "demo". Returns false when help was asked for.
@@ -93,6 +110,17 @@ bool parse_options(const std::vector<std::string>& args, DemoOptions& o) {
     if (name == "--mask" || name == "--threads") {
       if (has_value) throw UsageError(cat(name, " takes no value"));
       (name == "--mask" ? o.mask : o.threads) = true;
+    } else if (name == "--kill" || name == "--stop") {
+      const std::string& v = take_value();
+      if (o.victim >= 0) throw UsageError(cat(name, " ", v, ": only one --kill or --stop is allowed"));
+      const size_t at = v.find('@');
+      if (at == std::string::npos)
+        throw UsageError(cat(name, " '", v, "' must be RANK@PHASE, e.g. 3@dispatch (PHASE: dispatch or combine)"));
+      o.victim = parse_number<int>(name, v.substr(0, at), 0, 255);
+      o.victim_phase = v.substr(at + 1);
+      if (o.victim_phase != "dispatch" && o.victim_phase != "combine")
+        throw UsageError(cat(name, " ", v, ": unknown phase '", o.victim_phase, "' (must be dispatch or combine)"));
+      o.victim_stops = name == "--stop";
     } else if (name == "--report-dir") {
       o.report_dir = take_value();
       if (o.report_dir.empty()) throw UsageError("--report-dir needs a directory");
@@ -159,6 +187,30 @@ void print_help(std::ostream& os) {
         "  --seed S           seed of every random value (default 1)\n"
         "  --timeout-ms T     deadline of every wait inside the ops and groups (default 20000; rank 0\n"
         "                     waits 2T + 60 s for the results of the others)\n"
+        "  --rounds N         rounds of the layer, each with its own tokens (seeded by the round), each\n"
+        "                     checked (default 1, 6 with --kill or --stop; more than 1 only in process\n"
+        "                     mode over shared memory, started directly)\n"
+        "  --kill R@PHASE     failover: EP rank R dies by a real SIGKILL inside PHASE (dispatch or combine)\n"
+        "                     of round --kill-round. It calls the op, and when the op first checks on it\n"
+        "                     while it waits (moedist::set_interrupt_check), it records the time and\n"
+        "                     raises SIGKILL on itself; the other ranks enter that op once it is waiting,\n"
+        "                     at least 10 ms late. The survivors get a TransportError, agree on the\n"
+        "                     failed rank (moedist::recover_group), redo the rounds not every survivor\n"
+        "                     completed (calls_completed), and serve the remaining rounds with\n"
+        "                     elastic_info (make_elastic_info of the agreed mask): the router no longer\n"
+        "                     picks the experts of the dead rank (a dead shared-expert rank removes its\n"
+        "                     copy of the shared expert). Every round is checked against the dense layer\n"
+        "                     without the lost experts and bit for bit against moedist::reference with\n"
+        "                     the shrunk layout. Prints 'rank R died in PHASE of round N; M ranks\n"
+        "                     continued after T ms' (T: from the SIGKILL to the end of the survivors'\n"
+        "                     next completed round, the slowest survivor's). Only in process mode over\n"
+        "                     shared memory, started directly (the parent reports, so rank 0 may die);\n"
+        "                     not with --threads, MPI (the job cannot outlive a rank), --tp 2, --elastic\n"
+        "  --stop R@PHASE     the same with SIGSTOP: the survivors go on once the deadline (--timeout-ms)\n"
+        "                     and the agreement's grace (100 ms) have passed; at the end the stopped rank\n"
+        "                     is continued (SIGCONT) and must be told it was declared failed. Prints\n"
+        "                     'rank R stopped in PHASE of round N; M ranks continued after T ms'\n"
+        "  --kill-round N     the round (1-based) the rank fails in (default 2)\n"
         "  --transport T      how the rank processes talk (default shm):\n"
         "                       shm     shared memory, every rank on this host\n"
         "                       mpi     MPI between all ranks (only under mpirun; hosts: see mpirun)\n"

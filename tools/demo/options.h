@@ -30,10 +30,21 @@ struct DemoOptions {
   bool mask = false;      // 1-D x_active_mask with the last BS/4 tokens inactive
   uint64_t seed = 1;
   int timeout_ms = 20000;
+  int rounds = 0;         // rounds of the layer, each with its own tokens; 0: the default (1, or 6 with --kill / --stop)
+  int kill_round = 0;     // the round (1-based) the victim fails in; 0: the default (2)
+  int victim = -1;        // --kill / --stop RANK@PHASE: the EP rank that fails, -1: none
+  std::string victim_phase;   // "dispatch" or "combine"
+  bool victim_stops = false;  // --stop (SIGSTOP) instead of --kill (SIGKILL)
   bool threads = false;       // ranks are threads of this process instead of processes
   std::string transport = "shm";  // process mode: "shm", or under mpirun "mpi" / "hybrid"
   std::string report_dir;     // internal: set for the rank processes the demo starts
 };
+
+// The rounds the run makes, and the round the victim fails in.
+inline int round_count(const DemoOptions& o) { return o.rounds > 0 ? o.rounds : (o.victim >= 0 ? 6 : 1); }
+inline int victim_round(const DemoOptions& o) { return o.kill_round > 0 ? o.kill_round : 2; }
+// True when the run has several rounds or a rank that fails (--rounds, --kill, --stop): runner_rounds.cc.
+inline bool rounds_mode(const DemoOptions& o) { return round_count(o) > 1 || o.victim >= 0; }
 
 class UsageError : public std::runtime_error {
  public:

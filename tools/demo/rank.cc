@@ -8,13 +8,13 @@
 
 namespace moedist::tools::demo {
 
-RankState make_rank(const Layer& l, int tp_rank, int64_t ep_rank) {
+RankState make_rank(const Layer& l, int tp_rank, int64_t ep_rank, int round) {
   RankState st;
   st.tp_rank = tp_rank;
   st.ep_rank = ep_rank;
   const DType dt = l.dtype();
   // The two EP groups of a TP pair hold different tokens, as on the device.
-  Rng rng(l.opt.seed, Stream::kTokens, static_cast<uint64_t>(tp_rank * l.W + ep_rank));
+  Rng rng(l.opt.seed, Stream::kTokens, (static_cast<uint64_t>(round) << 32) + static_cast<uint64_t>(tp_rank * l.W + ep_rank));
   st.x.assign(at_least_one(l.BS * l.H), 0);
   for (int64_t i = 0; i < l.BS * l.H; ++i) st.x[static_cast<size_t>(i)] = float_to_half(dt, rng.uniform());
   st.active_mask.assign(at_least_one(l.BS), 0);

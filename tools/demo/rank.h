@@ -39,7 +39,8 @@ struct RankState {
 inline size_t at_least_one(int64_t n) { return static_cast<size_t>(std::max<int64_t>(n, 1)); }
 
 // A rank's inputs (seeded tokens, mask) and its dispatch_v2 arguments; gating fills in the routing.
-RankState make_rank(const Layer& l, int tp_rank, int64_t ep_rank);
+// `round` (--rounds): every round has its own tokens; round 0 is the one of a single-round run.
+RankState make_rank(const Layer& l, int tp_rank, int64_t ep_rank, int round = 0);
 
 // combine_v2's arguments from the rank's dispatch arguments, dispatch results and expert outputs.
 CombineArgs make_combine_args(const Layer& l, const RankState& st);

@@ -5,6 +5,7 @@
 #include <numeric>
 
 #include "moedist/version.h"
+#include "summary.h"
 #include "util.h"
 
 namespace moedist::tools::demo {
@@ -36,6 +37,9 @@ void print_header(const Layer& l, bool processes, int hosts) {
     std::printf(", elastic: %d removed (%lld ranks, %lld experts left)", o.elastic, static_cast<long long>(l.active_ranks),
                 static_cast<long long>(l.E_active));
   if (o.mask) std::printf(", mask: last %lld tokens inactive", static_cast<long long>(l.BS - l.active_tokens));
+  if (rounds_mode(o)) std::printf(", %d rounds", round_count(o));
+  if (o.victim >= 0)
+    std::printf(", %s rank %d in %s of round %d", o.victim_stops ? "SIGSTOP to" : "SIGKILL to", o.victim, o.victim_phase.c_str(), victim_round(o));
   std::printf(", seed %llu\n", static_cast<unsigned long long>(o.seed));
 }
 
@@ -52,7 +56,9 @@ static void print_load(const Layer& l, const std::vector<RankSummary>& ranks) {
       for (int64_t r : s.rows) shared += r;
       continue;
     }
-    const int64_t first = l.tp == 2 ? s.ep_rank - l.Sr : (s.ep_rank - l.Sr) * l.L;  // TP: one expert per rank
+    // Compact ids: TP has one expert per rank (and no scale-down); without TP the rank's first expert
+    // moves with the rank (-1 if it was removed).
+    const int64_t first = l.tp == 2 ? s.ep_rank - l.Sr : l.compact_of[static_cast<size_t>((s.ep_rank - l.Sr) * l.L)];
     for (size_t e = 0; e < s.rows.size(); ++e) {
       const int64_t g = first + static_cast<int64_t>(e);
       if (g >= 0 && g < l.E_active) routed[static_cast<size_t>(g)] += s.rows[e];
@@ -75,7 +81,8 @@ static void print_load(const Layer& l, const std::vector<RankSummary>& ranks) {
                 mean > 0 ? static_cast<double>(*hi) / mean : 0.0);
   }
   if (l.S > 0)
-    std::printf("  shared expert: %lld rows on %lld rank%s\n", static_cast<long long>(shared), static_cast<long long>(l.Sr), l.Sr > 1 ? "s" : "");
+    std::printf("  shared expert: %lld rows on %lld rank%s\n", static_cast<long long>(shared), static_cast<long long>(l.Sr_active),
+                l.Sr_active == 1 ? "" : "s");
   if (l.special)
     std::printf("  zero/copy/const picks (applied in combine, never sent): %lld / %lld / %lld\n", static_cast<long long>(zero),
                 static_cast<long long>(copy), static_cast<long long>(constant));
@@ -88,7 +95,11 @@ static void print_times(const Layer& l, const std::vector<RankSummary>& ranks, b
   if (ran.empty()) return;
   std::string barrier;
   if (processes) barrier = l.opt.transport == "shm" ? ", after a shared-memory barrier" : cat(", after a barrier over ", l.opt.transport);
-  std::printf("phase times, ms (median / max over %zu ranks; each phase starts on all ranks together%s):\n", ran.size(), barrier.c_str());
+  if (rounds_mode(l.opt))
+    std::printf("phase times of the last round, ms (median / max over %zu ranks; no barrier between the phases: waiting for the "
+                "peers is included):\n", ran.size());
+  else
+    std::printf("phase times, ms (median / max over %zu ranks; each phase starts on all ranks together%s):\n", ran.size(), barrier.c_str());
   const std::pair<const char*, double PhaseTimes::*> phases[] = {
       {"gating", &PhaseTimes::gating}, {"dispatch", &PhaseTimes::dispatch}, {"expert FFN", &PhaseTimes::experts}, {"combine", &PhaseTimes::combine}};
   for (const auto& [name, field] : phases) {
@@ -164,6 +175,73 @@ int report(const Layer& l, const std::vector<RankSummary>& ranks, bool processes
   std::printf("moedist demo: PASS\n");
   std::fflush(stdout);
   return 0;
+}
+
+}  // namespace moedist::tools::demo
+
+namespace moedist::tools::demo {
+
+int report_rounds(const Layer& base, const std::vector<RankSummary>& ranks, const VictimRecord* victim, int launcher_code) {
+  const DemoOptions& o = base.opt;
+  const int rounds = round_count(o);
+  std::vector<std::string> problems;
+  std::vector<RankSummary> survivors = ranks;
+  std::vector<int32_t> expect_failed(static_cast<size_t>(base.W), 0);
+  const char* verb = o.victim_stops ? "stopped" : "died";
+  if (o.victim >= 0) {
+    expect_failed[static_cast<size_t>(o.victim)] = 1;
+    RankSummary& v = survivors[static_cast<size_t>(o.victim)];
+    if (!victim) problems.push_back(cat("rank ", o.victim, " left no record of its signal: it did not fail inside ", o.victim_phase));
+    if (!o.victim_stops && v.status != RankSummary::Status::kMissing)
+      problems.push_back(cat("rank ", o.victim, " did not die: it reported ", v.status == RankSummary::Status::kError ? v.error : "results"));
+    if (o.victim_stops && !v.declared_failed)
+      problems.push_back(cat("rank ", o.victim, ", stopped and continued, was not told that it had been declared failed: ",
+                             v.status == RankSummary::Status::kError ? v.error
+                             : v.status == RankSummary::Status::kMissing ? "it left no result" : "it reported results"));
+    v.status = RankSummary::Status::kRemoved;  // not one of the ranks report() looks at
+  }
+  std::string mask;
+  for (int32_t f : expect_failed) mask += f ? '1' : '0';
+  int restart = -1;
+  int64_t last_end_ns = 0, last_recovered_ns = 0;
+  for (const RankSummary& s : survivors) {
+    if (s.status != RankSummary::Status::kOk) continue;  // report() names it
+    const std::string who = rank_name(base, s.tp_rank, s.ep_rank);
+    if (s.rounds_checked != rounds) problems.push_back(cat(who, " checked ", s.rounds_checked, " of ", rounds, " rounds"));
+    if (o.victim < 0) continue;
+    if (s.failed_mask != mask) problems.push_back(cat(who, " agreed on failed ranks '", s.failed_mask, "', expected '", mask, "'"));
+    if (restart < 0) restart = s.restart_round;
+    if (s.restart_round != restart)
+      problems.push_back(cat(who, " restarted from round ", s.restart_round, ", another survivor from round ", restart));
+    if (s.recovered_round_end_ns == 0) problems.push_back(cat(who, " completed no round after the recovery"));
+    last_end_ns = std::max(last_end_ns, s.recovered_round_end_ns);
+    last_recovered_ns = std::max(last_recovered_ns, s.recovered_ns);
+  }
+  for (const std::string& p : problems) std::printf("error: %s\n", p.c_str());
+
+  Layer l = base;
+  if (o.victim >= 0) {
+    l = with_removed(base, expect_failed);
+    const double ms = victim && last_end_ns > 0 ? static_cast<double>(last_end_ns - victim->signal_ns) / 1e6 : -1;
+    std::printf("rounds: %d, each with its own tokens; rank %d fails in round %d, the survivors make again the rounds from the first "
+                "one they did not all complete (round %d) with %lld ranks and %lld routed experts (elastic_info of the agreed failed "
+                "ranks %s)\n",
+                rounds, o.victim, victim_round(o), restart, static_cast<long long>(l.active_ranks), static_cast<long long>(l.E_active),
+                mask.c_str());
+    std::printf("rank %d %s in %s of round %d; %lld ranks continued after %.0f ms\n", o.victim, verb, o.victim_phase.c_str(), victim_round(o),
+                static_cast<long long>(l.active_ranks), ms);
+    if (victim && last_recovered_ns > 0 && last_end_ns > 0)
+      std::printf("  (%.0f ms until every survivor had found the failure and agreed: recover_group returned; the last survivor completed "
+                  "the round made again %.0f ms later)\n",
+                  static_cast<double>(last_recovered_ns - victim->signal_ns) / 1e6, static_cast<double>(last_end_ns - last_recovered_ns) / 1e6);
+  } else {
+    std::printf("rounds: %d, each with its own tokens\n", rounds);
+  }
+  std::fflush(stdout);
+  if (!problems.empty()) {
+    return fail(problems.size() == 1 ? problems[0] : cat(problems[0], "; and ", problems.size() - 1, " more"));
+  }
+  return report(l, survivors, true, launcher_code);
 }
 
 }  // namespace moedist::tools::demo

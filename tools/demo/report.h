@@ -19,4 +19,10 @@ int fail(const std::string& why);
 // exit status of the rank processes (0 in thread mode).
 int report(const Layer& l, const std::vector<RankSummary>& ranks, bool processes, int launcher_code);
 
+// The report of rounds mode (--rounds, --kill, --stop): checks that the victim failed as asked and the
+// survivors agreed on it and completed and checked every round, prints the failover line with the time
+// from the victim's signal (`victim`, nullptr if it left no record) to the end of the survivors' next
+// completed round, then the report of the last round's layout.
+int report_rounds(const Layer& l, const std::vector<RankSummary>& ranks, const VictimRecord* victim, int launcher_code);
+
 }  // namespace moedist::tools::demo

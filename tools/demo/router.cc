@@ -21,10 +21,17 @@ void gate(const Layer& l, RankState& st) {
       const float* wg = l.router.data() + h * n;
       for (int64_t j = 0; j < n; ++j) prob[static_cast<size_t>(j)] += xh * wg[j];
     }
-    const float max_logit = *std::max_element(prob.begin(), prob.end());
+    // Experts of removed ranks are not candidates: their columns drop out of the softmax.
+    float max_logit = -INFINITY;
+    for (int64_t j = 0; j < n; ++j)
+      if (j >= l.E || l.compact_of[static_cast<size_t>(j)] >= 0) max_logit = std::max(max_logit, prob[static_cast<size_t>(j)]);
+    for (int64_t j = 0; j < l.E; ++j)
+      if (l.compact_of[static_cast<size_t>(j)] < 0) prob[static_cast<size_t>(j)] = -INFINITY;
     float sum = 0.f;
     for (float& p : prob) sum += (p = std::exp(p - max_logit));
     for (float& p : prob) p /= sum;
+    for (int64_t j = 0; j < l.E; ++j)  // below every candidate, also one whose probability underflowed
+      if (l.compact_of[static_cast<size_t>(j)] < 0) prob[static_cast<size_t>(j)] = -1.f;
     std::iota(order.begin(), order.end(), 0);
     std::partial_sort(order.begin(), order.begin() + K, order.end(), [&](int64_t a, int64_t b) {
       const float pa = prob[static_cast<size_t>(a)], pb = prob[static_cast<size_t>(b)];
@@ -34,7 +41,7 @@ void gate(const Layer& l, RankState& st) {
     for (int64_t k = 0; k < K; ++k) chosen += prob[static_cast<size_t>(order[static_cast<size_t>(k)])];
     for (int64_t k = 0; k < K; ++k) {
       const int64_t j = order[static_cast<size_t>(k)];
-      st.expert_ids[static_cast<size_t>(t * K + k)] = l.column_expert_id(j);
+      st.expert_ids[static_cast<size_t>(t * K + k)] = j < l.E ? l.compact_of[static_cast<size_t>(j)] : static_cast<int32_t>(j);
       st.expert_scales[static_cast<size_t>(t * K + k)] = prob[static_cast<size_t>(j)] / chosen;
     }
   }

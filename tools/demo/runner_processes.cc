@@ -2,6 +2,7 @@
 // is the parent: it starts the rank processes through `moedist launch`, and they write their results to
 // files it reads (--report-dir). Started by an outside launcher, rank 0 gathers the results over the
 // report group.
+#include <signal.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -199,12 +200,19 @@ int run_rank_process(const DemoOptions& o, const LaunchEnv& env) {
     print_header(l, true, mpi_host_count(groups));
     std::fflush(stdout);
   }
-  if (s.status != RankSummary::Status::kError) run_process_rank(l, groups, s);
-  const int code = s.status == RankSummary::Status::kError ? 1 : 0;
+  if (s.status != RankSummary::Status::kError) {
+    if (rounds_mode(o))
+      run_rounds_rank(l, env.rank, s);
+    else
+      run_process_rank(l, groups, s);
+  }
+  // The stopped rank of --stop that was told it is out did what it must.
+  const int code = s.status == RankSummary::Status::kError && !s.declared_failed ? 1 : 0;
 
   if (!gather) {
     const bool written = write_summary(o.report_dir, env.rank, s);
     if (!written) std::fprintf(stderr, "moedist demo: rank %d: cannot write its result to %s\n", env.rank, o.report_dir.c_str());
+    continue_stopped_rank(l, env.rank);
     return written ? code : 1;
   }
   if (s.status == RankSummary::Status::kError) std::fprintf(stderr, "moedist demo: rank %d: %s\n", env.rank, s.error.c_str());
@@ -244,6 +252,8 @@ int run_parent(const DemoOptions& o, const std::vector<std::string>& args) {
   std::string dir = temp_root() + "/moedist-demo-XXXXXX";
   if (!mkdtemp(dir.data())) throw std::runtime_error(cat("cannot create a directory ", dir, ": ", std::strerror(errno)));
   std::vector<std::string> launch_args = {"-n", std::to_string(processes), "--", self_exe(), "demo"};
+  if (o.victim >= 0 && !o.victim_stops)  // the victim's death by SIGKILL is no failure of the job
+    launch_args.insert(launch_args.begin(), {"--expect-signal", cat(o.victim, ":", SIGKILL)});
   launch_args.insert(launch_args.end(), args.begin(), args.end());
   launch_args.insert(launch_args.end(), {"--report-dir", dir});
   std::vector<char*> argv;
@@ -252,7 +262,10 @@ int run_parent(const DemoOptions& o, const std::vector<std::string>& args) {
   const int code = launch_main(static_cast<int>(launch_args.size()), argv.data());
 
   const std::vector<RankSummary> summaries = collect_summaries(l, dir, processes);
+  VictimRecord victim;
+  const bool have_victim = read_victim_record(dir, victim);
   remove_report_dir(dir, processes);
+  if (rounds_mode(o)) return report_rounds(l, summaries, have_victim ? &victim : nullptr, code);
   return report(l, summaries, true, code);
 }
 

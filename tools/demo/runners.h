@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "launch.h"
+#include "layer.h"
 #include "options.h"
 
 namespace moedist::tools::demo {
@@ -24,5 +25,16 @@ int run_parent(const DemoOptions& o, const std::vector<std::string>& args);
 
 // This process is one rank of a job started by a launcher (`env`). Returns this process's exit code.
 int run_rank_process(const DemoOptions& o, const LaunchEnv& env);
+
+struct RankSummary;
+
+// Rounds mode in rank process p started by the demo's parent: runs the rounds (the victim fails in its
+// round, the survivors recover and go on), then checks every round. Never throws: a failure is the
+// summary's error.
+void run_rounds_rank(const Layer& l, int p, RankSummary& s);
+
+// With --stop, after rank p wrote its result: the lowest surviving rank waits for every survivor's result,
+// then continues the stopped rank (SIGCONT), which then finds out that it was declared failed.
+void continue_stopped_rank(const Layer& l, int p);
 
 }  // namespace moedist::tools::demo

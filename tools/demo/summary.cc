@@ -69,6 +69,9 @@ std::string summary_text(const RankSummary& s) {
     << "error " << one_line(s.error) << "\n"
     << "dispatch_diff " << one_line(s.dispatch_diff) << "\n"
     << "combine_diff " << one_line(s.combine_diff) << "\n"
+    << "rounds " << s.rounds_checked << " " << s.restart_round << " " << s.recovered_round_end_ns << " " << (s.declared_failed ? 1 : 0) << " " << s.recovered_ns
+    << "\n"
+    << "failed_mask " << s.failed_mask << "\n"
     << "end\n";
   return f.str();
 }
@@ -118,10 +121,15 @@ bool parse_summary(std::istream& f, RankSummary& s) {
       r.dispatch_diff = rest;
     } else if (key == "combine_diff") {
       r.combine_diff = rest;
+    } else if (key == "rounds") {
+      in >> r.rounds_checked >> r.restart_round >> r.recovered_round_end_ns >> r.declared_failed >> r.recovered_ns;
+    } else if (key == "failed_mask") {
+      r.failed_mask = rest;
     } else if (key == "end") {
       complete = true;
     }
-    if (!in && key != "end" && key != "error" && key != "dispatch_diff" && key != "combine_diff" && key != "status") return false;
+    if (!in && key != "end" && key != "error" && key != "dispatch_diff" && key != "combine_diff" && key != "status" && key != "failed_mask")
+      return false;
   }
   if (!complete) return false;
   s = std::move(r);
@@ -133,12 +141,34 @@ bool read_summary(const std::string& path, RankSummary& s) {
   return f && parse_summary(f, s);
 }
 
+std::string victim_record_path(const std::string& dir) { return dir + "/victim.txt"; }
+
+bool write_victim_record(const std::string& dir, const VictimRecord& v) {
+  const std::string path = victim_record_path(dir), tmp = path + ".tmp";
+  {
+    std::ofstream f(tmp);
+    f << v.signal_ns << " " << v.pid << "\n";
+    if (!f.flush()) return false;
+  }
+  return std::rename(tmp.c_str(), path.c_str()) == 0;
+}
+
+bool read_victim_record(const std::string& dir, VictimRecord& v) {
+  std::ifstream f(victim_record_path(dir));
+  VictimRecord r;
+  if (!(f >> r.signal_ns >> r.pid)) return false;
+  v = r;
+  return true;
+}
+
 // Removes the rank files and the directory.
 void remove_report_dir(const std::string& dir, int processes) {
   for (int p = 0; p < processes; ++p) {
     std::remove(summary_path(dir, p).c_str());
     std::remove(cat(dir, "/.rank", p, ".tmp").c_str());
   }
+  std::remove(victim_record_path(dir).c_str());
+  std::remove((victim_record_path(dir) + ".tmp").c_str());
   rmdir(dir.c_str());
 }
 

@@ -27,6 +27,13 @@ struct RankSummary {
   int64_t zero = 0, copy = 0, constant = 0;  // zero/copy/const picks of this rank's tokens
   Accuracy accuracy;               // vs the dense layer, this rank's tokens
   std::string dispatch_diff, combine_diff;  // vs the reference, "" when bit-exact
+  // Rounds (--rounds, --kill, --stop):
+  int rounds_checked = 0;          // rounds run and checked
+  int restart_round = 0;           // the round (1-based) the survivors made again after a recovery; 0: none
+  std::string failed_mask;         // the failed ranks the survivors agreed on, one digit per rank ("" before any)
+  int64_t recovered_ns = 0;            // steady clock when recover_group returned
+  int64_t recovered_round_end_ns = 0;  // steady clock at the end of the first round completed after the recovery
+  bool declared_failed = false;    // this rank was told it had been declared failed (the victim of --stop)
 };
 
 // What a rank's run measured: times, the rows per expert, the special experts picked.
@@ -45,7 +52,17 @@ std::string summary_path(const std::string& dir, int rank);
 // Written to a temporary name, then renamed: a reader sees the whole file or none.
 bool write_summary(const std::string& dir, int rank, const RankSummary& s);
 bool read_summary(const std::string& path, RankSummary& s);
-// Removes the rank files and the directory.
+// --kill / --stop: the victim's record in the report directory, written just before it raises the
+// signal: the steady-clock time (CLOCK_MONOTONIC, the same clock in every process of the host) and its pid.
+struct VictimRecord {
+  int64_t signal_ns = 0;
+  int pid = 0;
+};
+std::string victim_record_path(const std::string& dir);
+bool write_victim_record(const std::string& dir, const VictimRecord& v);
+bool read_victim_record(const std::string& dir, VictimRecord& v);
+
+// Removes the rank files, the victim's record and the directory.
 void remove_report_dir(const std::string& dir, int processes);
 
 }  // namespace moedist::tools::demo
