@@ -194,3 +194,24 @@ def test_compiled_dispatch_combine_equals_eager(checked_calls):
         got = compiled(x, ids, w)
         for e, g in zip(eager, got):
             assert torch.equal(e, g)
+
+
+@pytest.mark.timeout(300)
+def test_python_bench_driver_prints_one_row_per_configuration():
+    """bench/python_bench.py, which `moedist bench --python` runs: 2 ranks as processes, two configurations."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "python_bench.py")
+    out = subprocess.run([sys.executable, script, "--ranks", "2", "--tokens", "1,3", "--hidden", "64", "--experts", "4",
+                          "--quant", "0", "--topk", "2", "--iters", "3", "--warmup", "1", "--timeout", "240"],
+                         capture_output=True, text=True, timeout=280)
+    assert out.returncode == 0, out.stderr
+    rows = [line.split(" ", 7) for line in out.stdout.splitlines() if line.startswith("PYROW ")]
+    assert [r[1:7] for r in rows] == [["2", "1", "64", "4", "0", "fullmesh"], ["2", "3", "64", "4", "0", "fullmesh"]]
+    for r in rows:
+        entry = json.loads(r[7])
+        for k in ("dispatch_us", "combine_us", "round_us"):
+            assert 0 < entry[k]["p10"] <= entry[k]["median"] <= entry[k]["p90"], entry
