@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Per-call cost of the Python package on a 1-rank group (ranks as threads: no peer to wait for).
+"""Per-call cost of the Python package on a 1-rank shared-memory group (no peer to wait for).
 
 Times, per call (median and p10 of --iters calls, after --warmup):
   eager        moedist.npu_moe_distribute_dispatch_v2 / _combine_v2 (the eager path: straight to C++)
@@ -48,7 +48,10 @@ def main(argv) -> int:
 
     torch.set_num_threads(1)
     BS, H, K, E = a.tokens, a.hidden, a.topk, a.experts
-    name = moedist.init_thread_group("python_calls", 1)
+    import uuid
+
+    name = "python_calls"
+    moedist._C.init_shm_group(name, 1, 0, uuid.uuid4().hex[:16], 0, 0)  # the transport `moedist bench` times
     g = torch.Generator().manual_seed(1)
     x = torch.randn(BS, H, generator=g).to(torch.bfloat16)
     ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(BS)]).to(torch.int32)
