@@ -10,7 +10,7 @@ before each iteration; per iteration the maximum over ranks. The inputs are draw
 draws them (random normal rows, K distinct experts per token, weights 1/K) from torch's generator.
 
 Rank 0 prints one line per configuration:
-    PYROW <ranks> <tokens> <hidden> <experts> <quant_mode> <comm_alg> {"dispatch_us": ..., ...}
+    PYROW <ranks> <tokens> <hidden> <experts> <quant_mode> <comm_quant_mode> <comm_alg> {"dispatch_us": ...}
 Run it directly:  python bench/python_bench.py --ranks 2 --tokens 8 --hidden 7168 --experts 16 --quant 0
 """
 from __future__ import annotations
@@ -35,6 +35,7 @@ def parse(argv):
     p.add_argument("--hidden", type=_ints, default=[7168])
     p.add_argument("--experts", type=_ints, default=[16, 64])
     p.add_argument("--quant", type=_ints, default=[0, 2])
+    p.add_argument("--comm-quant", type=_ints, default=[0])
     p.add_argument("--topk", type=int, default=8)
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
@@ -78,18 +79,21 @@ def worker(a) -> int:
                     ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(BS)]).to(torch.int32) \
                         if BS else torch.empty(0, K, dtype=torch.int32)
                     w = torch.full((BS, K), 1.0 / K, dtype=torch.float32)
-                    for alg in a.comm_alg.split(","):
+                    for alg, cq in [(alg, cq) for alg in a.comm_alg.split(",") for cq in a.comm_quant]:
+                        if cq == 2 and alg == "hierarchy":
+                            continue  # hierarchy refuses comm_quant_mode 2 (the C++ worker skips it too)
                         hier = alg == "hierarchy"
                         dkw = dict(quant_mode=q, comm_alg=alg, expert_scales=w if hier else None)
                         r = D(x, ids, name, W, rank, E, **dkw)
-                        expert_out = torch.zeros(r[0].shape[0], H, dtype=torch.bfloat16)  # the experts' output
+                        # the experts' output: token-like values (comm_quant_mode 2 quantizes them)
+                        expert_out = torch.randn(r[0].shape[0], H, generator=g).to(torch.bfloat16)
                         td, tc = [], []
                         for it in range(a.warmup + a.iters):
                             dist.barrier()
                             t0 = time.perf_counter()
                             r = D(x, ids, name, W, rank, E, **dkw)
                             t1 = time.perf_counter()
-                            C(expert_out, ids, r[2], r[4], w, name, W, rank, E, comm_alg=alg,
+                            C(expert_out, ids, r[2], r[4], w, name, W, rank, E, comm_alg=alg, comm_quant_mode=cq,
                               expand_scales=r[6] if hier else None)
                             t2 = time.perf_counter()
                             if it >= a.warmup:
@@ -102,7 +106,7 @@ def worker(a) -> int:
                             entry = {"dispatch_us": stats(d), "combine_us": stats(c),
                                      "round_us": stats([u + v for u, v in zip(d, c)]),
                                      "interpreter": sys.executable, "torch": torch.__version__}
-                            print(f"PYROW {W} {BS} {H} {E} {q} {alg} {json.dumps(entry, separators=(',', ':'))}",
+                            print(f"PYROW {W} {BS} {H} {E} {q} {cq} {alg} {json.dumps(entry, separators=(',', ':'))}",
                                   flush=True)
     dist.barrier()
     moedist.destroy_comm(name)

@@ -29,13 +29,13 @@ def main() -> int:
     py = [r for r in rows if "python" in r]
     if py:  # moedist bench --python: the same configurations through the Python package
         lines += ["", "Python package (bench/python_bench.py) beside the C++ calls, same run:", "",
-                  "| ranks | tokens | H | experts | quant | comm_alg | moedist round us | python round us (p10-p90) "
-                  "| python / moedist | added per call us: dispatch | combine |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| ranks | tokens | H | experts | quant | comm_quant | comm_alg | moedist round us "
+                  "| python round us (p10-p90) | python / moedist | added per call us: dispatch | combine |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in py:
             p, m = r["python"], r["moedist"]
             head = (f"| {r['ranks']} | {r['tokens']} | {r['hidden']} | {r['experts']} | {r['quant_mode']} "
-                    f"| {r.get('comm_alg', 'fullmesh')} | {m['round_us']['median']:.1f} ")
+                    f"| {r.get('comm_quant_mode', 0)} | {r.get('comm_alg', 'fullmesh')} | {m['round_us']['median']:.1f} ")
             if "unavailable" in p:
                 lines.append(head + f"| {p['unavailable']} | | | |")
                 continue

@@ -769,9 +769,9 @@ std::string python_unavailable(const std::string& py) {
          "); scripts/python-setup.sh installs them, MOEDIST_PYTHON names another interpreter";
 }
 
-std::string config_key(int W, int BS, int H, int E, int q, const std::string& alg) {
+std::string config_key(int W, int BS, int H, int E, int q, int cq, const std::string& alg) {
   return std::to_string(W) + " " + std::to_string(BS) + " " + std::to_string(H) + " " + std::to_string(E) + " " +
-         std::to_string(q) + " " + alg;
+         std::to_string(q) + " " + std::to_string(cq) + " " + alg;
 }
 
 // Runs bench/python_bench.py for W ranks; its rows go to `got` by configuration. Empty, or why it failed.
@@ -783,12 +783,12 @@ std::string run_python(const std::string& py, int W, const std::string& args, st
   if (p == nullptr) return "cannot start " + py;
   char line[8192];
   while (std::fgets(line, sizeof(line), p)) {
-    int w = 0, bs = 0, h = 0, e = 0, q = 0, n = 0;
+    int w = 0, bs = 0, h = 0, e = 0, q = 0, cq = 0, n = 0;
     char alg[64] = {};
-    if (std::sscanf(line, "PYROW %d %d %d %d %d %63s %n", &w, &bs, &h, &e, &q, alg, &n) == 6 && line[n] == '{') {
+    if (std::sscanf(line, "PYROW %d %d %d %d %d %d %63s %n", &w, &bs, &h, &e, &q, &cq, alg, &n) == 7 && line[n] == '{') {
       std::string obj(line + n);
       obj.erase(obj.find_last_not_of("\r\n") + 1);
-      got[config_key(w, bs, h, e, q, alg)] = obj;
+      got[config_key(w, bs, h, e, q, cq, alg)] = obj;
     }
   }
   const int rc = pclose(p);
@@ -806,12 +806,13 @@ double median_of(const std::string& json, const std::string& field) {
 // A row of the C++ worker with its "python" entry added (and the comparison, when there is one).
 std::string with_python(const std::string& row, const std::map<std::string, std::string>& got,
                         const std::map<int, std::string>& failed, const std::string& unavailable) {
-  int W = 0, BS = 0, H = 0, K = 0, E = 0, q = 0;
+  int W = 0, BS = 0, H = 0, K = 0, E = 0, q = 0, cq = 0;
   char transport[64] = {}, alg[64] = {};
   const int n = std::sscanf(row.c_str(), "{\"ranks\":%d,\"tokens\":%d,\"hidden\":%d,\"topk\":%d,\"experts\":%d,\"quant_mode\":%d,"
-                            "\"transport\":\"%63[^\"]\",\"comm_alg\":\"%63[^\"]\"", &W, &BS, &H, &K, &E, &q, transport, alg);
+                            "\"comm_quant_mode\":%d,\"transport\":\"%63[^\"]\",\"comm_alg\":\"%63[^\"]\"", &W, &BS, &H, &K, &E, &q, &cq,
+                            transport, alg);
   std::string add;
-  const auto hit = n == 8 ? got.find(config_key(W, BS, H, E, q, alg)) : got.end();
+  const auto hit = n == 9 ? got.find(config_key(W, BS, H, E, q, cq, alg)) : got.end();
   if (hit != got.end()) {
     const double pr = median_of(hit->second, "round_us"), mr = median_of(row, "round_us");
     char buf[256];

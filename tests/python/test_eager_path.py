@@ -209,9 +209,9 @@ def test_python_bench_driver_prints_one_row_per_configuration():
                           "--quant", "0", "--topk", "2", "--iters", "3", "--warmup", "1", "--timeout", "240"],
                          capture_output=True, text=True, timeout=280)
     assert out.returncode == 0, out.stderr
-    rows = [line.split(" ", 7) for line in out.stdout.splitlines() if line.startswith("PYROW ")]
-    assert [r[1:7] for r in rows] == [["2", "1", "64", "4", "0", "fullmesh"], ["2", "3", "64", "4", "0", "fullmesh"]]
+    rows = [line.split(" ", 8) for line in out.stdout.splitlines() if line.startswith("PYROW ")]
+    assert [r[1:8] for r in rows] == [["2", "1", "64", "4", "0", "0", "fullmesh"], ["2", "3", "64", "4", "0", "0", "fullmesh"]]
     for r in rows:
-        entry = json.loads(r[7])
+        entry = json.loads(r[8])
         for k in ("dispatch_us", "combine_us", "round_us"):
             assert 0 < entry[k]["p10"] <= entry[k]["median"] <= entry[k]["p90"], entry
