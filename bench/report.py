@@ -26,6 +26,22 @@ def main() -> int:
             f"| {r['memcpy_GBps']:.1f} | {r.get('outputs_vs_baseline', '')} "
             f"| {m.get('metadata_check_us', 0):.2f} ({m.get('metadata_check_pct_of_round', 0):.2f}%) |"
         )
+    py = [r for r in rows if "python" in r]
+    if py:  # moedist bench --python: the same configurations through the Python package
+        lines += ["", "Python package (bench/python_bench.py) beside the C++ calls, same run:", "",
+                  "| ranks | tokens | H | experts | quant | comm_quant | comm_alg | moedist round us "
+                  "| python round us (p10-p90) | python / moedist | added per call us: dispatch | combine |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in py:
+            p, m = r["python"], r["moedist"]
+            head = (f"| {r['ranks']} | {r['tokens']} | {r['hidden']} | {r['experts']} | {r['quant_mode']} "
+                    f"| {r.get('comm_quant_mode', 0)} | {r.get('comm_alg', 'fullmesh')} | {m['round_us']['median']:.1f} ")
+            if "unavailable" in p:
+                lines.append(head + f"| {p['unavailable']} | | | |")
+                continue
+            added = r["python_added_us_per_call"]
+            lines.append(head + f"| {p['round_us']['median']:.1f} ({p['round_us']['p10']:.0f}-{p['round_us']['p90']:.0f}) "
+                         f"| {r['python_vs_moedist_round']:.2f}x | {added['dispatch']:.1f} | {added['combine']:.1f} |")
     table = "\n".join(lines) + "\n"
     (out / "bench.md").write_text(table)
     print(table)

@@ -28,6 +28,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <map>
 #include <random>
 #include <sstream>
 #include <string>
@@ -305,6 +306,7 @@ struct Sweep {
   bool waits = false;       // performance_info on every rank; rank 0 prints the W x W wait matrix
   int slow_rank = -1;       // this rank sleeps slow_us before each dispatch (to see it in the matrix)
   int slow_us = 0;
+  bool python = false;      // --python: the same configurations through the Python package too
 };
 
 std::vector<std::string> parse_words(const std::string& s, char sep) {
@@ -322,7 +324,7 @@ int bench_usage(FILE* out = stderr) {
                "usage: moedist bench [--ranks 2,4,8] [--tokens 1,8,32,128,512] [--hidden 7168] [--experts 16,64]\n"
                "                     [--quant 0,2] [--comm-quant 0] [--topk 8] [--iters 30] [--warmup 5] [--out DIR] [--quick]\n"
                "                     [--transport shm|mpi|hybrid] [--comm-alg fullmesh,hierarchy] [--ranks-per-host N]\n"
-               "                     [--hostfile FILE] [--mpirun-args \"ARGS\"] [--waits [--slow-rank R --slow-us N]]\n"
+               "                     [--hostfile FILE] [--mpirun-args \"ARGS\"] [--waits [--slow-rank R --slow-us N]] [--python]\n"
                "  Runs each configuration under mpirun: moedist and the MPI_Alltoallv pipeline baseline side by\n"
                "  side, plus memcpy bandwidth, and the bytes that crossed between hosts per round for both.\n"
                "  --transport: shm (processes of this host, default), mpi (MPI between all ranks), hybrid\n"
@@ -340,6 +342,10 @@ int bench_usage(FILE* out = stderr) {
                "  waited for rank j, per round: dispatch + combine, mean over the timed rounds). --slow-rank R\n"
                "  --slow-us N: rank R sleeps N microseconds before each dispatch, so its column stands out (the\n"
                "  other ranks' moedist times in the table then include that wait; the baseline is not delayed).\n"
+               "  --python: after each rank count's C++ run, the same configurations through the Python package\n"
+               "  (bench/python_bench.py: processes, torch ops) go into bench.json as \"python\" beside \"moedist\", with\n"
+               "  python_vs_moedist_round and the time Python adds per call; the interpreter is $MOEDIST_PYTHON, else\n"
+               "  build-py/venv/bin/python of the source tree, else python3 (without torch and moedist the entry says so).\n"
                "  The worker can be started directly: mpirun -np 8 --hostfile hosts moedist bench-worker [options]\n"
                "  prints one JSON object per configuration.\n");
   return out == stderr ? 2 : 0;
@@ -373,6 +379,7 @@ bool help_asked(int argc, char** argv) {
     else if (a == "--waits") s.waits = true;
     else if (a == "--slow-rank") s.slow_rank = std::atoi(next().c_str());
     else if (a == "--slow-us") s.slow_us = std::atoi(next().c_str());
+    else if (a == "--python") s.python = true;
     else if (a == "--quick") {
       s.ranks = {2, 3};
       s.tokens = {1, 8};
@@ -746,6 +753,112 @@ std::string json_stats(const char* name, const std::vector<double>& v) {
   return buf;
 }
 
+// ---- --python: the same configurations through the Python package (bench/python_bench.py) ----
+
+std::string shell_quote(const std::string& v) {
+  std::string o = "'";
+  for (char c : v) o += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return o + "'";
+}
+
+std::string json_escape(const std::string& v) {
+  std::string o;
+  for (unsigned char c : v) {
+    if (c == '"' || c == '\\') o += '\\', o += static_cast<char>(c);
+    else if (c < 0x20) o += ' ';
+    else o += static_cast<char>(c);
+  }
+  return o;
+}
+
+// $MOEDIST_PYTHON, else the source tree's build-py/venv (scripts/python-setup.sh), else python3.
+std::string python_interpreter() {
+  const char* e = std::getenv("MOEDIST_PYTHON");
+  if (e != nullptr && *e != '\0') return e;
+  const std::string venv = std::string(MOEDIST_SOURCE_DIR) + "/build-py/venv/bin/python";
+  if (access(venv.c_str(), X_OK) == 0) return venv;
+  return "python3";
+}
+
+// Empty when `py` imports torch and moedist; else why the Python entries are missing.
+std::string python_unavailable(const std::string& py) {
+  FILE* p = popen((shell_quote(py) + " -c 'import torch, moedist' 2>&1").c_str(), "r");
+  if (p == nullptr) return "cannot start " + py;
+  std::string out, last;
+  char buf[4096];
+  while (std::fgets(buf, sizeof(buf), p)) out += buf;
+  const int rc = pclose(p);
+  if (rc == 0) return "";
+  std::stringstream ss(out);
+  for (std::string line; std::getline(ss, line);)
+    if (!line.empty()) last = line;
+  return py + " cannot import torch and moedist (" + (last.empty() ? "exit status " + std::to_string(rc) : last) +
+         "); scripts/python-setup.sh installs them, MOEDIST_PYTHON names another interpreter";
+}
+
+std::string config_key(int W, int BS, int H, int E, int q, int cq, const std::string& alg) {
+  return std::to_string(W) + " " + std::to_string(BS) + " " + std::to_string(H) + " " + std::to_string(E) + " " +
+         std::to_string(q) + " " + std::to_string(cq) + " " + alg;
+}
+
+// Runs bench/python_bench.py for W ranks; its rows go to `got` by configuration. Empty, or why it failed.
+std::string run_python(const std::string& py, int W, const std::string& args, std::map<std::string, std::string>& got) {
+  const std::string cmd = shell_quote(py) + " " + shell_quote(std::string(MOEDIST_SOURCE_DIR) + "/bench/python_bench.py") +
+                          " --ranks " + std::to_string(W) + args;
+  std::fprintf(stderr, "moedist bench: %s\n", cmd.c_str());
+  FILE* p = popen(cmd.c_str(), "r");
+  if (p == nullptr) return "cannot start " + py;
+  char line[8192];
+  while (std::fgets(line, sizeof(line), p)) {
+    int w = 0, bs = 0, h = 0, e = 0, q = 0, cq = 0, n = 0;
+    char alg[64] = {};
+    if (std::sscanf(line, "PYROW %d %d %d %d %d %d %63s %n", &w, &bs, &h, &e, &q, &cq, alg, &n) == 7 && line[n] == '{') {
+      std::string obj(line + n);
+      obj.erase(obj.find_last_not_of("\r\n") + 1);
+      got[config_key(w, bs, h, e, q, cq, alg)] = obj;
+    }
+  }
+  const int rc = pclose(p);
+  if (rc != 0) return "the Python run with " + std::to_string(W) + " ranks failed (exit status " + std::to_string(rc) + ", its errors are above)";
+  return "";
+}
+
+// The median of "<field>":{"median":...} (the first occurrence), or -1.
+double median_of(const std::string& json, const std::string& field) {
+  const std::string pat = "\"" + field + "\":{\"median\":";
+  const size_t at = json.find(pat);
+  return at == std::string::npos ? -1.0 : std::strtod(json.c_str() + at + pat.size(), nullptr);
+}
+
+// A row of the C++ worker with its "python" entry added (and the comparison, when there is one).
+std::string with_python(const std::string& row, const std::map<std::string, std::string>& got,
+                        const std::map<int, std::string>& failed, const std::string& unavailable) {
+  int W = 0, BS = 0, H = 0, K = 0, E = 0, q = 0, cq = 0;
+  char transport[64] = {}, alg[64] = {};
+  const int n = std::sscanf(row.c_str(), "{\"ranks\":%d,\"tokens\":%d,\"hidden\":%d,\"topk\":%d,\"experts\":%d,\"quant_mode\":%d,"
+                            "\"comm_quant_mode\":%d,\"transport\":\"%63[^\"]\",\"comm_alg\":\"%63[^\"]\"", &W, &BS, &H, &K, &E, &q, &cq,
+                            transport, alg);
+  std::string add;
+  const auto hit = n == 9 ? got.find(config_key(W, BS, H, E, q, cq, alg)) : got.end();
+  if (hit != got.end()) {
+    const double pr = median_of(hit->second, "round_us"), mr = median_of(row, "round_us");
+    char buf[256];
+    std::snprintf(buf, sizeof(buf), ",\"python_vs_moedist_round\":%.3f,\"python_added_us_per_call\":{\"dispatch\":%.2f,\"combine\":%.2f}",
+                  mr > 0 ? pr / mr : 0.0, median_of(hit->second, "dispatch_us") - median_of(row, "dispatch_us"),
+                  median_of(hit->second, "combine_us") - median_of(row, "combine_us"));
+    add = ",\"python\":" + hit->second + buf;
+  } else {
+    std::string why = unavailable;
+    if (why.empty()) {
+      const auto f = failed.find(W);
+      why = f != failed.end() ? f->second : "no Python result for this configuration";
+    }
+    add = ",\"python\":{\"unavailable\":\"" + json_escape(why) + "\"}";
+  }
+  const size_t end = row.find_last_of('}');
+  return row.substr(0, end) + add + row.substr(end);
+}
+
 }  // namespace
 
 int bench_worker_main(int argc, char** argv) {
@@ -889,6 +1002,15 @@ int bench_main(int argc, char** argv, const char* argv0) {
     return 1;
   }
   std::vector<std::string> rows;
+  // --python: the interpreter, and why there are no Python entries (empty: they are measured)
+  const std::string py = s.python ? python_interpreter() : "";
+  std::string py_unavailable;
+  if (s.python)
+    py_unavailable = s.transport != "shm" ? "the Python package's communicators are shared memory only (--transport shm)"
+                                          : python_unavailable(py);
+  if (!py_unavailable.empty()) std::fprintf(stderr, "moedist bench: --python: %s\n", py_unavailable.c_str());
+  std::map<std::string, std::string> py_rows;
+  std::map<int, std::string> py_failed;
   for (int W : s.ranks) {
     const std::string cmd = "mpirun --allow-run-as-root --oversubscribe --bind-to none" + s.mpirun_args + " -np " + std::to_string(W) +
                             " '" + self + "' bench-worker" + cmd_common;
@@ -908,7 +1030,16 @@ int bench_main(int argc, char** argv, const char* argv0) {
       std::fprintf(stderr, "moedist bench: the run with %d ranks failed\n", W);
       return 1;
     }
+    if (s.python && py_unavailable.empty()) {  // right after the C++ run, so that both see the same machine load
+      const std::string why = run_python(py, W, cmd_common, py_rows);
+      if (!why.empty()) {
+        std::fprintf(stderr, "moedist bench: --python: %s\n", why.c_str());
+        py_failed[W] = why;
+      }
+    }
   }
+  if (s.python)
+    for (auto& r : rows) r = with_python(r.substr(0, r.find_last_not_of("\n") + 1), py_rows, py_failed, py_unavailable) + "\n";
   // JSON array, markdown table and plot (python3 + matplotlib, optional).
   std::ofstream js(s.out + "/bench.json");
   js << "[\n";

@@ -5,7 +5,8 @@ torch.library.custom_op: their real implementation calls the C++ core, their fak
 the output shapes from the integer arguments and input shapes (moedist._shapes), so torch.compile
 (fullgraph=True) traces a model that calls them into one graph, as torchair does on Ascend.
 The public functions moedist.npu_moe_distribute_dispatch_v2 / _combine_v2 take exactly the arguments of
-torch_npu's functions (names, order, keyword-only marker, defaults) and call the custom operators.
+torch_npu's functions (names, order, keyword-only marker, defaults); called eagerly with plain CPU tensors
+they call the C++ core directly (see "The eager path" below), otherwise the custom operators.
 """
 from __future__ import annotations
 
@@ -17,12 +18,37 @@ import torch
 from torch import Tensor
 
 from . import _C
-from ._convert import from_capsule, view
+from ._convert import DTYPE_CODES, from_capsule, view
 from ._shapes import combine_shape, dispatch_shapes
 from ._groups import resolve_group
 
 _DISPATCH = "npu_moe_distribute_dispatch_v2"
 _COMBINE = "npu_moe_distribute_combine_v2"
+
+# The eager path: the public functions hand their arguments straight to the C++ entry points
+# (_C.dispatch_v2_eager / combine_v2_eager), which read plain CPU tensors, ints and strs through the
+# Python C API and release the GIL for the collective. They return None for any argument they do not
+# take as it is (a tensor subclass, one requiring grad, a meta/sparse/non-CPU tensor, an unknown dtype,
+# an int-like that is not an int, ...), and calls with a performance_info tensor (which they do not take)
+# are not given to them: the call then goes the checked way (Python checks, rejection sent
+# to the peers, the torch.library operator), whose results and errors are the eager path's. Calls made
+# while torch.compile traces, or under a torch function/dispatch mode (FakeTensorMode, make_fx), a
+# functorch transform or torch.jit tracing, always go through the operator.
+_C.set_torch(torch.Tensor, sorted(DTYPE_CODES, key=DTYPE_CODES.get), torch.strided, torch._C._from_dlpack)
+_dispatch_eager = _C.dispatch_v2_eager
+_combine_eager = _C.combine_v2_eager
+_is_compiling = torch.compiler.is_compiling
+_tf_modes = torch._C._len_torch_function_stack
+_td_modes = torch._C._len_torch_dispatch_stack
+_functorch = torch._C._are_functorch_transforms_active
+_jit_tracing = torch._C._get_tracing_state
+
+
+def _plain_eager() -> bool:
+    """No torch function/dispatch mode, functorch transform or jit trace is active (the caller has
+    checked torch.compiler.is_compiling() first, so that a traced call never gets here)."""
+    return not (_tf_modes() or _td_modes() or _functorch() or _jit_tracing() is not None)
+
 
 
 def _dispatch_kwargs(x, expert_ids, group_ep, ep_world_size, ep_rank_id, moe_expert_num, scales, x_active_mask,
@@ -166,6 +192,12 @@ def _dispatch_op(x: Tensor, expert_ids: Tensor, group_ep: str, ep_world_size: in
                  quant_mode: int, global_bs: int, expert_token_nums_type: int, comm_alg: str, zero_expert_num: int,
                  copy_expert_num: int, const_expert_num: int
                  ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    out = None if performance_info is not None else _dispatch_eager(x, expert_ids, group_ep, ep_world_size, ep_rank_id, moe_expert_num, scales, x_active_mask,
+                          expert_scales, elastic_info, group_tp, tp_world_size, tp_rank_id, expert_shard_type,
+                          shared_expert_num, shared_expert_rank_num, quant_mode, global_bs, expert_token_nums_type,
+                          comm_alg, zero_expert_num, copy_expert_num, const_expert_num)
+    if out is not None:
+        return out
     try:
         args = _dispatch_kwargs(x, expert_ids, group_ep, ep_world_size, ep_rank_id, moe_expert_num, scales,
                                 x_active_mask, expert_scales, elastic_info, performance_info, group_tp, tp_world_size, tp_rank_id,
@@ -209,6 +241,14 @@ def _combine_op(expand_x: Tensor, expert_ids: Tensor, assist_info_for_combine: T
                 expert_shard_type: int, shared_expert_num: int, shared_expert_rank_num: int, global_bs: int,
                 comm_quant_mode: int, comm_alg: str, zero_expert_num: int, copy_expert_num: int,
                 const_expert_num: int) -> Tensor:
+    out = None if performance_info is not None else _combine_eager(expand_x, expert_ids, assist_info_for_combine, ep_send_counts, expert_scales, group_ep,
+                         ep_world_size, ep_rank_id, moe_expert_num, tp_send_counts, x_active_mask, expand_scales,
+                         shared_expert_x, elastic_info, ori_x, const_expert_alpha_1, const_expert_alpha_2,
+                         const_expert_v, group_tp, tp_world_size, tp_rank_id, expert_shard_type, shared_expert_num,
+                         shared_expert_rank_num, global_bs, comm_quant_mode, comm_alg, zero_expert_num,
+                         copy_expert_num, const_expert_num)
+    if out is not None:
+        return out
     try:
         args = _combine_kwargs(expand_x, expert_ids, assist_info_for_combine, ep_send_counts, expert_scales, group_ep,
                                ep_world_size, ep_rank_id, moe_expert_num, tp_send_counts, x_active_mask, expand_scales,
@@ -252,8 +292,16 @@ def npu_moe_distribute_dispatch_v2(x, expert_ids, group_ep, ep_world_size, ep_ra
     KeyboardInterrupt on Ctrl-C while waiting for peers (they then fail at once, naming this rank). A call
     this rank rejects, in Python or in C++, makes its peers fail at once naming it.
     """
-    group_ep, group_tp = _resolve_groups(_DISPATCH, group_ep, group_tp, ep_world_size, ep_rank_id, elastic_info,
-                                         tp_world_size, tp_rank_id)
+    if type(group_ep) is not str or type(group_tp) is not str:
+        group_ep, group_tp = _resolve_groups(_DISPATCH, group_ep, group_tp, ep_world_size, ep_rank_id, elastic_info,
+                                             tp_world_size, tp_rank_id)
+    if not _is_compiling() and _plain_eager():
+        out = None if performance_info is not None else _dispatch_eager(x, expert_ids, group_ep, ep_world_size, ep_rank_id, moe_expert_num, scales, x_active_mask,
+                              expert_scales, elastic_info, group_tp, tp_world_size, tp_rank_id, expert_shard_type,
+                              shared_expert_num, shared_expert_rank_num, quant_mode, global_bs, expert_token_nums_type,
+                              comm_alg, zero_expert_num, copy_expert_num, const_expert_num)
+        if out is not None:
+            return out
     _checked(_DISPATCH, dict(x=x, expert_ids=expert_ids, group_ep=group_ep, ep_world_size=ep_world_size,
                              ep_rank_id=ep_rank_id, moe_expert_num=moe_expert_num, scales=scales,
                              x_active_mask=x_active_mask, expert_scales=expert_scales, elastic_info=elastic_info,
@@ -286,8 +334,18 @@ def npu_moe_distribute_combine_v2(expand_x, expert_ids, assist_info_for_combine,
     Returns (BS, H) in expand_x's dtype; rows of inactive tokens (x_active_mask) are zeros. Errors as for
     :func:`npu_moe_distribute_dispatch_v2`.
     """
-    group_ep, group_tp = _resolve_groups(_COMBINE, group_ep, group_tp, ep_world_size, ep_rank_id, elastic_info,
-                                         tp_world_size, tp_rank_id)
+    if type(group_ep) is not str or type(group_tp) is not str:
+        group_ep, group_tp = _resolve_groups(_COMBINE, group_ep, group_tp, ep_world_size, ep_rank_id, elastic_info,
+                                             tp_world_size, tp_rank_id)
+    if not _is_compiling() and _plain_eager():
+        out = None if performance_info is not None else _combine_eager(expand_x, expert_ids, assist_info_for_combine, ep_send_counts, expert_scales, group_ep,
+                             ep_world_size, ep_rank_id, moe_expert_num, tp_send_counts, x_active_mask, expand_scales,
+                             shared_expert_x, elastic_info, ori_x, const_expert_alpha_1, const_expert_alpha_2,
+                             const_expert_v, group_tp, tp_world_size, tp_rank_id, expert_shard_type, shared_expert_num,
+                             shared_expert_rank_num, global_bs, comm_quant_mode, comm_alg, zero_expert_num,
+                             copy_expert_num, const_expert_num)
+        if out is not None:
+            return out
     _checked(_COMBINE, dict(expand_x=expand_x, expert_ids=expert_ids, assist_info_for_combine=assist_info_for_combine,
                             ep_send_counts=ep_send_counts, expert_scales=expert_scales, group_ep=group_ep,
                             ep_world_size=ep_world_size, ep_rank_id=ep_rank_id, moe_expert_num=moe_expert_num,

@@ -283,6 +283,217 @@ Args parse_or_reject(const py::dict& d, Args (*parse)(const py::dict&), void (*r
   }
 }
 
+// ---- the eager path: torch tensors read through the Python C API ----
+// The public functions call dispatch_v2_eager / combine_v2_eager with their arguments in signature order
+// (groups already resolved to names) when nothing is tracing or intercepting torch calls. The arguments
+// are read here without building dicts or tuples: a tensor must be exactly a torch.Tensor on the CPU,
+// strided, of a moedist dtype and not requiring grad; an int argument exactly an int that fits int64; a
+// str argument exactly a str. Anything else returns None and the caller takes the checked path
+// (torch.library operator, Python checks, rejection sent to the peers), which gives the same results
+// and the same errors; errors of the core itself are raised from here as from there.
+struct TorchRefs {
+  PyObject* tensor_type = nullptr;         // torch.Tensor
+  PyObject* dtypes[7] = {};                // torch dtypes in moedist::DType order
+  PyObject* strided = nullptr;             // torch.strided
+  PyObject* from_dlpack = nullptr;         // torch._C._from_dlpack
+  PyObject *s_is_cpu, *s_layout, *s_requires_grad, *s_dtype, *s_shape, *s_stride, *s_data_ptr;
+};
+TorchRefs* g_torch = nullptr;  // set once by set_torch (never freed: torch outlives every call)
+
+// false: not a tensor the eager path takes (the caller falls back to the checked path).
+bool eager_view(PyObject* o, moedist::TensorView& out) {
+  if (o == Py_None) {
+    out = {};
+    return true;
+  }
+  const TorchRefs& T = *g_torch;
+  if (Py_TYPE(o) != reinterpret_cast<PyTypeObject*>(T.tensor_type)) return false;
+  auto attr = [&](PyObject* name) { return py::reinterpret_steal<py::object>(PyObject_GetAttr(o, name)); };
+  py::object is_cpu = attr(T.s_is_cpu);
+  if (is_cpu.ptr() != Py_True) return false;  // meta, an accelerator, or an error (cleared below)
+  py::object layout = attr(T.s_layout);
+  if (layout.ptr() != T.strided) return false;
+  py::object rg = attr(T.s_requires_grad);
+  if (rg.ptr() != Py_False) return false;
+  py::object dt = attr(T.s_dtype);
+  int code = -1;
+  for (int i = 0; i < 7; ++i)
+    if (dt.ptr() == T.dtypes[i]) code = i;
+  if (code < 0) return false;
+  py::object shape = attr(T.s_shape);
+  py::object strides = py::reinterpret_steal<py::object>(PyObject_CallMethodNoArgs(o, T.s_stride));
+  py::object ptr = py::reinterpret_steal<py::object>(PyObject_CallMethodNoArgs(o, T.s_data_ptr));
+  if (!shape || !strides || !ptr || !PyTuple_Check(shape.ptr()) || !PyTuple_Check(strides.ptr())) return false;
+  const Py_ssize_t nd = PyTuple_GET_SIZE(shape.ptr());
+  if (PyTuple_GET_SIZE(strides.ptr()) != nd) return false;
+  std::vector<int64_t> sh(static_cast<size_t>(nd)), st(static_cast<size_t>(nd));
+  for (Py_ssize_t i = 0; i < nd; ++i) {
+    sh[static_cast<size_t>(i)] = PyLong_AsLongLong(PyTuple_GET_ITEM(shape.ptr(), i));
+    st[static_cast<size_t>(i)] = PyLong_AsLongLong(PyTuple_GET_ITEM(strides.ptr(), i));
+  }
+  const unsigned long long p = PyLong_AsUnsignedLongLong(ptr.ptr());
+  if (PyErr_Occurred()) return false;
+  out = moedist::TensorView(reinterpret_cast<const void*>(static_cast<uintptr_t>(p)), static_cast<moedist::DType>(code),
+                            std::move(sh), std::move(st));
+  return true;
+}
+
+bool eager_int(PyObject* o, int64_t& out) {
+  if (!PyLong_CheckExact(o)) return false;
+  int overflow = 0;
+  out = PyLong_AsLongLongAndOverflow(o, &overflow);
+  return overflow == 0 && !(out == -1 && PyErr_Occurred());
+}
+
+bool eager_str(PyObject* o, std::string& out) {
+  if (!PyUnicode_CheckExact(o)) return false;
+  Py_ssize_t n = 0;
+  const char* s = PyUnicode_AsUTF8AndSize(o, &n);
+  if (s == nullptr) return false;
+  out.assign(s, static_cast<size_t>(n));
+  return true;
+}
+
+// One argument of the eager call: tensor, int or str slot.
+struct EagerReader {
+  PyObject* const* args;
+  Py_ssize_t i = 0;
+  bool ok = true;
+  void tensor(moedist::TensorView& v) { ok = ok && eager_view(args[i++], v); }
+  void integer(int64_t& v) { ok = ok && eager_int(args[i++], v); }
+  void str(std::string& v) { ok = ok && eager_str(args[i++], v); }
+};
+
+constexpr Py_ssize_t kDispatchArgs = 23, kCombineArgs = 30;
+
+bool eager_dispatch_args(PyObject* const* args, moedist::DispatchArgs& a) {
+  EagerReader r{args};
+  r.tensor(a.x);
+  r.tensor(a.expert_ids);
+  r.str(a.group_ep);
+  r.integer(a.ep_world_size);
+  r.integer(a.ep_rank_id);
+  r.integer(a.moe_expert_num);
+  r.tensor(a.scales);
+  r.tensor(a.x_active_mask);
+  r.tensor(a.expert_scales);
+  r.tensor(a.elastic_info);
+  r.str(a.group_tp);
+  r.integer(a.tp_world_size);
+  r.integer(a.tp_rank_id);
+  r.integer(a.expert_shard_type);
+  r.integer(a.shared_expert_num);
+  r.integer(a.shared_expert_rank_num);
+  r.integer(a.quant_mode);
+  r.integer(a.global_bs);
+  r.integer(a.expert_token_nums_type);
+  r.str(a.comm_alg);
+  r.integer(a.zero_expert_num);
+  r.integer(a.copy_expert_num);
+  r.integer(a.const_expert_num);
+  return r.ok && r.i == kDispatchArgs;
+}
+
+bool eager_combine_args(PyObject* const* args, moedist::CombineArgs& a) {
+  EagerReader r{args};
+  r.tensor(a.expand_x);
+  r.tensor(a.expert_ids);
+  r.tensor(a.assist_info_for_combine);
+  r.tensor(a.ep_send_counts);
+  r.tensor(a.expert_scales);
+  r.str(a.group_ep);
+  r.integer(a.ep_world_size);
+  r.integer(a.ep_rank_id);
+  r.integer(a.moe_expert_num);
+  r.tensor(a.tp_send_counts);
+  r.tensor(a.x_active_mask);
+  r.tensor(a.expand_scales);
+  r.tensor(a.shared_expert_x);
+  r.tensor(a.elastic_info);
+  r.tensor(a.ori_x);
+  r.tensor(a.const_expert_alpha_1);
+  r.tensor(a.const_expert_alpha_2);
+  r.tensor(a.const_expert_v);
+  r.str(a.group_tp);
+  r.integer(a.tp_world_size);
+  r.integer(a.tp_rank_id);
+  r.integer(a.expert_shard_type);
+  r.integer(a.shared_expert_num);
+  r.integer(a.shared_expert_rank_num);
+  r.integer(a.global_bs);
+  r.integer(a.comm_quant_mode);
+  r.str(a.comm_alg);
+  r.integer(a.zero_expert_num);
+  r.integer(a.copy_expert_num);
+  r.integer(a.const_expert_num);
+  return r.ok && r.i == kCombineArgs;
+}
+
+// A torch tensor owning the core's output (torch._C._from_dlpack of its capsule).
+PyObject* to_torch(moedist::Tensor t) {
+  py::object cap = to_dlpack(std::move(t));
+  PyObject* out = PyObject_CallOneArg(g_torch->from_dlpack, cap.ptr());
+  if (out == nullptr) throw py::error_already_set();
+  return out;
+}
+
+py::object dispatch_v2_eager(const py::args& args) {
+  if (g_torch == nullptr) throw moedist::Error("moedist._C.dispatch_v2_eager: set_torch was not called");
+  if (args.size() != kDispatchArgs)
+    throw moedist::InvalidArgument("moedist._C.dispatch_v2_eager: " + std::to_string(kDispatchArgs) + " arguments expected");
+  moedist::DispatchArgs a;
+  if (!eager_dispatch_args(&PyTuple_GET_ITEM(args.ptr(), 0), a)) {
+    PyErr_Clear();
+    return py::none();
+  }
+  moedist::DispatchResult r;
+  {
+    py::gil_scoped_release nogil;
+    r = moedist::dispatch_v2(a);
+  }
+  moedist::Tensor* ts[7] = {&r.expand_x,       &r.dynamic_scales, &r.assist_info_for_combine, &r.expert_token_nums,
+                            &r.ep_recv_counts, &r.tp_recv_counts, &r.expand_scales};
+  py::tuple out(7);
+  for (Py_ssize_t i = 0; i < 7; ++i) PyTuple_SET_ITEM(out.ptr(), i, to_torch(std::move(*ts[i])));
+  return std::move(out);
+}
+
+py::object combine_v2_eager(const py::args& args) {
+  if (g_torch == nullptr) throw moedist::Error("moedist._C.combine_v2_eager: set_torch was not called");
+  if (args.size() != kCombineArgs)
+    throw moedist::InvalidArgument("moedist._C.combine_v2_eager: " + std::to_string(kCombineArgs) + " arguments expected");
+  moedist::CombineArgs a;
+  if (!eager_combine_args(&PyTuple_GET_ITEM(args.ptr(), 0), a)) {
+    PyErr_Clear();
+    return py::none();
+  }
+  moedist::Tensor out;
+  {
+    py::gil_scoped_release nogil;
+    out = moedist::combine_v2(a);
+  }
+  return py::reinterpret_steal<py::object>(to_torch(std::move(out)));
+}
+
+void set_torch(const py::handle& tensor_type, const py::sequence& dtypes, const py::handle& strided,
+               const py::handle& from_dlpack) {
+  if (dtypes.size() != 7) throw moedist::InvalidArgument("moedist._C.set_torch: 7 dtypes expected (moedist::DType order)");
+  auto* t = new TorchRefs;
+  auto keep = [](const py::handle& h) { return h.inc_ref().ptr(); };
+  t->tensor_type = keep(tensor_type);
+  for (size_t i = 0; i < 7; ++i) t->dtypes[i] = keep(dtypes[i]);
+  t->strided = keep(strided);
+  t->from_dlpack = keep(from_dlpack);
+  t->s_is_cpu = PyUnicode_InternFromString("is_cpu");
+  t->s_layout = PyUnicode_InternFromString("layout");
+  t->s_requires_grad = PyUnicode_InternFromString("requires_grad");
+  t->s_dtype = PyUnicode_InternFromString("dtype");
+  t->s_shape = PyUnicode_InternFromString("shape");
+  t->s_stride = PyUnicode_InternFromString("stride");
+  t->s_data_ptr = PyUnicode_InternFromString("data_ptr");
+  if (g_torch == nullptr) g_torch = t;  // once per process: the objects are kept for good
+}
+
 // Waits in the ops ask about every 20 ms whether to give up; in the main thread that runs Python's
 // signal handlers, so Ctrl-C (or any handler that raises) ends the wait. The exception the handler
 // raised is kept and raised in place of moedist's Interrupted.
@@ -371,6 +582,13 @@ PYBIND11_MODULE(_C, m) {
         return to_dlpack(std::move(out));
       },
       py::arg("args"), "combine_v2 over a registered group: dict of arguments -> DLPack capsule");
+  m.def("set_torch", &set_torch, py::arg("tensor_type"), py::arg("dtypes"), py::arg("strided"), py::arg("from_dlpack"),
+        "The torch objects the eager entry points compare against (done by moedist._ops at import)");
+  m.def("dispatch_v2_eager", &dispatch_v2_eager,
+        "dispatch_v2 with the public function's 23 arguments in order (torch tensors, group names): a tuple of 7 "
+        "torch tensors, or None when an argument is not one the eager path takes (the caller then takes the checked path)");
+  m.def("combine_v2_eager", &combine_v2_eager,
+        "combine_v2 with the public function's 30 arguments in order: a torch tensor, or None (see dispatch_v2_eager)");
   m.def(
       "reject_dispatch_v2",
       [](const py::dict& args, const std::string& message) {
