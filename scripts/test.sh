@@ -11,11 +11,18 @@
 # (and its environment) instead of the project's virtual environment build-py/venv.
 #
 # What the sanitizer builds contain (neither builds the examples or the command-line program: they hold
-# no library code that the tests do not run):
-#   asan+ubsan: every test program and its tests, except two mpirun runs that repeat test_mpi's cases
-#     with more ranks (mpi_np16_conformance, mpi_hybrid_np8): the MPI transport's code runs under the
-#     sanitizers in mpi_np4 and mpi_np8, which hold every MPI test case. (Not the consumer, bench and
-#     netns tests, which are not defined in sanitizer builds.)
+# no library code that the tests do not run). Both are compiled at -O1 -g1 (less compiling than -O2 -g;
+# the line tables of -g1 are what a report needs to name file and line).
+#   asan+ubsan: every test program and its tests, except what repeats, on another transport or with more
+#     ranks, code paths that the suite already runs under the sanitizers (each still runs in release,
+#     where its results are checked bit for bit):
+#     - two mpirun runs that repeat test_mpi's cases with more ranks (mpi_np16_conformance,
+#       mpi_hybrid_np8): the MPI transport's code runs in mpi_np4 and mpi_np8, which hold every MPI case;
+#     - the fp16 half of the conformance sweep over shared-memory processes (Shm/ConformanceShm.*_fp16_*):
+#       the transport moves bytes whatever the dtype; the fp16 paths of the ops run in the thread sweep
+#       (every case, both dtypes) and the shared-memory transport in the bf16 half;
+#     - the fuzz runs 1000 cases (the Release build 1500, ThreadSanitizer 300; MOEDIST_FUZZ_CASES sets it).
+#     (Not the consumer, bench and netns tests, which are not defined in sanitizer builds.)
 #   tsan: every test program but test_core and test_mpi. ThreadSanitizer finds races between threads of
 #     one process: the thread transport (ranks as threads), the threads inside a rank process. test_core
 #     is single-threaded (the pure core: nothing to race); in test_mpi the ranks are processes, and Open
@@ -35,6 +42,7 @@ mkdir -p "$logs"
 if command -v ccache >/dev/null 2>&1; then
   export CMAKE_CXX_COMPILER_LAUNCHER=ccache  # CMake takes it from the environment (also pip install .'s build)
   export CCACHE_NOHASHDIR=true               # so that build/ and build-py/ share their objects
+  export CCACHE_BASEDIR=$PWD                 # paths inside the checkout hashed relative: clones share the cache
 fi
 export CMAKE_BUILD_PARALLEL_LEVEL=$jobs
 
@@ -156,13 +164,14 @@ else
 fi
 
 # --- sanitizers ---------------------------------------------------------------------------------------
-sanitizer_args=(-DMOEDIST_BUILD_TOOLS=OFF -DMOEDIST_BUILD_EXAMPLES=OFF -DMOEDIST_TEST_NETNS=OFF)
+sanitizer_args=(-DMOEDIST_BUILD_TOOLS=OFF -DMOEDIST_BUILD_EXAMPLES=OFF -DMOEDIST_TEST_NETNS=OFF
+                "-DCMAKE_CXX_FLAGS_RELWITHDEBINFO=-O1 -g1 -DNDEBUG")
 if [ "$quick" != 1 ]; then
   section "asan+ubsan: build (build-asan/), then ctest"
   start=$SECONDS
   export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
   if build asan+ubsan build-asan RelWithDebInfo "$start" -DMOEDIST_SANITIZE=address,undefined "${sanitizer_args[@]}" ; then
-    run_ctest asan+ubsan build-asan "$start" -E '^(mpi_np16_conformance|mpi_hybrid_np8)$'
+    run_ctest asan+ubsan build-asan "$start" -E '^(mpi_np16_conformance|mpi_hybrid_np8)$|^Shm/ConformanceShm\..*_fp16_'
   fi
 
   section "tsan: build (build-tsan/), then ctest"
