@@ -207,7 +207,7 @@ void print_help(std::ostream& os) {
         "                     shared memory, started directly (the parent reports, so rank 0 may die);\n"
         "                     not with --threads, MPI (the job cannot outlive a rank), --tp 2, --elastic\n"
         "  --stop R@PHASE     the same with SIGSTOP: the survivors go on once the deadline (--timeout-ms)\n"
-        "                     and the agreement's grace (100 ms) have passed; at the end the stopped rank\n"
+        "                     and the agreement's grace (50 ms) have passed; at the end the stopped rank\n"
         "                     is continued (SIGCONT) and must be told it was declared failed. Prints\n"
         "                     'rank R stopped in PHASE of round N; M ranks continued after T ms'\n"
         "  --kill-round N     the round (1-based) the rank fails in (default 2)\n"

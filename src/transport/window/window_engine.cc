@@ -399,7 +399,7 @@ TransportStats WindowEngine::stats() const {
 // left by the failed call are all older, so nothing it left can be read as new.
 
 namespace {
-constexpr auto kStallGrace = std::chrono::milliseconds(100);  // a suspect with no heartbeat this long: stopped
+constexpr auto kStallGrace = std::chrono::milliseconds(50);  // a suspect with no heartbeat this long (2.5 beats): stopped
 constexpr int kEpochShift = 40;
 bool mask_has(const std::atomic<uint64_t>* words, int r) {
   return (words[r / 64].load(std::memory_order_relaxed) >> (r % 64)) & 1u;
