@@ -183,7 +183,12 @@ def _checked(op: str, args: dict) -> None:
 
 # ---- custom operators ----
 
-@torch.library.custom_op("moedist::npu_moe_distribute_dispatch_v2", mutates_args=("performance_info",))
+# performance_info is not declared mutated (mutates_args): with an optional argument declared mutable,
+# inductor fails to lower the op (torch.compile's default backend, even when None is passed). The kernel
+# adds into the caller's tensor in place, which compiled graphs hand to it as it is (a compiled call names
+# the slow rank as an eager one does: tests/python/test_distributed.py); a graph that reads the tensor
+# after the op within the same compiled region may see the value from before the call.
+@torch.library.custom_op("moedist::npu_moe_distribute_dispatch_v2", mutates_args=())
 def _dispatch_op(x: Tensor, expert_ids: Tensor, group_ep: str, ep_world_size: int, ep_rank_id: int,
                  moe_expert_num: int, scales: Optional[Tensor], x_active_mask: Optional[Tensor],
                  expert_scales: Optional[Tensor], elastic_info: Optional[Tensor],
@@ -230,7 +235,7 @@ def _dispatch_fake(x, expert_ids, group_ep, ep_world_size, ep_rank_id, moe_exper
     )
 
 
-@torch.library.custom_op("moedist::npu_moe_distribute_combine_v2", mutates_args=("performance_info",))
+@torch.library.custom_op("moedist::npu_moe_distribute_combine_v2", mutates_args=())  # see dispatch_v2
 def _combine_op(expand_x: Tensor, expert_ids: Tensor, assist_info_for_combine: Tensor, ep_send_counts: Tensor,
                 expert_scales: Tensor, group_ep: str, ep_world_size: int, ep_rank_id: int, moe_expert_num: int,
                 tp_send_counts: Optional[Tensor], x_active_mask: Optional[Tensor], expand_scales: Optional[Tensor],
@@ -381,7 +386,7 @@ def _check_reserved(activation_scale, weight_scale, group_list, out_dtype, group
             raise _C.InvalidArgument(f"{op}: {name}={v} is a reserved parameter (must be 0)")
 
 
-@torch.library.custom_op("moedist::npu_moe_distribute_combine_add_rms_norm", mutates_args=("performance_info",))
+@torch.library.custom_op("moedist::npu_moe_distribute_combine_add_rms_norm", mutates_args=())  # see dispatch_v2
 def _add_rms_norm_op(expand_x: Tensor, expert_ids: Tensor, expand_idx: Tensor, ep_send_counts: Tensor,
                      expert_scales: Tensor, residual_x: Tensor, gamma: Tensor, group_ep: str, ep_world_size: int,
                      ep_rank_id: int, moe_expert_num: int, tp_send_counts: Optional[Tensor],

@@ -15,7 +15,9 @@ from .. import _ops as _md_ops
 
 _STR = {"group_ep", "group_tp", "comm_alg"}
 _FLOAT = {"norm_eps"}
-_MUTATED = {"performance_info"}  # the op adds into it: declared mutated
+# The op adds into performance_info in place; not declared mutated in the schema, as moedist's own ops
+# (see moedist/_ops.py: inductor cannot lower an op with an optional mutable argument).
+_MUTATED: set = set()
 _installed = False
 _lib = None
 
