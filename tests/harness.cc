@@ -733,7 +733,7 @@ std::string run_processes(int nproc, const std::function<std::string(int)>& chil
   return result;
 }
 
-std::string run_body_shm(const Case& c, const RankBody& body) {
+std::string run_body_procs(const Case& c, const MakeEp& make_ep, const RankBody& body) {
   const std::string job = "test" + std::to_string(getpid()) + "_" + std::to_string(g_case_counter++);
   const int tp = c.tp == 2 ? 2 : 1;
   const std::string prefix = "s_";
@@ -741,8 +741,10 @@ std::string run_body_shm(const Case& c, const RankBody& body) {
     const int q = p / c.W, r = p % c.W;
     GroupOptions opt;
     opt.timeout = std::chrono::milliseconds(20000 * kDeadlineScale);
-    opt.ranks_per_server = c.ranks_per_server;
-    register_group(prefix + "ep" + std::to_string(q), {make_shm_group("ep" + std::to_string(q), c.W, r, opt, job)});
+    // The reference's servers: ranks_per_server, 0 meaning one server of all ranks (which a transport
+    // spanning hosts would otherwise take from its hosts).
+    opt.ranks_per_server = c.ranks_per_server ? c.ranks_per_server : c.alg == "hierarchy" ? c.W : 0;
+    register_group(prefix + "ep" + std::to_string(q), {make_ep(c.W, r, opt, job + "q" + std::to_string(q))});
     if (c.tp) register_group(prefix + "tp" + std::to_string(r), {make_shm_group("tp" + std::to_string(r), 2, q, opt, job)});
     auto P = prepare(c, prefix);
     for (size_t i = 0; i < P->ranks.size(); ++i) {
@@ -756,8 +758,20 @@ std::string run_body_shm(const Case& c, const RankBody& body) {
   return result;
 }
 
+std::string run_body_shm(const Case& c, const RankBody& body) {
+  return run_body_procs(c, [](int W, int r, const GroupOptions& opt, const std::string& job) {
+    return make_shm_group("ep", W, r, opt, job);
+  }, body);
+}
+
 std::string run_case_shm(const Case& c) {
-  return run_body_shm(c, [&](const Prepared& P, int i) -> std::string {
+  return run_case_procs(c, [](int W, int r, const GroupOptions& opt, const std::string& job) {
+    return make_shm_group("ep", W, r, opt, job);
+  });
+}
+
+std::string run_case_procs(const Case& c, const MakeEp& make_ep) {
+  return run_body_procs(c, make_ep, [&](const Prepared& P, int i) -> std::string {
     const auto idx = static_cast<size_t>(i);
     std::string diff = check_dispatch(P, i, run_dispatch(c, P.dargs[idx]));
     if (!diff.empty()) return diff;

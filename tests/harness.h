@@ -87,6 +87,11 @@ using RankBody = std::function<std::string(const Prepared&, int)>;
 // The case's groups, as run_case / run_case_shm make them, with `body` on every calling rank.
 std::string run_body(const Case& c, const RankBody& body);
 std::string run_body_shm(const Case& c, const RankBody& body);
+// The same on processes (forked, one per rank) whose EP group make_ep(W, rank, options, job) makes;
+// TP groups are made over shared memory. `job` is unique to the case and the TP index.
+using MakeEp = std::function<std::shared_ptr<Transport>(int, int, const GroupOptions&, const std::string&)>;
+std::string run_body_procs(const Case& c, const MakeEp& make_ep, const RankBody& body);
+std::string run_case_procs(const Case& c, const MakeEp& make_ep);
 
 // performance_info on calling rank i: two rounds in which EP rank `slow` sleeps `sleep_ms` before
 // dispatch; every output is checked against the reference bit for bit, and the wait times must

@@ -27,7 +27,7 @@
 #include "moedist/moedist.h"
 #include "moedist/mpi.h"
 #include "moedist/reference.h"
-#include "transport/mpi/mpi_engine.h"
+#include "transport/mpi/mpi_wire.h"
 
 namespace moedist::test {
 namespace {

@@ -9,4 +9,5 @@
 #include "moedist/reference.h"
 #include "moedist/tensor.h"
 #include "moedist/transport.h"
+#include "moedist/ucx.h"
 #include "moedist/version.h"

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstring>
 #include <exception>
+#include <cstdio>
 #include <random>
 
 #include "moedist/error.h"
@@ -56,36 +57,9 @@ auto owning(MPI_Comm& comm, F f) {
   }
 }
 
-struct Members {
-  std::vector<int> remote;
-  std::vector<size_t> remote_index;
-  size_t self = 0;
-};
-
-Members split_members(const ExchangeSpec& spec, int me, int world, const std::vector<int>* local_of, std::vector<int>* local) {
-  Members m;
-  bool found = false;
-  for (size_t i = 0; i < spec.members.size(); ++i) {
-    const int p = spec.members[i];
-    MOEDIST_ASSERT(p >= 0 && p < world && (i == 0 || p > spec.members[i - 1]), "bad member list");
-    if (p == me) {
-      m.self = i;
-      found = true;
-    }
-    if (local_of && (*local_of)[static_cast<size_t>(p)] >= 0) {
-      local->push_back((*local_of)[static_cast<size_t>(p)]);
-    } else if (p != me) {
-      m.remote.push_back(p);
-      m.remote_index.push_back(i);
-    }
-  }
-  MOEDIST_ASSERT(found, "rank ", me, " is not among the members");
-  return m;
-}
-
 class MpiWriter : public PutWriter {
  public:
-  MpiWriter(MpiEngine& e, const ExchangeSpec& spec) : e_(e), spec_(spec) {}
+  MpiWriter(MessageEngine& e, const ExchangeSpec& spec) : e_(e), spec_(spec) {}
   void* dest(int peer, int region, size_t offset, size_t bytes) override {
     if (peer != e_.rank()) return e_.dest(peer, region, offset, bytes);
     MOEDIST_ASSERT(region >= 0 && static_cast<size_t>(region) < spec_.recv.size(), spec_.op, ": region ", region, " of rank ", peer);
@@ -96,41 +70,21 @@ class MpiWriter : public PutWriter {
   }
 
  private:
-  MpiEngine& e_;
+  MessageEngine& e_;
   const ExchangeSpec& spec_;
 };
 
-class HybridWriter : public PutWriter {
- public:
-  HybridWriter(MpiEngine& e, PutWriter& shm, const std::vector<int>& local_of) : e_(e), shm_(shm), local_of_(local_of) {}
-  void* dest(int peer, int region, size_t offset, size_t bytes) override {
-    MOEDIST_ASSERT(peer >= 0 && static_cast<size_t>(peer) < local_of_.size(), "write to rank ", peer, " of ", local_of_.size());
-    const int l = local_of_[static_cast<size_t>(peer)];
-    return l >= 0 ? shm_.dest(l, region, offset, bytes) : e_.dest(peer, region, offset, bytes);
+// The message engine over `comm` (owned from here on); rank 0 makes the group's nonce.
+std::unique_ptr<MessageEngine> mpi_engine(MPI_Comm comm, std::vector<int> host_of, std::chrono::milliseconds timeout, const std::string& label) {
+  int rank = 0;
+  MPI_Comm_rank(comm, &rank);
+  uint64_t nonce = 0;
+  if (rank == 0) {
+    std::random_device rd;
+    nonce = (static_cast<uint64_t>(rd()) << 32) ^ rd() ^ static_cast<uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count());
   }
-
- private:
-  MpiEngine& e_;
-  PutWriter& shm_;
-  const std::vector<int>& local_of_;
-};
-
-// Inside a catch block: the exchange failed on this rank; the engine abandons it (telling the peers)
-// and the exception goes on.
-[[noreturn]] void abandon_and_rethrow(MpiEngine& e) {
-  try {
-    throw;
-  } catch (const std::exception& ex) {
-    e.abandon(ex.what());
-    throw;
-  } catch (...) {
-    e.abandon("unknown error");
-    throw;
-  }
-}
-
-[[noreturn]] void peer_failed(const MpiEngine& e, const char* op, int peer) {
-  throw TransportError(detail::str_cat(e.label(), op, ": rank ", peer, " failed while writing its data (its own error names the cause)"));
+  check_mpi(MPI_Bcast(&nonce, 1, MPI_UINT64_T, 0, comm), label, "MPI_Bcast (group nonce)");
+  return std::make_unique<MessageEngine>(std::make_unique<MpiWire>(comm), std::move(host_of), timeout, nonce);
 }
 
 }  // namespace
@@ -141,12 +95,12 @@ MpiTransport::MpiTransport(MPI_Comm user, const GroupOptions& options, const Mpi
   hosts_ = owning(comm, [&] { return detect_hosts(comm, mpi.ranks_per_host, false, comm_label(comm) + "make_mpi_group: "); });
   int world = 0;
   MPI_Comm_size(comm, &world);
-  engine_ = owning(comm, [&] { return std::make_unique<MpiEngine>(comm, hosts_.host_of, default_timeout(options.timeout)); });
+  engine_ = owning(comm, [&] { return mpi_engine(comm, hosts_.host_of, default_timeout(options.timeout), comm_label(comm)); });
   ranks_per_server_ = options.ranks_per_server > 0 ? options.ranks_per_server : hosts_.block > 0 ? hosts_.block : world;
 }
 
 void MpiTransport::exchange(const ExchangeSpec& spec) {
-  MpiEngine& e = *engine_;
+  MessageEngine& e = *engine_;
   const Members m = split_members(spec, e.rank(), e.world(), nullptr, nullptr);
   exchanges_.store(exchanges_.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
   try {
@@ -204,21 +158,21 @@ TransportStats MpiTransport::stats() const {
   return s;
 }
 
-// ---------------------------------------------------------------------------------------------------
-HybridTransport::HybridTransport(MPI_Comm user, const GroupOptions& options, const MpiOptions& mpi) {
+std::shared_ptr<Transport> make_mpi_hybrid(MPI_Comm user, const GroupOptions& options, const MpiOptions& mpi) {
   MPI_Comm comm = private_comm(user, "make_hybrid_group", options, mpi);
   const std::string label = comm_label(comm) + "make_hybrid_group: ";
-  hosts_ = owning(comm, [&] { return detect_hosts(comm, mpi.ranks_per_host, true, label); });
+  HostLayout hosts = owning(comm, [&] { return detect_hosts(comm, mpi.ranks_per_host, true, label); });
   int world = 0, rank = 0;
   MPI_Comm_size(comm, &world);
   MPI_Comm_rank(comm, &rank);
+  int ranks_per_server = 0;
   if (options.ranks_per_server > 0) {
-    ranks_per_server_ = options.ranks_per_server;
-  } else if (hosts_.block > 0) {
-    ranks_per_server_ = hosts_.block;
+    ranks_per_server = options.ranks_per_server;
+  } else if (hosts.block > 0) {
+    ranks_per_server = hosts.block;
   } else {
     std::string layout;
-    for (int r = 0; r < world && r < 32; ++r) layout += detail::str_cat(r ? " " : "", hosts_.host_of[static_cast<size_t>(r)]);
+    for (int r = 0; r < world && r < 32; ++r) layout += detail::str_cat(r ? " " : "", hosts.host_of[static_cast<size_t>(r)]);
     MPI_Comm_free(&comm);
     throw InvalidArgument(detail::str_cat(label, "the hosts do not hold consecutive, equal blocks of ranks (host of each rank: ", layout,
                                           world > 32 ? " ..." : "", "), which comm_alg \"hierarchy\" needs for its servers: place ranks by "
@@ -234,93 +188,8 @@ HybridTransport::HybridTransport(MPI_Comm user, const GroupOptions& options, con
     check_mpi(MPI_Bcast(job, sizeof(job), MPI_CHAR, 0, comm), label, "MPI_Bcast (job id)");
     return 0;
   });
-  local_of_.assign(static_cast<size_t>(world), -1);
-  const int my_host = hosts_.host_of[static_cast<size_t>(rank)];
-  int my_local = -1;
-  for (int r = 0; r < world; ++r)
-    if (hosts_.host_of[static_cast<size_t>(r)] == my_host) {
-      if (r == rank) my_local = static_cast<int>(local_ranks_.size());
-      local_of_[static_cast<size_t>(r)] = static_cast<int>(local_ranks_.size());
-      local_ranks_.push_back(r);
-    }
-  engine_ = owning(comm, [&] { return std::make_unique<MpiEngine>(comm, hosts_.host_of, default_timeout(options.timeout)); });
-  GroupOptions shm_options = options;
-  shm_options.ranks_per_server = 0;
-  shm_ = std::make_shared<ShmTransport>(job, detail::str_cat("h", my_host), static_cast<int>(local_ranks_.size()), my_local, shm_options);
-}
-
-void HybridTransport::exchange(const ExchangeSpec& spec) {
-  MpiEngine& e = *engine_;
-  std::vector<int> local;
-  const Members m = split_members(spec, e.rank(), e.world(), &local_of_, &local);
-  exchanges_.store(exchanges_.load(std::memory_order_relaxed) + 1, std::memory_order_relaxed);
-  try {
-    e.begin(spec, m.remote, m.remote_index);
-  } catch (...) {
-    abandon_and_rethrow(e);
-  }
-  const size_t bb = spec.blob_bytes;
-  std::vector<unsigned char> local_blobs(local.size() * bb);
-  bool mpi_done = false;
-  ExchangeSpec sub;
-  sub.op = spec.op;
-  sub.members = local;
-  sub.blob = spec.blob;
-  sub.blob_bytes = bb;
-  sub.blobs_out = local_blobs.data();
-  sub.recv = spec.recv;
-  // The shm half counts its waits by host-local index; they are added to spec.waits_us by rank.
-  std::vector<int64_t> local_waits(spec.waits_us ? local_ranks_.size() : 0, 0);
-  if (spec.waits_us) sub.waits_us = local_waits.data();
-  auto add_local_waits = [&] {
-    for (size_t l = 0; l < local_waits.size(); ++l) spec.waits_us[local_ranks_[l]] += local_waits[l];
-  };
-  sub.produce = [&](PutWriter& shm_writer) {
-    // The shm blobs are in; now the remote ones, then the payload to both, then MPI wave 2.
-    e.collect();
-    for (size_t i = 0; i < local.size() && bb; ++i) {
-      const int r = local_ranks_[static_cast<size_t>(local[i])];
-      const size_t at = static_cast<size_t>(std::lower_bound(spec.members.begin(), spec.members.end(), r) - spec.members.begin());
-      std::memcpy(static_cast<unsigned char*>(spec.blobs_out) + at * bb, local_blobs.data() + i * bb, bb);
-    }
-    std::exception_ptr local_error;
-    if (spec.produce) {
-      HybridWriter w(e, shm_writer, local_of_);
-      try {
-        spec.produce(w);
-      } catch (...) {
-        local_error = std::current_exception();
-      }
-    }
-    const int failed = e.finish(local_error != nullptr);
-    mpi_done = true;
-    if (local_error) std::rethrow_exception(local_error);
-    if (failed >= 0) peer_failed(e, spec.op, failed);
-  };
-  try {
-    shm_->exchange(sub);
-  } catch (const Timeout& ex) {
-    add_local_waits();
-    if (!mpi_done) abandon_and_rethrow(e);
-    note_mpi_group_failure(ex.what(), e.timeout());  // the shared-memory half timed out
-    throw;
-  } catch (...) {
-    add_local_waits();
-    if (!mpi_done) abandon_and_rethrow(e);
-    throw;
-  }
-  add_local_waits();
-}
-
-TransportStats HybridTransport::stats() const {
-  TransportStats s = shm_->stats();
-  s.bytes_sent += engine_->bytes_sent();
-  s.bytes_sent_inter_host = engine_->bytes_sent_inter_host();
-  s.payload_bytes += engine_->payload_bytes();
-  s.payload_bytes_inter_host = engine_->payload_bytes_inter_host();
-  s.messages += engine_->messages();
-  s.exchanges = exchanges_.load(std::memory_order_relaxed);
-  return s;
+  auto engine = owning(comm, [&] { return mpi_engine(comm, hosts.host_of, default_timeout(options.timeout), label); });
+  return std::make_shared<HybridTransport>("hybrid", std::move(engine), std::move(hosts), job, options, ranks_per_server);
 }
 
 }  // namespace moedist::transport
@@ -332,12 +201,12 @@ std::shared_ptr<Transport> make_mpi_group(MPI_Comm comm, const GroupOptions& opt
 }
 
 std::shared_ptr<Transport> make_hybrid_group(MPI_Comm comm, const GroupOptions& options, const MpiOptions& mpi) {
-  return std::make_shared<transport::HybridTransport>(comm, options, mpi);
+  return transport::make_mpi_hybrid(comm, options, mpi);
 }
 
 std::vector<int> mpi_hosts(const Transport& t) {
   if (auto* m = dynamic_cast<const transport::MpiTransport*>(&t)) return m->hosts().host_of;
-  if (auto* h = dynamic_cast<const transport::HybridTransport*>(&t)) return h->hosts().host_of;
+  if (auto* h = dynamic_cast<const transport::HybridTransport*>(&t); h && h->name() == "hybrid") return h->hosts().host_of;
   return {};
 }
 

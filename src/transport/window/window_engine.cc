@@ -163,24 +163,24 @@ void WindowEngine::wait_flag(const std::atomic<uint64_t>& flag, uint64_t epoch, 
       OwnerStatus* mine = layout_.status(ctrl_base(rank_));
       mine->heartbeat.fetch_add(1, std::memory_order_relaxed);
       std::string why = group_failure();
-      if (!why.empty()) throw TransportError(detail::str_cat("[rank ", rank_, "/", world_, "] ", op, ": ", why));
+      if (!why.empty()) throw TransportError(detail::str_cat(label(), op, ": ", why));
       check_excluded(op);
       const OwnerStatus* st = layout_.status(ctrl_base(peer));
       if (peer != rank_ && st->failed.load(std::memory_order_acquire) == gen_ + 1)
-        throw TransportError(detail::str_cat("[rank ", rank_, "/", world_, "] ", op, ": rank ", peer, " abandoned the call (",
+        throw TransportError(detail::str_cat(label(), op, ": rank ", name_of(peer), " abandoned the call (",
                                              std::string(st->why, strnlen(st->why, sizeof(st->why))), ")"));
       why = peer_failure(peer);
       if (!why.empty()) {
         suspects_[static_cast<size_t>(peer)] = 1;
-        throw TransportError(detail::str_cat("[rank ", rank_, "/", world_, "] ", op, ": rank ", peer, " ", why, " (while waiting for it to ", what,
+        throw TransportError(detail::str_cat(label(), op, ": rank ", name_of(peer), " ", why, " (while waiting for it to ", what,
                                              " at step ", epoch, " of the pair; it reached ", flag.load(std::memory_order_acquire), ")"));
       }
       if (detail::interrupt_requested())
-        throw Interrupted(detail::str_cat("[rank ", rank_, "/", world_, "] ", op, ": interrupted while waiting for rank ", peer, " to ", what));
+        throw Interrupted(detail::str_cat(label(), op, ": interrupted while waiting for rank ", name_of(peer), " to ", what));
     }
     if (now >= deadline) {
       suspects_[static_cast<size_t>(peer)] = 1;
-      throw Timeout(detail::str_cat("[rank ", rank_, "/", world_, "] ", op, ": timed out after ", timeout_.count(), " ms waiting for rank ", peer,
+      throw Timeout(detail::str_cat(label(), op, ": timed out after ", timeout_.count(), " ms waiting for rank ", name_of(peer),
                                     " to ", what, " (it did not call ", op, ", or is stuck or dead)"));
     }
     // Crowded (ranks outnumber CPUs 8 to 1 and more): yielding would keep every waiter runnable and
@@ -205,19 +205,19 @@ void WindowEngine::check_usable(const char* op) {
   if (!excluded_.empty()) throw TransportError(excluded_);
   check_excluded(op);
   if (!broken_.empty())
-    throw TransportError(detail::str_cat("[rank ", rank_, "/", world_, "] ", op, ": this group cannot be used until its surviving ranks ",
+    throw TransportError(detail::str_cat(label(), op, ": this group cannot be used until its surviving ranks ",
                                          "recover (moedist::recover_group): an earlier call was abandoned (", broken_, ")"));
   const std::string void_group = group_failure();
-  if (!void_group.empty()) throw TransportError(detail::str_cat("[rank ", rank_, "/", world_, "] ", op, ": ", void_group));
+  if (!void_group.empty()) throw TransportError(detail::str_cat(label(), op, ": ", void_group));
   if (pending_.active)
-    throw InvalidArgument(detail::str_cat("[rank ", rank_, "/", world_, "] ", op, ": a split exchange (", pending_.op,
+    throw InvalidArgument(detail::str_cat(label(), op, ": a split exchange (", pending_.op,
                                           ") is still open on this group: finish it (its teardown) first"));
 }
 
 void WindowEngine::check_members(const ExchangeSpec& spec) {
   for (int m : spec.members)
     if (m >= 0 && m < world_ && failed_[static_cast<size_t>(m)])
-      throw InvalidArgument(detail::str_cat("[rank ", rank_, "/", world_, "] ", spec.op, ": rank ", m,
+      throw InvalidArgument(detail::str_cat(label(), spec.op, ": rank ", name_of(m),
                                             " is among the members of this call but failed (agreed at recovery ", gen_,
                                             "): leave it out with elastic_info (moedist::make_elastic_info of the failed ranks)"));
 }
@@ -373,7 +373,7 @@ void WindowEngine::run_end() {
   outbox_busy_ = false;  // every member is done reading this rank's message
   if (local_error) std::rethrow_exception(local_error);
   if (failed_peer >= 0)
-    throw TransportError(detail::str_cat("[rank ", rank_, "/", world_, "] ", op, ": rank ", failed_peer,
+    throw TransportError(detail::str_cat(label(), op, ": rank ", name_of(failed_peer),
                                          " failed while writing its data (its own error names the cause)"));
 }
 
@@ -407,7 +407,7 @@ bool mask_has(const std::atomic<uint64_t>* words, int r) {
 }  // namespace
 
 std::string WindowEngine::excluded_message(uint64_t generation, const char* op) const {
-  return detail::str_cat("[rank ", rank_, "/", world_, "] ", op, ": this rank was declared failed by the surviving ranks of its group at ",
+  return detail::str_cat(label(), op, ": this rank was declared failed by the surviving ranks of its group at ",
                          "recovery ", generation, " (it did not join their agreement in time: it was stopped, too slow, or its call ",
                          "failed and it did not call recover_group); it can no longer take part in this group");
 }
@@ -432,7 +432,7 @@ RecoveryResult WindowEngine::recover() {
   const char* op = "recover";
   if (!excluded_.empty()) throw TransportError(excluded_);
   const std::string void_group = group_failure();
-  if (!void_group.empty()) throw TransportError(detail::str_cat("[rank ", rank_, "/", world_, "] ", op, ": ", void_group));
+  if (!void_group.empty()) throw TransportError(detail::str_cat(label(), op, ": ", void_group));
   if (pending_.active) {  // a split exchange left open: it cannot be finished any more
     pending_ = Pending{};
     abandon("it recovered while a split exchange was open");
@@ -487,7 +487,7 @@ RecoveryResult WindowEngine::recover() {
       next_beat = now + std::chrono::milliseconds(10);
     }
     if (detail::interrupt_requested())
-      throw Interrupted(detail::str_cat("[rank ", rank_, "/", world_, "] ", op, ": interrupted while the surviving ranks agreed on the failed ones"));
+      throw Interrupted(detail::str_cat(label(), op, ": interrupted while the surviving ranks agreed on the failed ones"));
     if ((decision->load(std::memory_order_acquire) >> 16) >= g) break;  // decided: adopt it
     // Suspects: this rank's and those of every rank that joined.
     auto suspected = [&](int r) {

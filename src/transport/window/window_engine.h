@@ -23,6 +23,7 @@
 #include <string>
 #include <vector>
 
+#include "moedist/error.h"
 #include "moedist/transport.h"
 
 namespace moedist::transport {
@@ -132,8 +133,18 @@ class WindowEngine : public Transport {
   RecoveryResult recover() override;
   std::vector<int32_t> failed_ranks() const override;
   bool has_failed_ranks() const override { return gen_ > 0 || !excluded_.empty(); }
+  // This group is one host's part of a larger group (HybridTransport): messages name ranks by their
+  // rank in it (names[local rank]) and label this rank "[rank names[rank]/world] ".
+  void name_ranks(std::vector<int> names, int world) {
+    names_ = std::move(names);
+    names_world_ = world;
+  }
 
  protected:
+  int name_of(int r) const { return names_.empty() || r < 0 || r >= static_cast<int>(names_.size()) ? r : names_[static_cast<size_t>(r)]; }
+  std::string label() const {
+    return detail::str_cat("[rank ", name_of(rank_), "/", names_.empty() ? world_ : names_world_, "] ");
+  }
   virtual void* ctrl_base(int rank) = 0;                   // control block of `rank`
   virtual uint64_t encode(const void* p, size_t bytes) = 0;  // describe my memory to peers
   virtual void* decode(int owner, uint64_t addr, uint64_t bytes) = 0;
@@ -152,6 +163,8 @@ class WindowEngine : public Transport {
   CtrlLayout layout_;
 
  private:
+  std::vector<int> names_;  // see name_ranks
+  int names_world_ = 0;
   void wait_flag(const std::atomic<uint64_t>& flag, uint64_t epoch, int peer, const char* op, const char* what);
   void run_exchange(const ExchangeSpec& spec);
   void run_begin(const ExchangeSpec& spec);  // waves 1 and the payload, "done" signalled
