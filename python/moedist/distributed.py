@@ -15,8 +15,13 @@ the group's backend must handle CPU objects, e.g. gloo), builds moedist's shared
 over the same ranks (rank i of the process group is ep/tp rank i) and registers it under the returned
 name. Later calls for the same group return the name without communicating.
 
-All ranks of a group must be processes on one host (the transport is POSIX shared memory); a group
-spanning hosts raises NotImplementedError naming the hosts.
+A group whose ranks are processes on one host gets the shared-memory transport. A group spanning hosts
+(torchrun --nnodes 2 and more) gets shared memory inside each host and UCX between hosts (Debian: libucx0;
+UCX picks the network: InfiniBand/RoCE where present, else TCP; UCX_TLS and UCX_NET_DEVICES steer it),
+bootstrapped through the same process group. Hosts are told apart by host name, boot id and network
+namespace, so containers of one machine count as hosts of their own. comm_alg "hierarchy" then takes the
+hosts as its servers when they hold consecutive, equal blocks of ranks (as torchrun numbers them) unless
+ranks_per_server says otherwise.
 """
 from __future__ import annotations
 
@@ -41,6 +46,13 @@ def _boot_id() -> str:
         return ""
 
 
+def _netns() -> int:
+    try:
+        return os.stat("/proc/self/ns/net").st_ino
+    except OSError:
+        return 0
+
+
 def _pg_label(dist, pg) -> str:
     name = None
     try:
@@ -57,7 +69,8 @@ def get_comm_name(group=None, rank: Optional[int] = None, *, timeout: Optional[f
     group: a ProcessGroup (default: the default group). rank: optional, as in get_hccl_comm_name(rank):
     the caller's global rank (checked). timeout: seconds every wait inside one collective may take
     (default: MOEDIST_TIMEOUT_MS or 60 s). ranks_per_server: ranks per server for comm_alg "hierarchy"
-    (0: all ranks form one server). Collective on the first call for a group; idempotent after.
+    (0: one server of all ranks on one host; the hosts when the group spans several). Collective on the
+    first call for a group; idempotent after.
     """
     import torch.distributed as dist
 
@@ -75,19 +88,29 @@ def get_comm_name(group=None, rank: Optional[int] = None, *, timeout: Optional[f
         if hit is not None and hit[0] is pg:
             return hit[1]
         world = dist.get_world_size(pg)
-        mine = (uuid.uuid4().hex[:16], socket.gethostname(), _boot_id(), os.getpid())
+        mine = (uuid.uuid4().hex[:16], socket.gethostname(), _boot_id(), _netns(), os.getpid())
         info = [None] * world
         dist.all_gather_object(info, mine, group=pg)
-        hosts = {(h, b) for _, h, b, _ in info}
-        if len(hosts) > 1:
-            where = "; ".join(f"rank {r}: {h}" for r, (_, h, _, _) in enumerate(info))
-            raise _C.Unsupported(
-                f"moedist.get_comm_name: the group spans several hosts ({where}); moedist's shared-memory "
-                f"transport needs every rank of a group on one host")
         job = info[0][0]
         name = f"moedist_{_pg_label(dist, pg)}_{job[:8]}"
         timeout_ms = int(round(timeout * 1000)) if timeout is not None else 0
-        _C.init_shm_group(name, world, grank, job, timeout_ms, ranks_per_server)
+        host_index: dict = {}
+        host_of = [host_index.setdefault((h, b, n), len(host_index)) for _, h, b, n, _ in info]
+        if len(host_index) == 1:
+            _C.init_shm_group(name, world, grank, job, timeout_ms, ranks_per_server)
+        else:
+            if not _C.ucx_available():
+                where = "; ".join(f"rank {r}: {h}" for r, (_, h, _, _, _) in enumerate(info))
+                raise _C.Unsupported(
+                    f"moedist.get_comm_name: the group spans several hosts ({where}) and this build of moedist has no UCX "
+                    f"transport (install libucx-dev and reinstall moedist)")
+
+            def allgather(b: bytes) -> list:
+                out = [None] * world
+                dist.all_gather_object(out, b, group=pg)
+                return out
+
+            _C.init_ucx_group(name, world, grank, job, host_of, allgather, timeout_ms, ranks_per_server)
         _comms[id(pg)] = (pg, name)
         return name
 

@@ -720,6 +720,35 @@ PYBIND11_MODULE(_C, m) {
       py::arg("ranks_per_server") = 0,
       "Collective over `world_size` processes on this host: joins the shared-memory group and registers it as `name`");
   m.def(
+      "init_ucx_group",
+      [](const std::string& name, int world_size, int rank, const std::string& job, std::vector<int> host_of, py::function allgather,
+         int64_t timeout_ms, int ranks_per_server) {
+        moedist::UcxBootstrap b;
+        b.rank = rank;
+        b.world_size = world_size;
+        b.host_of = std::move(host_of);
+        b.job = job;
+        // Called from the bootstrap (with the GIL released around it): bytes in, a list of bytes out.
+        b.allgather = [&allgather](const std::string& mine) {
+          py::gil_scoped_acquire gil;
+          py::list got = allgather(py::bytes(mine));
+          std::vector<std::string> all;
+          for (const auto& x : got) all.push_back(x.cast<std::string>());
+          return all;
+        };
+        std::shared_ptr<moedist::Transport> t;
+        {
+          py::gil_scoped_release nogil;
+          t = moedist::make_ucx_group(b, group_options(timeout_ms, ranks_per_server));
+        }
+        moedist::register_group(name, {t});
+      },
+      py::arg("name"), py::arg("world_size"), py::arg("rank"), py::arg("job"), py::arg("host_of"), py::arg("allgather"),
+      py::arg("timeout_ms") = 0, py::arg("ranks_per_server") = 0,
+      "Collective over `world_size` processes on several hosts (host_of: every rank's host): shared memory inside a host, UCX "
+      "between hosts; `allgather(bytes) -> list of every rank's bytes` bootstraps it. Registers it as `name`");
+  m.def("ucx_available", &moedist::ucx_available);
+  m.def(
       "init_thread_group",
       [](const std::string& name, int world_size, int64_t timeout_ms, int ranks_per_server) {
         moedist::register_group(name, moedist::make_thread_group(world_size, group_options(timeout_ms, ranks_per_server)));

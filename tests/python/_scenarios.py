@@ -415,22 +415,33 @@ def comm_name_idempotent(ctx: Ctx) -> dict:
     return {"same": a == b, "name": a, "rank_error": err, "info": info, "pid": os.getpid()}
 
 
-def two_hosts(ctx: Ctx) -> dict:
-    """A group whose ranks report different hosts: get_comm_name raises NotImplementedError on every rank,
-    naming the hosts (the shared-memory transport needs one host)."""
+def two_hosts(ctx: Ctx, **over) -> dict:
+    """Ranks of the upper half report another host name: get_comm_name makes shared memory inside each
+    "host" and UCX between them (bootstrapped over the gloo group), and a round over it matches the
+    reference bit for bit. (Across real hosts, network namespaces under torchrun: tests/python/multihost.)"""
     import moedist.distributed as md
 
+    c = make_cfg(ctx.world, **over)
     pg = dist.new_group(ranks=list(range(ctx.world)), backend="gloo")
     real = md.socket.gethostname
-    if ctx.rank == 1:
+    if ctx.rank >= ctx.world // 2:
         md.socket.gethostname = lambda: "other-host"
     try:
-        moedist.get_comm_name(pg)
-        return {"raised": None}
-    except Exception as e:  # noqa: BLE001
-        return {"raised": type(e).__name__, "message": str(e), "not_implemented": isinstance(e, NotImplementedError)}
+        name = moedist.get_comm_name(pg, timeout=20, ranks_per_server=c["rps"])
     finally:
         md.socket.gethostname = real
+    key = f"world_rps{c['rps']}" if c["rps"] else "world"
+    saved = ctx.comms.get(key)
+    ctx.comms[key] = name
+    try:
+        res = roundtrip(ctx, **over)
+    finally:
+        if saved is None:
+            del ctx.comms[key]
+        else:
+            ctx.comms[key] = saved
+    res["info"] = moedist._C.group_info(name, ctx.rank)
+    return res
 
 
 def python_side_rejection(ctx: Ctx, kind: str = "float64", bad_rank: int = 1) -> dict:

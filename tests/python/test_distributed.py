@@ -94,11 +94,13 @@ def test_missing_peer_times_out_with_runtime_error_naming_it(pools):
     assert res[-1]["raised"] == "skipped"
 
 
-@pytest.mark.timeout(120)
-def test_group_spanning_hosts_is_not_implemented(pools):
-    for x in pools.get(2).run("two_hosts"):
-        assert x["not_implemented"], x
-        assert "other-host" in x["message"] and "one host" in x["message"], x["message"]
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("over", [dict(), dict(comm_alg="hierarchy", rps=2, quant=2)], ids=["fullmesh", "hierarchy"])
+def test_group_spanning_hosts_gets_shm_inside_and_ucx_between(pools, over):
+    res = pools.get(4).run("two_hosts", **over)
+    for r, x in enumerate(res):
+        assert x["called"] and x["info"]["transport"] == "ucx", x
+        assert x["info"]["rank"] == r and x["info"]["world_size"] == 4 and x["info"]["ranks_per_server"] == 2, x
 
 
 @pytest.mark.timeout(120)
