@@ -323,12 +323,13 @@ int bench_usage(FILE* out = stderr) {
   std::fprintf(out,
                "usage: moedist bench [--ranks 2,4,8] [--tokens 1,8,32,128,512] [--hidden 7168] [--experts 16,64]\n"
                "                     [--quant 0,2] [--comm-quant 0] [--topk 8] [--iters 30] [--warmup 5] [--out DIR] [--quick]\n"
-               "                     [--transport shm|mpi|hybrid] [--comm-alg fullmesh,hierarchy] [--ranks-per-host N]\n"
+               "                     [--transport shm|mpi|hybrid|ucx] [--comm-alg fullmesh,hierarchy] [--ranks-per-host N]\n"
                "                     [--hostfile FILE] [--mpirun-args \"ARGS\"] [--waits [--slow-rank R --slow-us N]] [--python]\n"
                "  Runs each configuration under mpirun: moedist and the MPI_Alltoallv pipeline baseline side by\n"
                "  side, plus memcpy bandwidth, and the bytes that crossed between hosts per round for both.\n"
                "  --transport: shm (processes of this host, default), mpi (MPI between all ranks), hybrid\n"
-               "  (shared memory inside a host, MPI between hosts). --comm-alg: the algorithms to time\n"
+               "  (shared memory inside a host, MPI between hosts), ucx (the same with UCX between hosts; MPI\n"
+               "  only starts it). --comm-alg: the algorithms to time\n"
                "  (hierarchy: servers = hosts). --ranks-per-host: consecutive blocks of N ranks are hosts\n"
                "  (default: as MPI reports them). --hostfile / --mpirun-args go to mpirun (several hosts:\n"
                "  --hostfile hosts --mpirun-args \"--mca btl tcp,self\"). Writes DIR/bench.json, DIR/bench.md\n"
@@ -395,8 +396,8 @@ bool help_asked(int argc, char** argv) {
       return false;
     }
   }
-  if (s.transport != "shm" && s.transport != "mpi" && s.transport != "hybrid") {
-    std::fprintf(stderr, "moedist bench: --transport takes shm, mpi or hybrid, got '%s'\n", s.transport.c_str());
+  if (s.transport != "shm" && s.transport != "mpi" && s.transport != "hybrid" && s.transport != "ucx") {
+    std::fprintf(stderr, "moedist bench: --transport takes shm, mpi, hybrid or ucx, got '%s'\n", s.transport.c_str());
     return false;
   }
   for (const auto& a : s.algs)
@@ -880,6 +881,8 @@ int bench_worker_main(int argc, char** argv) {
       group = moedist::make_shm_group("bench", W, rank, opt);
     } else if (s.transport == "mpi") {
       group = moedist::make_mpi_group(MPI_COMM_WORLD, opt, mo);
+    } else if (s.transport == "ucx") {
+      group = moedist::make_ucx_group(MPI_COMM_WORLD, opt, mo);
     } else {
       group = moedist::make_hybrid_group(MPI_COMM_WORLD, opt, mo);
     }

@@ -53,7 +53,8 @@ std::shared_ptr<Transport> make_shm_group(const std::string& group, int world_si
 // and MPI_Finalize at exit). Ranks passing the same `color` form one group, ordered by `key` (-1: the
 // world rank), as MPI_Comm_split; a rank passing color < 0 takes part in the split but joins no group
 // (nullptr is returned). transport "mpi": MPI between all ranks; "hybrid": shared memory
-// between the ranks of one host, MPI between hosts (see moedist/mpi.h for hosts, make_mpi_group and
+// between the ranks of one host, MPI between hosts; "ucx": the same with UCX between hosts (MPI only
+// bootstraps it: moedist/mpi.h, make_ucx_group) (see moedist/mpi.h for hosts, make_mpi_group and
 // make_hybrid_group on a communicator of the program's own). Throws Unsupported if moedist was built
 // without MPI.
 std::shared_ptr<Transport> make_mpi_world_group(const GroupOptions& options = {}, const std::string& transport = "mpi", int color = 0,

@@ -61,7 +61,12 @@ std::shared_ptr<Transport> make_mpi_group(MPI_Comm comm, const GroupOptions& opt
 // in this rank's shared-memory window (like make_shm_group's).
 std::shared_ptr<Transport> make_hybrid_group(MPI_Comm comm, const GroupOptions& options = {}, const MpiOptions& mpi = {});
 
-// Hosts of a group made by make_mpi_group / make_hybrid_group: host index (0, 1, ... in order of the
+// Shared memory inside a host, UCX between hosts (moedist/ucx.h), with MPI used only to bootstrap it
+// (hosts as detected here, the job id, the allgather of the UCX addresses): UCX's data path under an
+// mpirun job, e.g. to compare it with MPI's. Raises Unsupported if moedist was built without UCX.
+std::shared_ptr<Transport> make_ucx_group(MPI_Comm comm, const GroupOptions& options = {}, const MpiOptions& mpi = {});
+
+// Hosts of a group made by make_mpi_group / make_hybrid_group / make_ucx_group(MPI_Comm): host index (0, 1, ... in order of the
 // hosts' lowest ranks) of every rank. Empty for other transports.
 std::vector<int> mpi_hosts(const Transport& transport);
 

@@ -126,8 +126,8 @@ bool parse_options(const std::vector<std::string>& args, DemoOptions& o) {
       if (o.report_dir.empty()) throw UsageError("--report-dir needs a directory");
     } else if (name == "--transport") {
       o.transport = take_value();
-      if (o.transport != "shm" && o.transport != "mpi" && o.transport != "hybrid")
-        throw UsageError(cat("--transport '", o.transport, "' (must be shm, mpi or hybrid)"));
+      if (o.transport != "shm" && o.transport != "mpi" && o.transport != "hybrid" && o.transport != "ucx")
+        throw UsageError(cat("--transport '", o.transport, "' (must be shm, mpi, hybrid or ucx)"));
     } else if (name == "--dtype") {
       const std::string& v = take_value();
       if (v == "bf16" || v == "bfloat16")
@@ -215,6 +215,8 @@ void print_help(std::ostream& os) {
         "                       shm     shared memory, every rank on this host\n"
         "                       mpi     MPI between all ranks (only under mpirun; hosts: see mpirun)\n"
         "                       hybrid  shared memory within a host, MPI between hosts (only under mpirun)\n"
+        "                       ucx     shared memory within a host, UCX between hosts (under mpirun, which\n"
+        "                               only starts it)\n"
         "  --threads          ranks are threads of this process (thread groups), not processes\n"
         "  --report-dir DIR   (internal) set by the demo for its rank processes: write the rank's result\n"
         "                     to DIR and leave the report to the parent\n"

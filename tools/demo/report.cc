@@ -16,6 +16,7 @@ static const char* short_dtype_name(DType dt) { return dt == DType::kBFloat16 ? 
 static std::string transport_words(const DemoOptions& o) {
   if (o.transport == "mpi") return "MPI";
   if (o.transport == "hybrid") return "hybrid: shared memory within a host, MPI between hosts";
+  if (o.transport == "ucx") return "shared memory within a host, UCX between hosts";
   return "shared memory";
 }
 

@@ -9,6 +9,7 @@
 #include <random>
 
 #include "moedist/error.h"
+#include "moedist/ucx.h"
 #include "transport/window/heap.h"
 #include "transport/window/window_engine.h"
 
@@ -192,9 +193,59 @@ std::shared_ptr<Transport> make_mpi_hybrid(MPI_Comm user, const GroupOptions& op
   return std::make_shared<HybridTransport>("hybrid", std::move(engine), std::move(hosts), job, options, ranks_per_server);
 }
 
+std::shared_ptr<Transport> make_mpi_ucx(MPI_Comm user, const GroupOptions& options, const MpiOptions& mpi) {
+  // MPI only bootstraps: hosts, the job id and the allgather of the UCX addresses.
+  MPI_Comm comm = private_comm(user, "make_ucx_group", options, mpi);
+  const std::string label = comm_label(comm) + "make_ucx_group: ";
+  try {
+    HostLayout hosts = detect_hosts(comm, mpi.ranks_per_host, true, label);
+    int world = 0, rank = 0;
+    MPI_Comm_size(comm, &world);
+    MPI_Comm_rank(comm, &rank);
+    char job[64] = {};
+    if (rank == 0) {
+      std::random_device rd;
+      std::snprintf(job, sizeof(job), "ucx%dx%08x%08x", static_cast<int>(getpid()), rd(), rd());
+    }
+    check_mpi(MPI_Bcast(job, sizeof(job), MPI_CHAR, 0, comm), label, "MPI_Bcast (job id)");
+    UcxBootstrap b;
+    b.rank = rank;
+    b.world_size = world;
+    b.host_of = hosts.host_of;
+    b.job = job;
+    b.allgather = [&](const std::string& mine) {
+      int n = static_cast<int>(mine.size());
+      std::vector<int> lens(static_cast<size_t>(world)), offs(static_cast<size_t>(world));
+      check_mpi(MPI_Allgather(&n, 1, MPI_INT, lens.data(), 1, MPI_INT, comm), label, "MPI_Allgather (address lengths)");
+      int total = 0;
+      for (int r = 0; r < world; ++r) {
+        offs[static_cast<size_t>(r)] = total;
+        total += lens[static_cast<size_t>(r)];
+      }
+      std::string all(static_cast<size_t>(total), '\0');
+      check_mpi(MPI_Allgatherv(mine.data(), n, MPI_CHAR, all.data(), lens.data(), offs.data(), MPI_CHAR, comm), label,
+                "MPI_Allgatherv (addresses)");
+      std::vector<std::string> out(static_cast<size_t>(world));
+      for (int r = 0; r < world; ++r)
+        out[static_cast<size_t>(r)] = all.substr(static_cast<size_t>(offs[static_cast<size_t>(r)]), static_cast<size_t>(lens[static_cast<size_t>(r)]));
+      return out;
+    };
+    auto t = make_ucx_group(b, options);
+    MPI_Comm_free(&comm);
+    return t;
+  } catch (...) {
+    MPI_Comm_free(&comm);
+    throw;
+  }
+}
+
 }  // namespace moedist::transport
 
 namespace moedist {
+
+std::shared_ptr<Transport> make_ucx_group(MPI_Comm comm, const GroupOptions& options, const MpiOptions& mpi) {
+  return transport::make_mpi_ucx(comm, options, mpi);
+}
 
 std::shared_ptr<Transport> make_mpi_group(MPI_Comm comm, const GroupOptions& options, const MpiOptions& mpi) {
   return std::make_shared<transport::MpiTransport>(comm, options, mpi);
@@ -206,7 +257,7 @@ std::shared_ptr<Transport> make_hybrid_group(MPI_Comm comm, const GroupOptions& 
 
 std::vector<int> mpi_hosts(const Transport& t) {
   if (auto* m = dynamic_cast<const transport::MpiTransport*>(&t)) return m->hosts().host_of;
-  if (auto* h = dynamic_cast<const transport::HybridTransport*>(&t); h && h->name() == "hybrid") return h->hosts().host_of;
+  if (auto* h = dynamic_cast<const transport::HybridTransport*>(&t)) return h->hosts().host_of;
   return {};
 }
 

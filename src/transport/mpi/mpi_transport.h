@@ -44,5 +44,7 @@ class MpiTransport : public Transport {
 
 // make_hybrid_group: the HybridTransport (transport/hybrid) over MPI between hosts.
 std::shared_ptr<Transport> make_mpi_hybrid(MPI_Comm comm, const GroupOptions& options, const MpiOptions& mpi);
+// make_ucx_group(MPI_Comm): the UCX transport, MPI used only to bootstrap it.
+std::shared_ptr<Transport> make_mpi_ucx(MPI_Comm comm, const GroupOptions& options, const MpiOptions& mpi);
 
 }  // namespace moedist::transport

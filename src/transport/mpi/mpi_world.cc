@@ -30,8 +30,8 @@ void finalize_at_exit() {
 #endif
 
 std::shared_ptr<Transport> make_mpi_world_group(const GroupOptions& options, const std::string& transport, int color, int key) {
-  if (transport != "mpi" && transport != "hybrid")
-    throw InvalidArgument(detail::str_cat("make_mpi_world_group: transport=\"", transport, "\" (must be \"mpi\" or \"hybrid\")"));
+  if (transport != "mpi" && transport != "hybrid" && transport != "ucx")
+    throw InvalidArgument(detail::str_cat("make_mpi_world_group: transport=\"", transport, "\" (must be \"mpi\", \"hybrid\" or \"ucx\")"));
 #ifndef MOEDIST_HAVE_MPI
   (void)options;
   (void)color;
@@ -59,7 +59,7 @@ std::shared_ptr<Transport> make_mpi_world_group(const GroupOptions& options, con
   }
   std::shared_ptr<Transport> t;
   try {
-    t = transport == "mpi" ? make_mpi_group(comm, options) : make_hybrid_group(comm, options);
+    t = transport == "mpi" ? make_mpi_group(comm, options) : transport == "hybrid" ? make_hybrid_group(comm, options) : make_ucx_group(comm, options);
   } catch (...) {
     if (comm != MPI_COMM_WORLD) MPI_Comm_free(&comm);
     throw;
