@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Every test, then one summary. The suites, in this order:
 #   release     the Release build (build/) and its ctest: every C++ test, the examples, the command-line
-#               program, the MPI tests under mpirun (except the consumer test, its own suite below)
+#               program, the MPI tests under mpirun (except the consumer test, its own suite below, and
+#               the tests labelled "python", which need the installed package: in the pytest suite)
 #   consumer    the installed package used from another CMake project (ctest -L consumer)
 #   demo        `moedist demo` on 3 processes, as scripts/demo.sh runs it
-#   pytest      the Python package (pip install . into the project's virtual environment) and its tests
+#   pytest      the Python package (pip install . into the project's virtual environment) and its tests,
+#               then the release build's tests of it (ctest -L python: torchrun across network-namespace
+#               hosts, scripts/torchrun-netns-test.sh; skipped where namespaces cannot be made)
 #   asan+ubsan  AddressSanitizer + UndefinedBehaviorSanitizer build (build-asan/): the C++ tests
 #   tsan        ThreadSanitizer build (build-tsan/): the tests whose ranks are threads of one process
 # MOEDIST_QUICK=1 skips the two sanitizer suites. MOEDIST_PYTHON=/path/to/python uses that interpreter
@@ -111,7 +114,7 @@ trap 'kill "$py_deps_pid" 2>/dev/null' EXIT
 section "release: build (build/), then ctest"
 start=$SECONDS
 if build release build Release "$start"; then
-  run_ctest release build "$start" -LE consumer
+  run_ctest release build "$start" -LE 'consumer|python'
   release_ok=1
 else
   release_ok=0
@@ -153,6 +156,18 @@ if wait "$py_deps_pid"; then
     count() { grep -oE "[0-9]+ $1\b" <<<"$last" | grep -oE '^[0-9]+' || echo 0; }
     p=$(count passed) f=$(($(count failed) + $(count error) + $(count errors))) s=$(count skipped)
     [ "$rc" -ne 0 ] && [ "$f" -eq 0 ] && f=1
+    if [ $release_ok = 1 ]; then  # the installed package across hosts under torchrun (ctest -L python)
+      pylog=$logs/pytest-ctest.log
+      : >"$pylog"
+      crc=0
+      (cd build && MOEDIST_PYTHON="$(cat ../build-py/python)" ctest --output-on-failure --timeout 300 -L python) 2>&1 | tee -a "$pylog" || crc=$?
+      cat "$pylog" >>"$log"
+      if ! grep -q "No tests were found" "$pylog"; then  # none where the build leaves them out (MOEDIST_TEST_NETNS=OFF)
+        read -r cp cf cs <<<"$(ctest_counts "$pylog")"
+        [ "$crc" -ne 0 ] && [ "$cf" -eq 0 ] && cf=1
+        p=$((p + cp)) f=$((f + cf)) s=$((s + cs))
+      fi
+    fi
     record pytest "$([ "$f" -eq 0 ] && echo passed || echo failed)" "$p" "$f" "$s" $((SECONDS - start))
   else
     record pytest failed 0 1 0 $((SECONDS - start))
