@@ -394,7 +394,7 @@ TEST(MpiBytes, HierarchyCrossesHostsWithFewerBytesThanFullmesh) {
     const std::string prefix = "b" + std::to_string(g_counter++) + "_";
     MPI_Comm sub = first_ranks(c.W);
     std::string msg;
-    uint64_t full[3] = {}, hier[3] = {};
+    uint64_t full[4] = {}, hier[4] = {};
     if (sub != MPI_COMM_NULL) {
       try {
         Registered reg;
@@ -413,7 +413,7 @@ TEST(MpiBytes, HierarchyCrossesHostsWithFewerBytesThanFullmesh) {
         }
         auto P = prepare(c, prefix);
         const int i = g_rank;
-        auto measure = [&](const DispatchArgs& d, CombineArgs ca, const DispatchResult* dref, const Tensor* cref, uint64_t out[3]) {
+        auto measure = [&](const DispatchArgs& d, CombineArgs ca, const DispatchResult* dref, const Tensor* cref, uint64_t out[4]) {
           const TransportStats s0 = t->stats();
           const DispatchResult got = dispatch_v2(d);
           Tensor y = combine_v2(ca);
@@ -421,6 +421,7 @@ TEST(MpiBytes, HierarchyCrossesHostsWithFewerBytesThanFullmesh) {
           out[0] = s1.bytes_sent_inter_host - s0.bytes_sent_inter_host;
           out[1] = s1.payload_bytes_inter_host - s0.payload_bytes_inter_host;
           out[2] = s1.bytes_sent - s0.bytes_sent;
+          out[3] = s1.bytes_received_inter_host - s0.bytes_received_inter_host;
           std::string m = check_dispatch(*P, i, got);  // expand_x etc. are the same for both algorithms
           if (m.empty() && dref && std::memcmp(got.expand_scales.data(), dref->expand_scales.data(), got.expand_scales.nbytes()) != 0)
             m = "expand_scales differ";
@@ -445,8 +446,8 @@ TEST(MpiBytes, HierarchyCrossesHostsWithFewerBytesThanFullmesh) {
         msg = std::string("exception: ") + e.what();
       }
     }
-    uint64_t F[3], Hh[3];
-    for (int k = 0; k < 3; ++k) {
+    uint64_t F[4], Hh[4];
+    for (int k = 0; k < 4; ++k) {
       F[k] = sum_over_ranks(full[k]);
       Hh[k] = sum_over_ranks(hier[k]);
     }
@@ -461,6 +462,9 @@ TEST(MpiBytes, HierarchyCrossesHostsWithFewerBytesThanFullmesh) {
                   static_cast<unsigned long long>(Hh[2]), Hh[0] ? static_cast<double>(F[0]) / static_cast<double>(Hh[0]) : 0.0);
     EXPECT_EQ(agree(msg), "") << name;
     EXPECT_GT(Hh[0], 0u) << name;
+    // Every byte sent to another host was received there: summed over ranks, the two counts agree.
+    EXPECT_EQ(F[3], F[0]) << name << ": fullmesh received " << F[3] << " bytes from other hosts, sent " << F[0];
+    EXPECT_EQ(Hh[3], Hh[0]) << name << ": hierarchy received " << Hh[3] << " bytes from other hosts, sent " << Hh[0];
     EXPECT_LT(Hh[0], F[0]) << name << ": hierarchy sent " << Hh[0] << " bytes across hosts, fullmesh " << F[0];
     EXPECT_LT(Hh[1], F[1]) << name << ": payload across hosts, hierarchy " << Hh[1] << ", fullmesh " << F[1];
   }

@@ -63,7 +63,8 @@ struct ExchangeSpec {
 };
 
 // Traffic this endpoint sent to other ranks since it was created (cumulative; take differences around
-// a call to measure it). Receiving is not counted: the sum over ranks is the traffic of the group.
+// a call to measure it). Receiving is not counted (except bytes_received_inter_host): the sum over
+// ranks is the traffic of the group.
 //   bytes_sent: every byte this rank put on the way to another rank: control messages (counts,
 //     status), packing headers and payload. Writes into this rank's own memory are not counted.
 //   bytes_sent_inter_host: the part of bytes_sent that went to ranks on other hosts (MPI transports;
@@ -71,6 +72,9 @@ struct ExchangeSpec {
 //   payload_bytes, payload_bytes_inter_host: only the bytes written through PutWriter::dest (rows,
 //     scales, records), without control messages and headers.
 //   messages: messages (MPI) or message slots (shared memory) sent to other ranks.
+//   bytes_received_inter_host: every byte of the MPI messages this rank received from ranks on other
+//     hosts (the same messages as bytes_sent_inter_host, seen from the receiving side): summed over a
+//     host's ranks, bytes_sent_inter_host is what left the host and this what entered it.
 struct TransportStats {
   uint64_t bytes_sent = 0;
   uint64_t bytes_sent_inter_host = 0;
@@ -78,6 +82,7 @@ struct TransportStats {
   uint64_t payload_bytes_inter_host = 0;
   uint64_t messages = 0;
   uint64_t exchanges = 0;  // exchange() calls
+  uint64_t bytes_received_inter_host = 0;
 };
 
 // What the ops remember per endpoint between calls; transports do not use it.

@@ -150,6 +150,7 @@ TransportStats HybridTransport::stats() const {
   TransportStats s = shm_->stats();
   s.bytes_sent += engine_->bytes_sent();
   s.bytes_sent_inter_host = engine_->bytes_sent_inter_host();
+  s.bytes_received_inter_host = engine_->bytes_received_inter_host();
   s.payload_bytes += engine_->payload_bytes();
   s.payload_bytes_inter_host = engine_->payload_bytes_inter_host();
   s.messages += engine_->messages();

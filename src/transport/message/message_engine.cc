@@ -264,6 +264,7 @@ bool MessageEngine::try_receive(int peer, Peer& st, int tag) {
   }
   if (!wire_->test(st.rreq)) return false;
   st.rstate = 0;
+  if (host_of_[static_cast<size_t>(peer)] != host_of_[static_cast<size_t>(rank_)]) add(recv_inter_, st.rlen);
   return true;
 }
 

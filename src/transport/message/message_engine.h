@@ -100,6 +100,8 @@ class MessageEngine {
   uint64_t payload_bytes() const { return payload_.load(std::memory_order_relaxed); }
   uint64_t payload_bytes_inter_host() const { return payload_inter_.load(std::memory_order_relaxed); }
   uint64_t messages() const { return messages_.load(std::memory_order_relaxed); }
+  // Bytes of the exchanges' messages received from ranks on other hosts.
+  uint64_t bytes_received_inter_host() const { return recv_inter_.load(std::memory_order_relaxed); }
 
  private:
   struct Block {
@@ -166,7 +168,7 @@ class MessageEngine {
   std::chrono::steady_clock::time_point wait_mark_{};
   std::vector<int32_t> culprits_;  // the peers this rank timed out waiting for in the current call
   std::vector<std::vector<unsigned char>> notices_;  // GaveUp messages in flight (the engine may still read them)
-  std::atomic<uint64_t> bytes_sent_{0}, bytes_inter_{0}, payload_{0}, payload_inter_{0}, messages_{0};
+  std::atomic<uint64_t> bytes_sent_{0}, bytes_inter_{0}, payload_{0}, payload_inter_{0}, messages_{0}, recv_inter_{0};
 };
 
 }  // namespace moedist::transport
