@@ -26,6 +26,21 @@ def main() -> int:
             f"| {r['memcpy_GBps']:.1f} | {r.get('outputs_vs_baseline', '')} "
             f"| {m.get('metadata_check_us', 0):.2f} ({m.get('metadata_check_pct_of_round', 0):.2f}%) |"
         )
+    links = [r for r in rows if r.get("hosts", 1) > 1]
+    if links:  # several hosts: the busiest host link and, given --link-gbit, the floor it sets
+        lines += ["", "Host links (the busiest host's larger direction; floor = its bytes / --link-gbit):", "",
+                  "| ranks | hosts | comm_alg | tokens | link Gbit/s | moedist round us | busiest link bytes | floor us | round / floor "
+                  "| MPI round us | MPI busiest link bytes | MPI floor us | MPI round / floor |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in links:
+            m, b = r["moedist"], r["mpi_alltoallv"]
+
+            def floor(x):
+                return (f"{x['link_floor_us']:.1f} | {x['round_over_link_floor']:.2f}x" if "link_floor_us" in x else "- | -")
+
+            lines.append(f"| {r['ranks']} | {r['hosts']} | {r.get('comm_alg', 'fullmesh')} | {r['tokens']} | {r.get('link_gbit', '-')} "
+                         f"| {m['round_us']['median']:.1f} | {m.get('busiest_host_link_bytes_per_round', 0):.0f} | {floor(m)} "
+                         f"| {b['round_us']['median']:.1f} | {b.get('busiest_host_link_bytes_per_round', 0):.0f} | {floor(b)} |")
     py = [r for r in rows if "python" in r]
     if py:  # moedist bench --python: the same configurations through the Python package
         lines += ["", "Python package (bench/python_bench.py) beside the C++ calls, same run:", "",

@@ -307,6 +307,7 @@ struct Sweep {
   int slow_rank = -1;       // this rank sleeps slow_us before each dispatch (to see it in the matrix)
   int slow_us = 0;
   bool python = false;      // --python: the same configurations through the Python package too
+  double link_gbit = 0;     // --link-gbit: the rate of each host's link, for the link floor (0: not given)
 };
 
 std::vector<std::string> parse_words(const std::string& s, char sep) {
@@ -325,6 +326,7 @@ int bench_usage(FILE* out = stderr) {
                "                     [--quant 0,2] [--comm-quant 0] [--topk 8] [--iters 30] [--warmup 5] [--out DIR] [--quick]\n"
                "                     [--transport shm|mpi|hybrid|ucx] [--comm-alg fullmesh,hierarchy] [--ranks-per-host N]\n"
                "                     [--hostfile FILE] [--mpirun-args \"ARGS\"] [--waits [--slow-rank R --slow-us N]] [--python]\n"
+               "                     [--link-gbit G]\n"
                "  Runs each configuration under mpirun: moedist and the MPI_Alltoallv pipeline baseline side by\n"
                "  side, plus memcpy bandwidth, and the bytes that crossed between hosts per round for both.\n"
                "  --transport: shm (processes of this host, default), mpi (MPI between all ranks), hybrid\n"
@@ -347,6 +349,10 @@ int bench_usage(FILE* out = stderr) {
                "  (bench/python_bench.py: processes, torch ops) go into bench.json as \"python\" beside \"moedist\", with\n"
                "  python_vs_moedist_round and the time Python adds per call; the interpreter is $MOEDIST_PYTHON, else\n"
                "  build-py/venv/bin/python of the source tree, else python3 (without torch and moedist the entry says so).\n"
+               "  Every row has, for moedist and the baseline, the bytes on the busiest host link per round (the larger\n"
+               "  direction, in or out, of the host that moves most across hosts). --link-gbit G: each host's link\n"
+               "  carries G Gbit/s each way (scripts/shaped-links.sh makes such links), and the rows add the link floor\n"
+               "  (those bytes / G; no round can be faster) and the median round's ratio to it.\n"
                "  The worker can be started directly: mpirun -np 8 --hostfile hosts moedist bench-worker [options]\n"
                "  prints one JSON object per configuration.\n");
   return out == stderr ? 2 : 0;
@@ -381,6 +387,15 @@ bool help_asked(int argc, char** argv) {
     else if (a == "--slow-rank") s.slow_rank = std::atoi(next().c_str());
     else if (a == "--slow-us") s.slow_us = std::atoi(next().c_str());
     else if (a == "--python") s.python = true;
+    else if (a == "--link-gbit") {
+      const std::string v = next();
+      char* end = nullptr;
+      s.link_gbit = std::strtod(v.c_str(), &end);
+      if (v.empty() || *end != '\0' || !(s.link_gbit > 0) || s.link_gbit > 1e6) {
+        std::fprintf(stderr, "moedist bench: --link-gbit takes the links' rate in Gbit/s, a number > 0, got '%s'\n", v.c_str());
+        return false;
+      }
+    }
     else if (a == "--quick") {
       s.ranks = {2, 3};
       s.tokens = {1, 8};
@@ -469,6 +484,41 @@ std::vector<double> max_over_ranks(const std::vector<double>& mine) {
   return out;
 }
 
+// The bytes on the busiest host link per round: each host's link carries, out, what its ranks sent to
+// other hosts and, in, what they received from other hosts; the larger direction of the busiest host.
+// Collective; the result is meaningful on rank 0.
+double busiest_host_link_bytes(uint64_t sent_inter, uint64_t recv_inter, const std::vector<int>& host_of, int iters) {
+  int W = 0, rank = 0;
+  MPI_Comm_size(MPI_COMM_WORLD, &W);
+  MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+  const uint64_t mine[2] = {sent_inter, recv_inter};
+  std::vector<uint64_t> all(2 * static_cast<size_t>(W));
+  MPI_Gather(mine, 2, MPI_UINT64_T, all.data(), 2, MPI_UINT64_T, 0, MPI_COMM_WORLD);
+  if (rank != 0) return 0;
+  std::map<int, std::pair<uint64_t, uint64_t>> link;  // host -> (out, in)
+  for (int r = 0; r < W; ++r) {
+    auto& l = link[host_of[static_cast<size_t>(r)]];
+    l.first += all[2 * static_cast<size_t>(r)];
+    l.second += all[2 * static_cast<size_t>(r) + 1];
+  }
+  uint64_t busiest = 0;
+  for (const auto& [h, l] : link) busiest = std::max({busiest, l.first, l.second});
+  return static_cast<double>(busiest) / iters;
+}
+
+// ",\"busiest_host_link_bytes_per_round\":B" and, given the links' rate, the floor that many bytes
+// put on a round (B / rate) and the median round's ratio to it.
+std::string json_link(double busiest, double link_gbit, double round_median_s) {
+  char buf[256];
+  int n = std::snprintf(buf, sizeof(buf), ",\"busiest_host_link_bytes_per_round\":%.0f", busiest);
+  if (link_gbit > 0) {
+    const double floor_s = busiest * 8.0 / (link_gbit * 1e9);
+    std::snprintf(buf + n, sizeof(buf) - static_cast<size_t>(n), ",\"link_floor_us\":%.2f,\"round_over_link_floor\":%.3f", floor_s * 1e6,
+                  floor_s > 0 ? round_median_s / floor_s : 0.0);
+  }
+  return buf;
+}
+
 struct Inputs {
   int W, rank, BS, H, K, E, quant;
   std::vector<uint16_t> x;
@@ -498,6 +548,7 @@ Inputs make_inputs(int W, int rank, int BS, int H, int K, int E, int quant) {
 struct Timing {
   std::vector<double> dispatch, combine, round;
   uint64_t bytes_inter = 0, bytes_all = 0;  // this rank's sends over the timed iterations
+  uint64_t bytes_recv_inter = 0;            // what this rank received from other hosts over them
   // quant_mode 0: the combined output of one more, untimed round whose experts return their input
   // rows, so that moedist and the baseline can be checked against each other (bit for bit: the same
   // rows summed in the same order by the same kernel); empty with quant_mode 2.
@@ -584,6 +635,7 @@ Timing run_moedist(const Inputs& in, int warmup, int iters, const std::string& a
   const TransportStats s1 = t.stats();
   tm.bytes_inter = s1.bytes_sent_inter_host - s0.bytes_sent_inter_host;
   tm.bytes_all = s1.bytes_sent - s0.bytes_sent;
+  tm.bytes_recv_inter = s1.bytes_received_inter_host - s0.bytes_received_inter_host;
   if (in.quant == 0 && comm_quant == 0) {  // the check round: each expert returns the rows it received
     MPI_Barrier(MPI_COMM_WORLD);
     r = dispatch_v2(d);
@@ -663,7 +715,11 @@ Timing run_baseline(const Inputs& in, int warmup, int iters, const std::vector<i
         const uint64_t b = 4 + static_cast<uint64_t>(cnt_rows[static_cast<size_t>(p)]) * rec +
                            static_cast<uint64_t>(rcnt_rows[static_cast<size_t>(p)]) * ret;
         t.bytes_all += b;
-        if (host_of[static_cast<size_t>(p)] != host_of[static_cast<size_t>(in.rank)]) t.bytes_inter += b;
+        if (host_of[static_cast<size_t>(p)] != host_of[static_cast<size_t>(in.rank)]) {
+          t.bytes_inter += b;
+          t.bytes_recv_inter += 4 + static_cast<uint64_t>(rcnt_rows[static_cast<size_t>(p)]) * rec +
+                                static_cast<uint64_t>(cnt_rows[static_cast<size_t>(p)]) * ret;
+        }
       }
     int total = 0;
     for (int p = 0; p < W; ++p) {
@@ -901,6 +957,7 @@ int bench_worker_main(int argc, char** argv) {
             const auto bd = max_over_ranks(b.dispatch), bc = max_over_ranks(b.combine), br = max_over_ranks(b.round);
             uint64_t bb[2] = {b.bytes_inter, b.bytes_all}, bsum[2] = {};
             MPI_Allreduce(bb, bsum, 2, MPI_UINT64_T, MPI_SUM, MPI_COMM_WORLD);
+            const double b_busiest = busiest_host_link_bytes(b.bytes_inter, b.bytes_recv_inter, host_of, s.iters);
             for (const std::string& alg : s.algs)
             for (int cq : s.comm_quant) {
               if (cq == 2 && alg == "hierarchy") continue;  // hierarchy refuses comm_quant_mode 2
@@ -948,6 +1005,7 @@ int bench_worker_main(int argc, char** argv) {
               MPI_Allreduce(&m.metadata_check_us, &check_us, 1, MPI_DOUBLE, MPI_MAX, MPI_COMM_WORLD);
               uint64_t mb[2] = {m.bytes_inter, m.bytes_all}, msum[2] = {};
               MPI_Allreduce(mb, msum, 2, MPI_UINT64_T, MPI_SUM, MPI_COMM_WORLD);
+              const double m_busiest = busiest_host_link_bytes(m.bytes_inter, m.bytes_recv_inter, host_of, s.iters);
               if (rank == 0) {
                 const double back = cq == 2 ? H + 2.0 * ((H + 7) / 8) : H * 2.0;
                 const double bytes = static_cast<double>(BS) * s.topk * (H * (q ? 1.0 : 2.0) + (q ? 4.0 : 0.0) + back);
@@ -956,14 +1014,16 @@ int bench_worker_main(int argc, char** argv) {
                 std::printf("{\"ranks\":%d,\"tokens\":%d,\"hidden\":%d,\"topk\":%d,\"experts\":%d,\"quant_mode\":%d,\"comm_quant_mode\":%d,"
                             "\"transport\":\"%s\",\"comm_alg\":\"%s\",\"hosts\":%d,"
                             "\"moedist\":{%s,%s,%s,\"algbw_GBps\":%.3f,\"bytes_inter_host_per_round\":%.0f,\"bytes_per_round\":%.0f,"
-                            "\"metadata_check_us\":%.2f,\"metadata_check_pct_of_round\":%.3f},"
-                            "\"mpi_alltoallv\":{%s,%s,%s,\"bytes_inter_host_per_round\":%.0f,\"bytes_per_round\":%.0f},"
-                            "\"speedup_round\":%.3f,\"memcpy_GBps\":%.2f,\"outputs_vs_baseline\":\"%s\"}\n",
+                            "\"metadata_check_us\":%.2f,\"metadata_check_pct_of_round\":%.3f%s},"
+                            "\"mpi_alltoallv\":{%s,%s,%s,\"bytes_inter_host_per_round\":%.0f,\"bytes_per_round\":%.0f%s},"
+                            "\"speedup_round\":%.3f,\"memcpy_GBps\":%.2f,\"outputs_vs_baseline\":\"%s\"%s}\n",
                             W, BS, H, s.topk, E, q, cq, s.transport.c_str(), alg.c_str(), nhosts, json_stats("dispatch", md).c_str(),
                             json_stats("combine", mc).c_str(), json_stats("round", mr).c_str(), algbw, static_cast<double>(msum[0]) / it,
-                            static_cast<double>(msum[1]) / it, check_us, 100.0 * check_us / (stats_of(mr).median * 1e6), json_stats("dispatch", bd).c_str(), json_stats("combine", bc).c_str(),
+                            static_cast<double>(msum[1]) / it, check_us, 100.0 * check_us / (stats_of(mr).median * 1e6),
+                            json_link(m_busiest, s.link_gbit, stats_of(mr).median).c_str(), json_stats("dispatch", bd).c_str(), json_stats("combine", bc).c_str(),
                             json_stats("round", br).c_str(), static_cast<double>(bsum[0]) / it, static_cast<double>(bsum[1]) / it,
-                            stats_of(br).median / stats_of(mr).median, mem, check);
+                            json_link(b_busiest, s.link_gbit, stats_of(br).median).c_str(), stats_of(br).median / stats_of(mr).median, mem, check,
+                            s.link_gbit > 0 ? (",\"link_gbit\":" + std::to_string(s.link_gbit)).c_str() : "");
                 std::fflush(stdout);
               }
             }
@@ -999,6 +1059,7 @@ int bench_main(int argc, char** argv, const char* argv0) {
                              return a;
                            }() +
                            " --ranks-per-host " + std::to_string(s.ranks_per_host) +
+                           (s.link_gbit > 0 ? " --link-gbit " + std::to_string(s.link_gbit) : "") +
                            (s.waits ? " --waits --slow-rank " + std::to_string(s.slow_rank) + " --slow-us " + std::to_string(s.slow_us) : "");
   if (std::system(("mkdir -p '" + s.out + "'").c_str()) != 0) {
     std::fprintf(stderr, "moedist bench: cannot create %s\n", s.out.c_str());
