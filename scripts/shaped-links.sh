@@ -10,9 +10,11 @@
 #                                                   needs the kernel's netem qdisc, which many containers
 #                                                   lack: the command then fails and says so)
 #   scripts/shaped-links.sh show DIR               the qdiscs and their counters (bytes, drops, overlimits)
-#   scripts/shaped-links.sh measure DIR [MB]       raw TCP throughput host 1 -> host 2 (MB megabytes in one
+#   scripts/shaped-links.sh measure DIR [MB] [both] raw TCP throughput host 1 -> host 2 (MB megabytes in one
 #                                                   connection, default 512) and the TCP round trip
-#                                                   (median of 200 one-byte ping-pongs); needs python3
+#                                                   (median of 200 one-byte ping-pongs); "both": host 2 ->
+#                                                   host 1 at the same time too (both directions of the
+#                                                   links busy, as in an all-to-all); needs python3
 # DIR is the directory of `netns-hosts.sh up` (or $MOEDIST_NETNS_DIR inside `netns-hosts.sh run`).
 # `set` also gives the bridge, the ports and the hosts' eth0 an MTU of MOEDIST_SHAPE_MTU bytes (default
 # 9000, jumbo frames as data-centre networks use; 1500 is Ethernet's default): on this kind of machine
@@ -89,24 +91,37 @@ show() {
   done < <(links "$1")
 }
 
-measure() {
-  local dir=$1 mb=${2:-512}
-  [[ "$mb" =~ ^[0-9]+$ ]] && [ "$mb" -ge 1 ] || die "MB must be a positive integer, got '$mb'"
-  local hosts=() ns=() a b
+# probe DIR FROM TO MB: one link-probe.py connection from host FROM to host TO (1-based).
+probe() {
+  local dir=$1 from=$2 to=$3 mb=$4 hosts=() ns=()
   mapfile -t hosts < <(awk '{print $1}' "$dir/hostfile")
   mapfile -t ns < <(links "$dir" | awk '{print $1}')
-  [ "${#hosts[@]}" -ge 2 ] || die "measure needs 2 hosts, $dir has ${#hosts[@]}"
-  a=${ns[0]}
-  b=${ns[1]}
   local port=$((20000 + RANDOM % 20000)) ready
   ready=$(mktemp)
-  ip netns exec "$b" python3 "$here/link-probe.py" serve "${hosts[1]}" "$port" "$ready" &
+  ip netns exec "${ns[$((to - 1))]}" python3 "$here/link-probe.py" serve "${hosts[$((to - 1))]}" "$port" "$ready" &
   local server=$!
   for _ in $(seq 1 100); do [ -s "$ready" ] && break; sleep 0.05; done
   local rc=0
-  ip netns exec "$a" python3 "$here/link-probe.py" send "${hosts[1]}" "$port" "$mb" || rc=$?
+  ip netns exec "${ns[$((from - 1))]}" python3 "$here/link-probe.py" send "${hosts[$((to - 1))]}" "$port" "$mb" | sed "s/^/host $from -> $to: /" || rc=$?
   wait "$server" || rc=$?
   rm -f "$ready"
+  return $rc
+}
+
+measure() {
+  local dir=$1 mb=${2:-512} both=${3:-}
+  [[ "$mb" =~ ^[0-9]+$ ]] && [ "$mb" -ge 1 ] || die "MB must be a positive integer, got '$mb'"
+  [ -z "$both" ] || [ "$both" = both ] || die "the third argument of measure is 'both' or nothing, got '$both'"
+  [ "$(wc -l <"$dir/hostfile")" -ge 2 ] || die "measure needs 2 hosts"
+  if [ -z "$both" ]; then
+    probe "$dir" 1 2 "$mb"
+    return
+  fi
+  local rc=0 other
+  probe "$dir" 2 1 "$mb" &
+  other=$!
+  probe "$dir" 1 2 "$mb" || rc=$?
+  wait "$other" || rc=$?
   return $rc
 }
 
@@ -115,6 +130,6 @@ if [ $# -ge 2 ] && [ ! -f "$2/state" ]; then die "no hosts in '$2' (expected the
 case "$cmd" in
   set) [ $# -ge 3 ] && [ $# -le 4 ] || die "usage: $0 set DIR RATE [DELAY]"; set_links "$2" "$3" "${4:-}" ;;
   show) [ $# -eq 2 ] || die "usage: $0 show DIR"; show "$2" ;;
-  measure) [ $# -ge 2 ] && [ $# -le 3 ] || die "usage: $0 measure DIR [MB]"; measure "$2" "${3:-512}" ;;
-  *) die "usage: $0 set DIR RATE [DELAY] | show DIR | measure DIR [MB]" ;;
+  measure) [ $# -ge 2 ] && [ $# -le 4 ] || die "usage: $0 measure DIR [MB] [both]"; measure "$2" "${3:-512}" "${4:-}" ;;
+  *) die "usage: $0 set DIR RATE [DELAY] | show DIR | measure DIR [MB] [both]" ;;
 esac

@@ -19,6 +19,7 @@
 //   BS * K * (H + 2 * ceil(H / 8)) (int8 and one 2-byte scale per group of 8).
 #include "bench.h"
 
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -352,7 +353,8 @@ int bench_usage(FILE* out = stderr) {
                "  Every row has, for moedist and the baseline, the bytes on the busiest host link per round (the larger\n"
                "  direction, in or out, of the host that moves most across hosts). --link-gbit G: each host's link\n"
                "  carries G Gbit/s each way (scripts/shaped-links.sh makes such links), and the rows add the link floor\n"
-               "  (those bytes / G; no round can be faster) and the median round's ratio to it.\n"
+               "  (those bytes / G; no round can be faster) and the median round's ratio to it. cpu_ms_per_round: the CPU\n"
+               "  time (user + system) all ranks' processes used per timed round, summed.\n"
                "  The worker can be started directly: mpirun -np 8 --hostfile hosts moedist bench-worker [options]\n"
                "  prints one JSON object per configuration.\n");
   return out == stderr ? 2 : 0;
@@ -508,15 +510,22 @@ double busiest_host_link_bytes(uint64_t sent_inter, uint64_t recv_inter, const s
 
 // ",\"busiest_host_link_bytes_per_round\":B" and, given the links' rate, the floor that many bytes
 // put on a round (B / rate) and the median round's ratio to it.
-std::string json_link(double busiest, double link_gbit, double round_median_s) {
-  char buf[256];
-  int n = std::snprintf(buf, sizeof(buf), ",\"busiest_host_link_bytes_per_round\":%.0f", busiest);
+std::string json_link(double busiest, double link_gbit, double round_median_s, double cpu_ms_per_round) {
+  char buf[320];
+  int n = std::snprintf(buf, sizeof(buf), ",\"cpu_ms_per_round\":%.2f,\"busiest_host_link_bytes_per_round\":%.0f", cpu_ms_per_round, busiest);
   if (link_gbit > 0) {
     const double floor_s = busiest * 8.0 / (link_gbit * 1e9);
     std::snprintf(buf + n, sizeof(buf) - static_cast<size_t>(n), ",\"link_floor_us\":%.2f,\"round_over_link_floor\":%.3f", floor_s * 1e6,
                   floor_s > 0 ? round_median_s / floor_s : 0.0);
   }
   return buf;
+}
+
+// CPU time (user + system) this process has used, in seconds.
+double cpu_seconds() {
+  rusage u{};
+  getrusage(RUSAGE_SELF, &u);
+  return static_cast<double>(u.ru_utime.tv_sec + u.ru_stime.tv_sec) + 1e-6 * static_cast<double>(u.ru_utime.tv_usec + u.ru_stime.tv_usec);
 }
 
 struct Inputs {
@@ -549,6 +558,7 @@ struct Timing {
   std::vector<double> dispatch, combine, round;
   uint64_t bytes_inter = 0, bytes_all = 0;  // this rank's sends over the timed iterations
   uint64_t bytes_recv_inter = 0;            // what this rank received from other hosts over them
+  double cpu_s = 0;                         // CPU time (user + system) this process used in them
   // quant_mode 0: the combined output of one more, untimed round whose experts return their input
   // rows, so that moedist and the baseline can be checked against each other (bit for bit: the same
   // rows summed in the same order by the same kernel); empty with quant_mode 2.
@@ -601,7 +611,10 @@ Timing run_moedist(const Inputs& in, int warmup, int iters, const std::string& a
       c.performance_info = pi;
     }
     MPI_Barrier(MPI_COMM_WORLD);
-    if (it == warmup) s0 = t.stats();
+    if (it == warmup) {
+      s0 = t.stats();
+      tm.cpu_s = -cpu_seconds();
+    }
     if (slow_us > 0) std::this_thread::sleep_for(std::chrono::microseconds(slow_us));
     const auto t0 = Clock::now();
     r = dispatch_v2(d);
@@ -632,6 +645,7 @@ Timing run_moedist(const Inputs& in, int warmup, int iters, const std::string& a
     tm.metadata_check_us = us[us.size() / 2];
   }
   d.performance_info = c.performance_info = TensorView();  // the check round below is not counted
+  tm.cpu_s += cpu_seconds();
   const TransportStats s1 = t.stats();
   tm.bytes_inter = s1.bytes_sent_inter_host - s0.bytes_sent_inter_host;
   tm.bytes_all = s1.bytes_sent - s0.bytes_sent;
@@ -681,6 +695,8 @@ Timing run_baseline(const Inputs& in, int warmup, int iters, const std::vector<i
   for (int it = 0; it < warmup + iters + check; ++it) {
     const bool checking = it == warmup + iters;
     MPI_Barrier(MPI_COMM_WORLD);
+    if (it == warmup) t.cpu_s = -cpu_seconds();
+    if (checking) t.cpu_s += cpu_seconds();
     const auto t0 = Clock::now();
     // dispatch: permute by destination rank
     std::fill(cnt_rows.begin(), cnt_rows.end(), 0);
@@ -958,6 +974,8 @@ int bench_worker_main(int argc, char** argv) {
             uint64_t bb[2] = {b.bytes_inter, b.bytes_all}, bsum[2] = {};
             MPI_Allreduce(bb, bsum, 2, MPI_UINT64_T, MPI_SUM, MPI_COMM_WORLD);
             const double b_busiest = busiest_host_link_bytes(b.bytes_inter, b.bytes_recv_inter, host_of, s.iters);
+            double b_cpu = 0;
+            MPI_Reduce(&b.cpu_s, &b_cpu, 1, MPI_DOUBLE, MPI_SUM, 0, MPI_COMM_WORLD);
             for (const std::string& alg : s.algs)
             for (int cq : s.comm_quant) {
               if (cq == 2 && alg == "hierarchy") continue;  // hierarchy refuses comm_quant_mode 2
@@ -1006,6 +1024,8 @@ int bench_worker_main(int argc, char** argv) {
               uint64_t mb[2] = {m.bytes_inter, m.bytes_all}, msum[2] = {};
               MPI_Allreduce(mb, msum, 2, MPI_UINT64_T, MPI_SUM, MPI_COMM_WORLD);
               const double m_busiest = busiest_host_link_bytes(m.bytes_inter, m.bytes_recv_inter, host_of, s.iters);
+              double m_cpu = 0;
+              MPI_Reduce(&m.cpu_s, &m_cpu, 1, MPI_DOUBLE, MPI_SUM, 0, MPI_COMM_WORLD);
               if (rank == 0) {
                 const double back = cq == 2 ? H + 2.0 * ((H + 7) / 8) : H * 2.0;
                 const double bytes = static_cast<double>(BS) * s.topk * (H * (q ? 1.0 : 2.0) + (q ? 4.0 : 0.0) + back);
@@ -1020,9 +1040,9 @@ int bench_worker_main(int argc, char** argv) {
                             W, BS, H, s.topk, E, q, cq, s.transport.c_str(), alg.c_str(), nhosts, json_stats("dispatch", md).c_str(),
                             json_stats("combine", mc).c_str(), json_stats("round", mr).c_str(), algbw, static_cast<double>(msum[0]) / it,
                             static_cast<double>(msum[1]) / it, check_us, 100.0 * check_us / (stats_of(mr).median * 1e6),
-                            json_link(m_busiest, s.link_gbit, stats_of(mr).median).c_str(), json_stats("dispatch", bd).c_str(), json_stats("combine", bc).c_str(),
+                            json_link(m_busiest, s.link_gbit, stats_of(mr).median, 1e3 * m_cpu / s.iters).c_str(), json_stats("dispatch", bd).c_str(), json_stats("combine", bc).c_str(),
                             json_stats("round", br).c_str(), static_cast<double>(bsum[0]) / it, static_cast<double>(bsum[1]) / it,
-                            json_link(b_busiest, s.link_gbit, stats_of(br).median).c_str(), stats_of(br).median / stats_of(mr).median, mem, check,
+                            json_link(b_busiest, s.link_gbit, stats_of(br).median, 1e3 * b_cpu / s.iters).c_str(), stats_of(br).median / stats_of(mr).median, mem, check,
                             s.link_gbit > 0 ? (",\"link_gbit\":" + std::to_string(s.link_gbit)).c_str() : "");
                 std::fflush(stdout);
               }
