@@ -83,7 +83,7 @@ def svg(runs) -> str:
         groups = [(name, entries(rows)) for name, rows, _, _ in runs]
         vmax = max((e["round"] for _, g in groups for (t, _), e in g.items() if t == tokens), default=1.0)
         vmax = max(vmax, max((e["floor"] or 0 for _, g in groups for (t, _), e in g.items() if t == tokens), default=0))
-        step = 10 ** len(str(int(vmax / 1e3 / 5))) / 10 if vmax >= 5e3 else 0.5
+        step = next(m * 10 ** e for e in range(-2, 6) for m in (1, 2, 5) if vmax / 1e3 / (m * 10 ** e) <= 8)
         ticks = [i * step for i in range(int(vmax / 1e3 / step) + 2)]
         ymax = ticks[-1] * 1e3
         y = lambda v: top + panel_h - panel_h * v / ymax  # noqa: E731
