@@ -747,11 +747,17 @@ std::string run_body_procs(const Case& c, const MakeEp& make_ep, const RankBody&
     register_group(prefix + "ep" + std::to_string(q), {make_ep(c.W, r, opt, job + "q" + std::to_string(q))});
     if (c.tp) register_group(prefix + "tp" + std::to_string(r), {make_shm_group("tp" + std::to_string(r), 2, q, opt, job)});
     auto P = prepare(c, prefix);
+    std::string out;  // "": removed by elastic_info, does not call
     for (size_t i = 0; i < P->ranks.size(); ++i) {
       int tq;
-      if (rank_of(*P, static_cast<int>(i), &tq) == r && tq == q) return body(*P, static_cast<int>(i));
+      if (rank_of(*P, static_cast<int>(i), &tq) == r && tq == q) out = body(*P, static_cast<int>(i));
     }
-    return "";  // removed by elastic_info: does not call
+    // The groups go before the process does (it ends with _exit): a transport that sends through a
+    // library's queues (UCX) delivers what it still holds when its endpoint is destroyed.
+    P.reset();
+    unregister_group(prefix + "ep" + std::to_string(q));
+    if (c.tp) unregister_group(prefix + "tp" + std::to_string(r));
+    return out;
   }, 90 * kDeadlineScale);
   const auto left = shm_leftovers(job);
   if (result.empty() && !left.empty()) result = "segment left in /dev/shm: " + left[0];

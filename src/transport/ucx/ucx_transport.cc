@@ -119,7 +119,13 @@ class UcxWire : public Wire {
   const char* engine() const override { return "UCX"; }
 
   Req isend(int peer, const void* p, size_t bytes, int tag, const char* what) override {
-    ucs_status_ptr_t r = ucp_tag_send_nbx(ep(peer, what), p, bytes, full_tag(tag, rank_), &no_params_);
+    return send(peer, p, bytes, tag, what, false);
+  }
+
+  // synced: the send completes only once the peer has received it (ucp_tag_send_sync_nbx).
+  Req send(int peer, const void* p, size_t bytes, int tag, const char* what, bool synced) {
+    ucs_status_ptr_t r = synced ? ucp_tag_send_sync_nbx(ep(peer, what), p, bytes, full_tag(tag, rank_), &no_params_)
+                                : ucp_tag_send_nbx(ep(peer, what), p, bytes, full_tag(tag, rank_), &no_params_);
     if (UCS_PTR_IS_ERR(r)) fail(UCS_PTR_STATUS(r), what, peer);
     return Req{reinterpret_cast<uintptr_t>(r), r != nullptr};
   }
@@ -195,12 +201,14 @@ class UcxWire : public Wire {
     }
   }
 
-  // Checks that every rank in `peers` is reachable: sends each a hello and waits for theirs.
+  // Checks that every rank in `peers` is reachable: sends each a hello and waits for theirs, and for its
+  // own to be received (so that a rank may leave the group, or die, once make_ucx_group returned
+  // everywhere without leaving a peer waiting for its hello).
   void hello(const std::vector<int>& peers, std::chrono::milliseconds timeout) {
     set_prefix(label_ + "make_ucx_group: ");
     const uint64_t mark = 0x6d6f656469737421ull;
     std::vector<Req> sends;
-    for (int p : peers) sends.push_back(isend(p, &mark, sizeof(mark), kTagHello, "send (connection check)"));
+    for (int p : peers) sends.push_back(send(p, &mark, sizeof(mark), kTagHello, "send (connection check)", true));
     std::vector<bool> got(static_cast<size_t>(world_), false);
     size_t pending = peers.size();
     const auto until = std::chrono::steady_clock::now() + timeout;
