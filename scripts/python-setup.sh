@@ -131,6 +131,9 @@ fi
 echo "building and installing moedist (pip install .)"
 # Without build isolation the build environment's path stays the same from run to run, so scikit-build-core
 # keeps build-py/ and rebuilds incrementally (a fresh isolated environment makes it start over).
-pip_install --no-build-isolation .
+# MOEDIST_PYTHON_PACKAGE=<prefix of an installed Release build> (scripts/test.sh): the extension links that
+# package's library instead of compiling it again; passed every time (also empty), so that build-py/'s
+# cached configuration never keeps a prefix of an earlier run.
+pip_install --no-build-isolation -Ccmake.define.MOEDIST_PYTHON_PACKAGE="${MOEDIST_PYTHON_PACKAGE:-}" .
 "$PY" -c 'import moedist; print("moedist", moedist.__version__, "installed at", moedist.__path__[0])'
 echo "$PY" > build-py/python
