@@ -10,6 +10,9 @@
 # never into python3's own site-packages).
 #   --deps-only   stop after the dependencies (torch, pytest, ...): scripts/test.sh fetches them while
 #                 it builds the C++ tests, and installs moedist afterwards
+# MOEDIST_PYTHON_PACKAGE=PREFIX: the extension links the moedist package installed there (`cmake --install`
+# of a Release build; scripts/test.sh installs build/ into build-py/package) instead of compiling the
+# library once more. Unset: `pip install .` builds the library itself.
 #
 # torch: PyPI's wheel is the CUDA build, whose dependencies are several GB of nvidia-* packages that a
 # CPU run never uses. It is installed with --no-deps plus its pure-Python dependencies; the CUDA libraries

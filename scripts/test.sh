@@ -29,8 +29,17 @@
 #     MPI, not built with ThreadSanitizer, would be reported for its own internals.
 #
 # Speed: the compiler runs through ccache (Debian's ccache, installed by install-deps.sh), so a second
-# run rebuilds only what changed; the Python dependencies are fetched while the release build runs.
-# Each suite's full output is in build-logs/<suite>.log. The exit code is 1 when any suite failed.
+# run rebuilds only what changed. Most suites spend their time waiting (ranks waiting on each other,
+# mpirun, importing torch), so the builds run in the background at nice 19, in what the tests leave
+# idle (a build that a suite has to wait for is set back to normal priority): from the start the two
+# sanitizer builds, one after the other; the Python dependencies are fetched while the release build
+# runs, and the extension (which links build/'s library, installed into build-py/package, rather than
+# compiling the library again) is built while the release suite runs. A
+# suite's time in the summary is from its start to its end, including any wait for its background
+# build; the summary also says how long each background step took, and the total is the wall time.
+# Each suite's full output is in build-logs/<suite>.log (a sanitizer suite's log: its build, then its
+# ctest; the extension's build: python-setup.log, copied into pytest.log). The exit code is 1 when any
+# suite failed.
 set -uo pipefail
 {  # the whole script is read before it runs, so that editing it meanwhile does not change a run
 cd "$(dirname "$0")/.."
@@ -104,26 +113,38 @@ skip_suite() { record "$1" skipped 0 0 0 0; }
 # --- work in the background ---------------------------------------------------------------------------
 # Most suites spend their time waiting (processes and threads waiting on each other, mpirun, importing
 # torch): the builds that later suites need run meanwhile at the lowest priority (nice 19), so that they
-# take only what the running tests leave idle. Each writes "EXIT_CODE SECONDS" to $logs/.NAME.done.
+# take only what the running tests leave idle. Each writes its process id to $logs/.NAME.pid and then
+# "EXIT_CODE SECONDS" to $logs/.NAME.done. When a suite has to wait for one, nothing of ours runs but it:
+# it is then set back to this script's priority (renice; where that is not allowed, it stays at 19).
 bg_pids=()
 kill_tree() { local c; for c in $(ps -o pid= --ppid "$1" 2>/dev/null); do kill_tree "$c"; done; kill "$1" 2>/dev/null; }
+# the parent first, so that the children it starts meanwhile inherit the new priority
+renice_tree() { local c; renice -n "$2" -p "$1" >/dev/null 2>&1; for c in $(ps -o pid= --ppid "$1" 2>/dev/null); do renice_tree "$c" "$2"; done; }
+own_nice=$(ps -o ni= -p $$ | tr -d ' ')
 trap 'for p in "${bg_pids[@]}"; do kill_tree "$p"; done' EXIT
-rm -f "$logs"/.*.done
+rm -f "$logs"/.*.done "$logs"/.*.pid
 # bg_build SUITE DIR TYPE [cmake arguments...]: configures and builds into $logs/SUITE.log, quietly.
 bg_build() {
   local suite=$1 dir=$2 type=$3 t0=$SECONDS rc=0
   shift 3
-  { cmake -S . -B "$dir" -DCMAKE_BUILD_TYPE="$type" "$@" && cmake --build "$dir"; } >"$logs/$suite.log" 2>&1 || rc=$?
+  (
+    echo "$BASHPID" >"$logs/.$suite.pid"
+    renice -n 19 -p "$BASHPID" >/dev/null 2>&1
+    cmake -S . -B "$dir" -DCMAKE_BUILD_TYPE="$type" "$@" && cmake --build "$dir"
+  ) >"$logs/$suite.log" 2>&1 || rc=$?
   echo "$rc $((SECONDS - t0))" >"$logs/.$suite.done"
   return $rc
 }
 # wait_bg NAME: waits for $logs/.NAME.done; prints how the background step went and returns its exit code.
 wait_bg() {
   local name=$1 t0=$SECONDS rc secs
-  [ -e "$logs/.$name.done" ] || echo "-- waiting for the background step $name"
+  if [ ! -e "$logs/.$name.done" ]; then
+    echo "-- waiting for the background step $name (now at this script's priority)"
+    [ -e "$logs/.$name.pid" ] && renice_tree "$(cat "$logs/.$name.pid")" "$own_nice"
+  fi
   while [ ! -e "$logs/.$name.done" ]; do sleep 2; done
   read -r rc secs <"$logs/.$name.done"
-  echo "-- $name: done in the background in $((secs / 60))m$((secs % 60))s (exit code $rc; waited here $((SECONDS - t0)) s)"
+  echo "-- $name: done in the background in $((secs / 60))m$(printf %02d $((secs % 60)))s (exit code $rc; waited here $((SECONDS - t0)) s)"
   bg_done+=("$name $((secs / 60))m$(printf %02d $((secs % 60)))s")
   return "$rc"
 }
@@ -144,7 +165,6 @@ sanitizer_args=(-DMOEDIST_BUILD_TOOLS=OFF -DMOEDIST_BUILD_EXAMPLES=OFF -DMOEDIST
                 "-DCMAKE_CXX_FLAGS_RELWITHDEBINFO=-O1 -g1 -DNDEBUG")
 if [ "$quick" != 1 ]; then
   {
-    renice -n 19 -p "$BASHPID" >/dev/null 2>&1
     bg_build asan+ubsan build-asan RelWithDebInfo -DMOEDIST_SANITIZE=address,undefined "${sanitizer_args[@]}"
     bg_build tsan build-tsan RelWithDebInfo -DMOEDIST_SANITIZE=thread "${sanitizer_args[@]}" "-DMOEDIST_TESTS_SKIP=test_core;test_mpi"
   } &
@@ -162,9 +182,12 @@ if build release build Release "$start"; then
     while [ ! -e "$logs/.python-deps.done" ]; do sleep 2; done
     read -r rc _ <"$logs/.python-deps.done"
     if [ "$rc" -eq 0 ]; then
-      renice -n 19 -p "$BASHPID" >/dev/null 2>&1
-      { cmake --install build --prefix build-py/package &&
-        MOEDIST_PYTHON_PACKAGE=$PWD/build-py/package bash scripts/python-setup.sh; } >"$logs/python-setup.log" 2>&1 || rc=$?
+      (
+        echo "$BASHPID" >"$logs/.python-setup.pid"
+        renice -n 19 -p "$BASHPID" >/dev/null 2>&1
+        cmake --install build --prefix build-py/package &&
+          MOEDIST_PYTHON_PACKAGE=$PWD/build-py/package bash scripts/python-setup.sh
+      ) >"$logs/python-setup.log" 2>&1 || rc=$?
     fi
     echo "$rc $((SECONDS - t0))" >"$logs/.python-setup.done"
   } &
