@@ -10,6 +10,9 @@
 # never into python3's own site-packages).
 #   --deps-only   stop after the dependencies (torch, pytest, ...): scripts/test.sh fetches them while
 #                 it builds the C++ tests, and installs moedist afterwards
+# MOEDIST_PYTHON_PACKAGE=PREFIX: the extension links the moedist package installed there (`cmake --install`
+# of a Release build; scripts/test.sh installs build/ into build-py/package) instead of compiling the
+# library once more. Unset: `pip install .` builds the library itself.
 #
 # torch: PyPI's wheel is the CUDA build, whose dependencies are several GB of nvidia-* packages that a
 # CPU run never uses. It is installed with --no-deps plus its pure-Python dependencies; the CUDA libraries
@@ -131,6 +134,9 @@ fi
 echo "building and installing moedist (pip install .)"
 # Without build isolation the build environment's path stays the same from run to run, so scikit-build-core
 # keeps build-py/ and rebuilds incrementally (a fresh isolated environment makes it start over).
-pip_install --no-build-isolation .
+# MOEDIST_PYTHON_PACKAGE=<prefix of an installed Release build> (scripts/test.sh): the extension links that
+# package's library instead of compiling it again; passed every time (also empty), so that build-py/'s
+# cached configuration never keeps a prefix of an earlier run.
+pip_install --no-build-isolation -Ccmake.define.MOEDIST_PYTHON_PACKAGE="${MOEDIST_PYTHON_PACKAGE:-}" .
 "$PY" -c 'import moedist; print("moedist", moedist.__version__, "installed at", moedist.__path__[0])'
 echo "$PY" > build-py/python

@@ -32,8 +32,17 @@
 #     MPI, not built with ThreadSanitizer, would be reported for its own internals.
 #
 # Speed: the compiler runs through ccache (Debian's ccache, installed by install-deps.sh), so a second
-# run rebuilds only what changed; the Python dependencies are fetched while the release build runs.
-# Each suite's full output is in build-logs/<suite>.log. The exit code is 1 when any suite failed.
+# run rebuilds only what changed. Most suites spend their time waiting (ranks waiting on each other,
+# mpirun, importing torch), so the builds run in the background at nice 19, in what the tests leave
+# idle (a build that a suite has to wait for is set back to normal priority): from the start the two
+# sanitizer builds, one after the other; the Python dependencies are fetched while the release build
+# runs, and the extension (which links build/'s library, installed into build-py/package, rather than
+# compiling the library again) is built while the release suite runs. A
+# suite's time in the summary is from its start to its end, including any wait for its background
+# build; the summary also says how long each background step took, and the total is the wall time.
+# Each suite's full output is in build-logs/<suite>.log (a sanitizer suite's log: its build, then its
+# ctest; the extension's build: python-setup.log, copied into pytest.log). The exit code is 1 when any
+# suite failed.
 set -uo pipefail
 {  # the whole script is read before it runs, so that editing it meanwhile does not change a run
 cd "$(dirname "$0")/.."
@@ -104,16 +113,88 @@ build() {
 
 skip_suite() { record "$1" skipped 0 0 0 0; }
 
-# --- Python dependencies: fetched in the background while the release build runs ---------------------
+# --- work in the background ---------------------------------------------------------------------------
+# Most suites spend their time waiting (processes and threads waiting on each other, mpirun, importing
+# torch): the builds that later suites need run meanwhile at the lowest priority (nice 19), so that they
+# take only what the running tests leave idle. Each writes its process id to $logs/.NAME.pid and then
+# "EXIT_CODE SECONDS" to $logs/.NAME.done. When a suite has to wait for one, nothing of ours runs but it:
+# it is then set back to this script's priority (renice; where that is not allowed, it stays at 19).
+bg_pids=()
+kill_tree() { local c; for c in $(ps -o pid= --ppid "$1" 2>/dev/null); do kill_tree "$c"; done; kill "$1" 2>/dev/null; }
+# the parent first, so that the children it starts meanwhile inherit the new priority
+renice_tree() { local c; renice -n "$2" -p "$1" >/dev/null 2>&1; for c in $(ps -o pid= --ppid "$1" 2>/dev/null); do renice_tree "$c" "$2"; done; }
+own_nice=$(ps -o ni= -p $$ | tr -d ' ')
+trap 'for p in "${bg_pids[@]}"; do kill_tree "$p"; done' EXIT
+rm -f "$logs"/.*.done "$logs"/.*.pid
+# bg_build SUITE DIR TYPE [cmake arguments...]: configures and builds into $logs/SUITE.log, quietly.
+bg_build() {
+  local suite=$1 dir=$2 type=$3 t0=$SECONDS rc=0
+  shift 3
+  (
+    echo "$BASHPID" >"$logs/.$suite.pid"
+    renice -n 19 -p "$BASHPID" >/dev/null 2>&1
+    cmake -S . -B "$dir" -DCMAKE_BUILD_TYPE="$type" "$@" && cmake --build "$dir"
+  ) >"$logs/$suite.log" 2>&1 || rc=$?
+  echo "$rc $((SECONDS - t0))" >"$logs/.$suite.done"
+  return $rc
+}
+# wait_bg NAME: waits for $logs/.NAME.done; prints how the background step went and returns its exit code.
+wait_bg() {
+  local name=$1 t0=$SECONDS rc secs
+  if [ ! -e "$logs/.$name.done" ]; then
+    echo "-- waiting for the background step $name (now at this script's priority)"
+    [ -e "$logs/.$name.pid" ] && renice_tree "$(cat "$logs/.$name.pid")" "$own_nice"
+  fi
+  while [ ! -e "$logs/.$name.done" ]; do sleep 2; done
+  read -r rc secs <"$logs/.$name.done"
+  echo "-- $name: done in the background in $((secs / 60))m$(printf %02d $((secs % 60)))s (exit code $rc; waited here $((SECONDS - t0)) s)"
+  bg_done+=("$name $((secs / 60))m$(printf %02d $((secs % 60)))s")
+  return "$rc"
+}
+bg_done=()
+
+# The Python dependencies: fetched while the release build runs.
 py_deps_log=$logs/python-deps.log
-bash scripts/python-setup.sh --deps-only >"$py_deps_log" 2>&1 &
-py_deps_pid=$!
-trap 'kill "$py_deps_pid" 2>/dev/null' EXIT
+{
+  rc=0 t0=$SECONDS
+  bash scripts/python-setup.sh --deps-only >"$py_deps_log" 2>&1 || rc=$?
+  echo "$rc $((SECONDS - t0))" >"$logs/.python-deps.done"
+} &
+bg_pids+=($!)
+
+# The sanitizer builds, one after the other (each with $jobs compilers), from the start: the sanitizer
+# suites run at the end, when both are (nearly) done.
+sanitizer_args=(-DMOEDIST_BUILD_TOOLS=OFF -DMOEDIST_BUILD_EXAMPLES=OFF -DMOEDIST_TEST_NETNS=OFF
+                "-DCMAKE_CXX_FLAGS_RELWITHDEBINFO=-O1 -g1 -DNDEBUG")
+if [ "$quick" != 1 ]; then
+  {
+    bg_build asan+ubsan build-asan RelWithDebInfo -DMOEDIST_SANITIZE=address,undefined "${sanitizer_args[@]}"
+    bg_build tsan build-tsan RelWithDebInfo -DMOEDIST_SANITIZE=thread "${sanitizer_args[@]}" "-DMOEDIST_TESTS_SKIP=test_core;test_mpi"
+  } &
+  bg_pids+=($!)
+fi
 
 # --- release ------------------------------------------------------------------------------------------
 section "release: build (build/), then ctest"
 start=$SECONDS
 if build release build Release "$start"; then
+  # The Python package, built meanwhile: its extension links this build's library (installed into
+  # build-py/package) instead of compiling the library again.
+  {
+    rc=0 t0=$SECONDS
+    while [ ! -e "$logs/.python-deps.done" ]; do sleep 2; done
+    read -r rc _ <"$logs/.python-deps.done"
+    if [ "$rc" -eq 0 ]; then
+      (
+        echo "$BASHPID" >"$logs/.python-setup.pid"
+        renice -n 19 -p "$BASHPID" >/dev/null 2>&1
+        cmake --install build --prefix build-py/package &&
+          MOEDIST_PYTHON_PACKAGE=$PWD/build-py/package bash scripts/python-setup.sh
+      ) >"$logs/python-setup.log" 2>&1 || rc=$?
+    fi
+    echo "$rc $((SECONDS - t0))" >"$logs/.python-setup.done"
+  } &
+  bg_pids+=($!)
   run_ctest release build "$start" -LE 'consumer|python'
   release_ok=1
 else
@@ -143,13 +224,19 @@ else
 fi
 
 # --- pytest -------------------------------------------------------------------------------------------
-section "pytest: the Python package (python-setup.sh), then pytest tests/python"
+section "pytest: the Python package (python-setup.sh, in the background), then pytest tests/python"
 start=$SECONDS
 log=$logs/pytest.log
-if wait "$py_deps_pid"; then
+if wait_bg python-deps; then
   cat "$py_deps_log" >"$log"
   cat "$py_deps_log"
-  if bash scripts/python-setup.sh 2>&1 | tee -a "$log"; [ "${PIPESTATUS[0]}" -eq 0 ]; then
+  if [ $release_ok = 1 ]; then
+    wait_bg python-setup; rc=$?
+    cat "$logs/python-setup.log" | tee -a "$log"
+  else  # no build/ to link: the extension builds the library itself
+    bash scripts/python-setup.sh 2>&1 | tee -a "$log"; rc=${PIPESTATUS[0]}
+  fi
+  if [ "$rc" -eq 0 ]; then
     "$(cat build-py/python)" -m pytest tests/python -q 2>&1 | tee -a "$log"
     rc=${PIPESTATUS[0]}
     last=$(grep -E '[0-9]+ (passed|failed|skipped|errors?)' "$log" | tail -n 1)
@@ -179,27 +266,35 @@ else
 fi
 
 # --- sanitizers ---------------------------------------------------------------------------------------
-sanitizer_args=(-DMOEDIST_BUILD_TOOLS=OFF -DMOEDIST_BUILD_EXAMPLES=OFF -DMOEDIST_TEST_NETNS=OFF
-                "-DCMAKE_CXX_FLAGS_RELWITHDEBINFO=-O1 -g1 -DNDEBUG")
+# bg_suite SUITE DIR START [ctest arguments...]: waits for the background build, then its ctest.
+bg_suite() {
+  local suite=$1 dir=$2 start=$3
+  shift 3
+  if wait_bg "$suite"; then
+    run_ctest "$suite" "$dir" "$start" "$@"
+  else
+    echo "-- the build failed; the end of $logs/$suite.log:"
+    tail -n 40 "$logs/$suite.log"
+    record "$suite" failed 0 1 0 $((SECONDS - start))
+  fi
+}
 if [ "$quick" != 1 ]; then
-  section "asan+ubsan: build (build-asan/), then ctest"
+  section "asan+ubsan: build (build-asan/, in the background), then ctest"
   start=$SECONDS
   export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
-  if build asan+ubsan build-asan RelWithDebInfo "$start" -DMOEDIST_SANITIZE=address,undefined "${sanitizer_args[@]}" ; then
-    run_ctest asan+ubsan build-asan "$start" -E '^(mpi_np16_conformance|mpi_hybrid_np8)$|^Shm/ConformanceShm\..*_fp16_'
-  fi
+  bg_suite asan+ubsan build-asan "$start" -E '^(mpi_np16_conformance|mpi_hybrid_np8)$|^Shm/ConformanceShm\..*_fp16_'
 
-  section "tsan: build (build-tsan/), then ctest"
+  section "tsan: build (build-tsan/, in the background), then ctest"
   start=$SECONDS
   export TSAN_OPTIONS=halt_on_error=1
-  if build tsan build-tsan RelWithDebInfo "$start" -DMOEDIST_SANITIZE=thread "${sanitizer_args[@]}" \
-       "-DMOEDIST_TESTS_SKIP=test_core;test_mpi"; then
-    run_ctest tsan build-tsan "$start"
-  fi
+  bg_suite tsan build-tsan "$start"
 else
   skip_suite asan+ubsan
   skip_suite tsan
 fi
+
+wait "${bg_pids[@]}" 2>/dev/null  # all have finished (each suite waited for its step): nothing left to kill
+bg_pids=()
 
 # --- summary ------------------------------------------------------------------------------------------
 echo
@@ -211,6 +306,7 @@ for i in "${!names[@]}"; do
     $((seconds[i] / 60)) $((seconds[i] % 60))
   tp=$((tp + passed[i])) tf=$((tf + failed[i])) ts=$((ts + skipped[i]))
 done
+[ ${#bg_done[@]} -gt 0 ] && echo "built in the background, while the suites ran: $(IFS=,; echo "${bg_done[*]}" | sed 's/,/, /g')"
 printf 'total time %dm%02ds\n' $((SECONDS / 60)) $((SECONDS % 60))
 echo "$tp passed, $tf failed, $ts skipped"
 [ "$tf" -eq 0 ]
