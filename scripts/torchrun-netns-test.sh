@@ -10,7 +10,8 @@
 # A host here is more than a network namespace (which already separates abstract Unix sockets, so
 # moedist's shared-memory rendezvous cannot cross it): each torchrun also gets its own UTS namespace (host
 # name = the namespace's name, e.g. md3h1), PID namespace (torchrun is its pid 1, pids repeat between
-# hosts, /proc shows the host's processes only) and mount namespace, with an empty /dev/shm and /tmp, a
+# hosts, /proc shows the host's processes only) and mount namespace, with an empty /dev/shm, a
+# temporary folder of its own (TMPDIR; /tmp itself stays, as the checkout or the interpreter may be in it), a
 # boot_id (/proc/sys/kernel/random/boot_id) of its own and an /etc/hosts naming every host's address. So
 # nothing passes between hosts but TCP over the bridge, and a host's name, boot id and pids tell it apart
 # as they do between machines. When a host's torchrun ends, the kernel ends every process of its PID
@@ -50,7 +51,10 @@ if [ "${1:-}" = "--inner" ]; then
   mapfile -t nss < <(awk '$1 == "ns" {print $2}' "$dir/state")
   [ "${#addrs[@]}" -eq "$nnodes" ] && [ "${#nss[@]}" -eq "$nnodes" ] || { echo "torchrun-netns: expected $nnodes hosts in $dir"; exit 1; }
   { echo "127.0.0.1 localhost"; for i in "${!addrs[@]}"; do echo "${addrs[$i]} ${nss[$i]}"; done; } >"$dir/etc-hosts"
-  for i in "${!nss[@]}"; do cat /proc/sys/kernel/random/uuid >"$dir/boot_id$((i + 1))"; done
+  for i in "${!nss[@]}"; do
+    cat /proc/sys/kernel/random/uuid >"$dir/boot_id$((i + 1))"
+    mkdir -p "$dir/tmp$((i + 1))"
+  done
   master=${addrs[0]}
   echo "== hosts: $(for i in "${!addrs[@]}"; do printf '%s=%s ' "${nss[$i]}" "${addrs[$i]}"; done)"
   echo "== $nnodes x torchrun --nnodes $nnodes --nproc_per_node $nproc --master_addr $master --master_port 29500 (deadline $deadline s)"
@@ -67,11 +71,10 @@ if [ "${1:-}" = "--inner" ]; then
         mount --bind "$2" /etc/hosts
         mount --bind "$3" /proc/sys/kernel/random/boot_id
         mount -t tmpfs -o mode=1777 md-shm /dev/shm
-        mount -t tmpfs -o mode=1777 md-tmp /tmp
         deadline=$4
         shift 4
         exec timeout -k 5 "$deadline" "$@"' sh "${nss[$i]}" "$dir/etc-hosts" "$dir/boot_id$((i + 1))" "$deadline" \
-      env GLOO_SOCKET_IFNAME=eth0 OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1 \
+      env GLOO_SOCKET_IFNAME=eth0 OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1 TMPDIR="$dir/tmp$((i + 1))" \
       "$py" -m torch.distributed.run --nnodes "$nnodes" --node_rank "$i" --nproc_per_node "$nproc" \
         --master_addr "$master" --master_port 29500 --max_restarts 0 --monitor_interval 0.5 \
         "$program" --expect-hosts "$nnodes" "$@" >"$dir/host$((i + 1)).log" 2>&1 &

@@ -34,7 +34,7 @@ _RANK_SCRIPT = textwrap.dedent("""
     moedist.npu_moe_distribute_dispatch_v2(x, ids, "sig", 2, rank, 2)  # warm: later calls go straight to the wait
     print("ready", flush=True)
     if rank == 1:
-        time.sleep(3)  # rank 0 waits for this rank in dispatch and is interrupted meanwhile
+        sys.stdin.readline()  # rank 0 waits for this rank in dispatch and is interrupted meanwhile; then "go"
     start = time.monotonic()
     try:
         moedist.npu_moe_distribute_dispatch_v2(x, ids, "sig", 2, rank, 2)
@@ -50,8 +50,8 @@ _RANK_SCRIPT = textwrap.dedent("""
 def test_ctrl_c_ends_a_wait_at_once_and_the_peer_fails_naming_the_rank():
     job = "sigint" + uuid.uuid4().hex[:12]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, "-c", _RANK_SCRIPT, str(r), job], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, env=env) for r in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", _RANK_SCRIPT, str(r), job], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env=env) for r in range(2)]
     try:
         assert procs[0].stdout.readline().strip() == "ready"
         time.sleep(1.0)  # rank 0 is now waiting in dispatch for rank 1 (20 s deadline)
@@ -59,7 +59,8 @@ def test_ctrl_c_ends_a_wait_at_once_and_the_peer_fails_naming_the_rank():
         procs[0].send_signal(signal.SIGINT)
         out0, _ = procs[0].communicate(timeout=30)
         took = time.monotonic() - sent
-        out1, _ = procs[1].communicate(timeout=30)
+        # Only now does rank 1 call (it waits for this line however slow the machine is), and finds rank 0 gone.
+        out1, _ = procs[1].communicate("go\n", timeout=30)
     finally:
         for p in procs:
             if p.poll() is None:
