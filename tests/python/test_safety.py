@@ -25,8 +25,11 @@ def test_python_side_rejection_reaches_peers_at_once(pools, kind):
 
 
 _RANK_SCRIPT = textwrap.dedent("""
-    import sys, time, torch, moedist
+    import signal, sys, time, torch, moedist
     from moedist import _C
+    # Ctrl-C raises KeyboardInterrupt, also where this test runs in a background job of a shell, whose
+    # children inherit SIGINT ignored (Python then installs no handler of its own).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     rank, job = int(sys.argv[1]), sys.argv[2]
     _C.init_shm_group("sig", 2, rank, job, 20000, 0)
     x = torch.ones(4, 16, dtype=torch.bfloat16)
