@@ -397,7 +397,7 @@ std::string check_add_rms_norm(const Prepared& P, int i, const CombineAddRmsNorm
 
 // Sanitizers slow every rank several times over (16 ranks on 2 cores under ThreadSanitizer): the
 // deadlines of the conformance runs grow with them, so a slow rank is not taken for a stuck one.
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#if defined(MOEDIST_ASAN) || defined(MOEDIST_TSAN)
 constexpr int kDeadlineScale = 4;
 #else
 constexpr int kDeadlineScale = 1;

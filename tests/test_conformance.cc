@@ -92,7 +92,7 @@ void PrintTo(const LargeCase& c, std::ostream* os) { *os << case_name(c.c); }
 
 class ConformanceLarge : public ::testing::TestWithParam<LargeCase> {};
 
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#if defined(MOEDIST_ASAN) || defined(MOEDIST_TSAN)
 constexpr bool kSanitized = true;
 #else
 constexpr bool kSanitized = false;

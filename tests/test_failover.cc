@@ -29,7 +29,7 @@
 namespace moedist::test {
 namespace {
 
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+#if defined(MOEDIST_ASAN) || defined(MOEDIST_TSAN)
 constexpr int kScale = 4;
 #else
 constexpr int kScale = 1;

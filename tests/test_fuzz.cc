@@ -48,9 +48,9 @@ uint64_t env_u64(const char* name, uint64_t dflt) {
   return v && *v ? std::strtoull(v, nullptr, 10) : dflt;
 }
 
-#if defined(__SANITIZE_THREAD__)
+#if defined(MOEDIST_TSAN)
 constexpr uint64_t kDefaultCases = 300;
-#elif defined(__SANITIZE_ADDRESS__)
+#elif defined(MOEDIST_ASAN)
 constexpr uint64_t kDefaultCases = 1000;  // the first 1000 of the Release build's cases
 #else
 constexpr uint64_t kDefaultCases = 1500;

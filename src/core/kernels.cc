@@ -4,7 +4,8 @@
 
 #include "core/quant.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__) && !defined(__SANITIZE_THREAD__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__SANITIZE_ADDRESS__) && !defined(__SANITIZE_THREAD__) && \
+    !defined(MOEDIST_ASAN) && !defined(MOEDIST_TSAN)
 #define MOEDIST_X86_KERNELS 1
 #include <immintrin.h>
 // GCC 12 warns inside its own AVX-512 headers (the "undefined" source operand of some intrinsics).
