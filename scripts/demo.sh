@@ -3,6 +3,6 @@
 # passed on).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/build.sh
+MOEDIST_BUILD_TARGET=moedist_cli bash scripts/build.sh
 echo
 exec ./build/moedist demo "$@"
