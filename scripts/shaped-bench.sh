@@ -13,6 +13,8 @@
 #          PROBE_MB  megabytes of the raw throughput probes (default 256; one direction, then both at once)
 #          MPI_EXTRA more mpirun options (e.g. "--mca btl_tcp_links 2")
 #          TRANSPORT the bench's --transport between hosts (default hybrid; ucx: UCX instead of MPI)
+#          COMM_ALG  the bench's --comm-alg (default fullmesh,hierarchy)
+#          COMM_QUANT  the bench's --comm-quant (default 0; 0,2: combine with and without int8)
 # Exits 77 when namespaces cannot be made here.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -35,8 +37,9 @@ if [ "${1:-}" = "--inner" ]; then
     { echo "uptime before: $(uptime)"
       echo "one direction:"; bash "$here/shaped-links.sh" measure "$dir" "${PROBE_MB:-256}"
       echo "both directions at once:"; bash "$here/shaped-links.sh" measure "$dir" "${PROBE_MB:-256}" both; } | tee -a "$out/$name/links.txt"
-    args=(bench --transport "${TRANSPORT:-hybrid}" --comm-alg fullmesh,hierarchy --ranks 8 --tokens "${TOKENS:-8,128}" --hidden "${HIDDEN:-7168}"
-          --experts "${EXPERTS:-64}" --topk "${TOPK:-8}" --quant 0 --comm-quant 0 --iters "${ITERS:-10}" --warmup 2
+    args=(bench --transport "${TRANSPORT:-hybrid}" --comm-alg "${COMM_ALG:-fullmesh,hierarchy}" --ranks 8 --tokens "${TOKENS:-8,128}"
+          --hidden "${HIDDEN:-7168}" --experts "${EXPERTS:-64}" --topk "${TOPK:-8}" --quant 0 --comm-quant "${COMM_QUANT:-0}"
+          --iters "${ITERS:-10}" --warmup 2
           --out "$out/$name" --mpirun-args "$mpiargs")
     [ -z "$gbit" ] || args+=(--link-gbit "$gbit")
     echo "== $rate: $cli ${args[*]}"
