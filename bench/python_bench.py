@@ -6,8 +6,8 @@ rank count, with the same options; it starts the ranks as processes of this host
 moedist.get_comm_name over it: moedist's shared-memory communicator) and times, per configuration and
 comm_alg, what the C++ worker times: moedist.npu_moe_distribute_dispatch_v2, then
 moedist.npu_moe_distribute_combine_v2 of a fixed bf16 buffer of the dispatched rows, with a barrier
-before each iteration; per iteration the maximum over ranks. The inputs are drawn as the C++ worker
-draws them (random normal rows, K distinct experts per token, weights 1/K) from torch's generator.
+before each iteration (sync() in worker); per iteration the maximum over ranks. The inputs are drawn as
+the C++ worker draws them (random normal rows, K distinct experts per token, weights 1/K) from torch's generator.
 
 Rank 0 prints one line per configuration:
     PYROW <ranks> <tokens> <hidden> <experts> <quant_mode> <comm_quant_mode> <comm_alg> {"dispatch_us": ...}
@@ -68,6 +68,14 @@ def worker(a) -> int:
     name = moedist.get_comm_name(ranks_per_server=a.ranks_per_host)
     D, C = moedist.npu_moe_distribute_dispatch_v2, moedist.npu_moe_distribute_combine_v2
     K = a.topk
+
+    def sync(x0, ids0, E):
+        """The barrier before each timed iteration: a dispatch of no tokens over the same communicator
+        (the ranks leave it within microseconds of each other, as they leave the C++ worker's
+        MPI_Barrier). Not gloo's barrier: it runs on helper threads (gloo_tcp_loop, pt_gloo_runloop)
+        that took a quarter of the CPU time in a profile of the 2-rank, 8-token run, and with it the
+        median dispatch of that run was 262-272 us against 134 us with this barrier (docs/perf.md)."""
+        D(x0, ids0, name, W, rank, E)
     for H in a.hidden:
         for E in a.experts:
             for q in a.quant:
@@ -88,8 +96,9 @@ def worker(a) -> int:
                         # the experts' output: token-like values (comm_quant_mode 2 quantizes them)
                         expert_out = torch.randn(r[0].shape[0], H, generator=g).to(torch.bfloat16)
                         td, tc = [], []
+                        dist.barrier()
                         for it in range(a.warmup + a.iters):
-                            dist.barrier()
+                            sync(x[:0], ids[:0], E)
                             t0 = time.perf_counter()
                             r = D(x, ids, name, W, rank, E, **dkw)
                             t1 = time.perf_counter()

@@ -31,6 +31,16 @@ def timed(fn, iters: int, warmup: int):
     return {"median": round(v[len(v) // 2] / 1e3, 2), "p10": round(v[len(v) // 10] / 1e3, 2)}
 
 
+def operator_args(fn, op, *args) -> list:
+    """The operator's arguments in schema order: `args` and the public function's defaults for the rest
+    (the operator's schema names its arguments as the public function does and has no defaults)."""
+    import inspect
+
+    bound = inspect.signature(fn).bind(*args)
+    bound.apply_defaults()
+    return [bound.arguments[arg.name] for arg in op.default._schema.arguments]
+
+
 def main(argv) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tokens", type=int, default=8)
@@ -62,12 +72,11 @@ def main(argv) -> int:
     expert_out = torch.zeros(d[0].shape[0], H, dtype=torch.bfloat16)
     res = {"tokens": BS, "hidden": H, "experts": E, "topk": K, "torch": torch.__version__}
     res["dispatch_eager_us"] = timed(lambda: D(x, ids, name, 1, 0, E), a.iters, a.warmup)
-    res["dispatch_operator_us"] = timed(lambda: OD(x, ids, name, 1, 0, E, None, None, None, None, "", 0, 0, 0, 1, 0, 0,
-                                                   0, 1, "", 0, 0, 0), a.iters, a.warmup)
+    dargs = operator_args(D, OD, x, ids, name, 1, 0, E)
+    res["dispatch_operator_us"] = timed(lambda: OD(*dargs), a.iters, a.warmup)
     res["combine_eager_us"] = timed(lambda: C(expert_out, ids, d[2], d[4], w, name, 1, 0, E), a.iters, a.warmup)
-    res["combine_operator_us"] = timed(lambda: OC(expert_out, ids, d[2], d[4], w, name, 1, 0, E, None, None, None, None,
-                                                  None, None, None, None, None, "", 0, 0, 0, 1, 0, 0, 0, "", 0, 0, 0),
-                                       a.iters, a.warmup)
+    cargs = operator_args(C, OC, expert_out, ids, d[2], d[4], w, name, 1, 0, E)
+    res["combine_operator_us"] = timed(lambda: OC(*cargs), a.iters, a.warmup)
 
     def layer(x, ids, w):
         r = D(x, ids, name, 1, 0, E)

@@ -1,9 +1,10 @@
 """The two operators as torch custom operators, and the public functions with the Ascend signatures.
 
 torch.ops.moedist.npu_moe_distribute_dispatch_v2 / npu_moe_distribute_combine_v2 are registered with
-torch.library.custom_op: their real implementation calls the C++ core, their fake implementation gives
-the output shapes from the integer arguments and input shapes (moedist._shapes), so torch.compile
-(fullgraph=True) traces a model that calls them into one graph, as torchair does on Ascend.
+torch.library (a schema inferred from the kernel's annotations, the kernel for every backend, a fake
+kernel): their real implementation calls the C++ core, their fake implementation gives the output shapes
+from the integer arguments and input shapes (moedist._shapes), so torch.compile (fullgraph=True) traces
+a model that calls them into one graph, as torchair does on Ascend.
 The public functions moedist.npu_moe_distribute_dispatch_v2 / _combine_v2 take exactly the arguments of
 torch_npu's functions (names, order, keyword-only marker, defaults); called eagerly with plain CPU tensors
 they call the C++ core directly (see "The eager path" below), otherwise the custom operators.
@@ -181,14 +182,71 @@ def _checked(op: str, args: dict) -> None:
         raise
 
 
-# ---- custom operators ----
+# ---- the torch.library operators ----
+
+# Registered with torch.library.Library rather than the torch.library.custom_op decorator: to torch they
+# are the same operators (schema, kernel, fake kernel for FakeTensorMode and torch.compile, an autograd
+# kernel), but a call through torch.ops, and every call from a compiled graph, skips custom_op's own
+# Python layers, which cost about 50 us a call (docs/perf.md, "The Python package").
+_lib = torch.library.Library("moedist", "DEF")
+_grad_enabled = torch.is_grad_enabled
+_any_requires_grad = torch._C._any_requires_grad
+_after_autograd = torch._C._after_autograd_keyset
+_below_autograd = torch._C._AutoDispatchBelowAutograd
+# A call whose dispatch keys below autograd are only CPU (no mode, fake or meta tensor, functorch level):
+# the autograd kernel calls the kernel itself.
+_PLAIN_CPU = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU).raw_repr()
+_AD_INPLACE_OR_VIEW = torch._C.DispatchKey.ADInplaceOrView
+
+
+class _NoDerivative(torch.autograd.Function):
+    """A call with inputs that require grad: the outputs are made as without them, and a backward pass
+    through them is an error (the operators have no derivative), not a silent zero gradient."""
+
+    @staticmethod
+    def forward(ctx, op, keyset, *args):
+        ctx.op_name = op._name
+        with _below_autograd():
+            return op.redispatch(keyset & _after_autograd, *args)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(f"{ctx.op_name} has no derivative: moedist's operators are not differentiable (nothing "
+                           "flows back through dispatch and combine); detach the inputs that require grad, or "
+                           "leave the operator out of the backward pass")
+
+
+def _operator(name: str):
+    """Registers the decorated function as the kernel of moedist::<name> for every backend, with the schema
+    its annotations give (no argument mutated), and the operator's autograd kernel."""
+    def register(fn):
+        _lib.define(name + torch.library.infer_schema(fn, mutates_args=()), tags=(torch.Tag.pt2_compliant_tag,))
+        _lib.impl(name, fn, "CompositeExplicitAutograd")
+        op = getattr(torch.ops.moedist, name).default
+
+        def autograd_kernel(keyset, *args):
+            if _grad_enabled() and _any_requires_grad(*args):
+                return _NoDerivative.apply(op, keyset, *args)
+            if (keyset & _after_autograd).remove(_AD_INPLACE_OR_VIEW).raw_repr() == _PLAIN_CPU:
+                return fn(*args)  # what the dispatcher would reach below autograd, without going back to it
+            with _below_autograd():
+                return op.redispatch(keyset & _after_autograd, *args)
+
+        _lib.impl(name, autograd_kernel, "Autograd", with_keyset=True)
+        return fn
+    return register
+
+
+def _fake(name: str):
+    return torch.library.register_fake(f"moedist::{name}", lib=_lib)
+
 
 # performance_info is not declared mutated (mutates_args): with an optional argument declared mutable,
 # inductor fails to lower the op (torch.compile's default backend, even when None is passed). The kernel
 # adds into the caller's tensor in place, which compiled graphs hand to it as it is (a compiled call names
 # the slow rank as an eager one does: tests/python/test_distributed.py); a graph that reads the tensor
 # after the op within the same compiled region may see the value from before the call.
-@torch.library.custom_op("moedist::npu_moe_distribute_dispatch_v2", mutates_args=())
+@_operator("npu_moe_distribute_dispatch_v2")
 def _dispatch_op(x: Tensor, expert_ids: Tensor, group_ep: str, ep_world_size: int, ep_rank_id: int,
                  moe_expert_num: int, scales: Optional[Tensor], x_active_mask: Optional[Tensor],
                  expert_scales: Optional[Tensor], elastic_info: Optional[Tensor],
@@ -215,7 +273,7 @@ def _dispatch_op(x: Tensor, expert_ids: Tensor, group_ep: str, ep_world_size: in
     return tuple(from_capsule(c) for c in _C.dispatch_v2(args))
 
 
-@_dispatch_op.register_fake
+@_fake("npu_moe_distribute_dispatch_v2")
 def _dispatch_fake(x, expert_ids, group_ep, ep_world_size, ep_rank_id, moe_expert_num, scales, x_active_mask,
                    expert_scales, elastic_info, performance_info, group_tp, tp_world_size, tp_rank_id, expert_shard_type,
                    shared_expert_num, shared_expert_rank_num, quant_mode, global_bs, expert_token_nums_type, comm_alg,
@@ -235,7 +293,7 @@ def _dispatch_fake(x, expert_ids, group_ep, ep_world_size, ep_rank_id, moe_exper
     )
 
 
-@torch.library.custom_op("moedist::npu_moe_distribute_combine_v2", mutates_args=())  # see dispatch_v2
+@_operator("npu_moe_distribute_combine_v2")  # see dispatch_v2
 def _combine_op(expand_x: Tensor, expert_ids: Tensor, assist_info_for_combine: Tensor, ep_send_counts: Tensor,
                 expert_scales: Tensor, group_ep: str, ep_world_size: int, ep_rank_id: int, moe_expert_num: int,
                 tp_send_counts: Optional[Tensor], x_active_mask: Optional[Tensor], expand_scales: Optional[Tensor],
@@ -268,7 +326,7 @@ def _combine_op(expand_x: Tensor, expert_ids: Tensor, assist_info_for_combine: T
     return from_capsule(_C.combine_v2(args))
 
 
-@_combine_op.register_fake
+@_fake("npu_moe_distribute_combine_v2")
 def _combine_fake(expand_x, expert_ids, assist_info_for_combine, ep_send_counts, expert_scales, *args):
     return expand_x.new_empty(combine_shape(expand_x.shape, expert_ids.shape))
 
@@ -386,7 +444,7 @@ def _check_reserved(activation_scale, weight_scale, group_list, out_dtype, group
             raise _C.InvalidArgument(f"{op}: {name}={v} is a reserved parameter (must be 0)")
 
 
-@torch.library.custom_op("moedist::npu_moe_distribute_combine_add_rms_norm", mutates_args=())  # see dispatch_v2
+@_operator("npu_moe_distribute_combine_add_rms_norm")  # see dispatch_v2
 def _add_rms_norm_op(expand_x: Tensor, expert_ids: Tensor, expand_idx: Tensor, ep_send_counts: Tensor,
                      expert_scales: Tensor, residual_x: Tensor, gamma: Tensor, group_ep: str, ep_world_size: int,
                      ep_rank_id: int, moe_expert_num: int, tp_send_counts: Optional[Tensor],
@@ -416,7 +474,7 @@ def _add_rms_norm_op(expand_x: Tensor, expert_ids: Tensor, expand_idx: Tensor, e
     return tuple(from_capsule(c) for c in out)
 
 
-@_add_rms_norm_op.register_fake
+@_fake("npu_moe_distribute_combine_add_rms_norm")
 def _add_rms_norm_fake(expand_x, expert_ids, expand_idx, ep_send_counts, expert_scales, residual_x, gamma, *args):
     bs, h = expert_ids.shape[0], expand_x.shape[1]
     return (expand_x.new_empty((bs, 1, h)), expand_x.new_empty((bs, 1, 1), dtype=torch.float32),

@@ -156,6 +156,29 @@ def test_other_inputs_take_the_checked_path_with_the_same_results(variant, check
     assert torch.equal(y0, y1.detach())
 
 
+@pytest.mark.timeout(120)
+def test_backward_through_the_ops_is_an_error_not_a_silent_zero():
+    """The ops have no derivative: with inputs that require grad the outputs are the usual ones, and a
+    backward pass through them raises, naming the operator, rather than leaving a gradient of None behind
+    with a warning (what torch does for an operator without an autograd kernel)."""
+    name = _group("eager-solo", 1)
+    x, ids, w = _solo_inputs()
+    d0, y0 = _round(x, ids, w, name)
+    wv = w.clone().requires_grad_()
+    d = moedist.npu_moe_distribute_dispatch_v2(x, ids, name, 1, 0, 4, expert_scales=wv)
+    y = moedist.npu_moe_distribute_combine_v2(d[0] * 2, ids, d[2], d[4], wv, name, 1, 0, 4)
+    assert y.requires_grad and torch.equal(y.detach(), y0)
+    _same_dispatch(d0, tuple(t.detach() for t in d), ids)
+    with pytest.raises(RuntimeError, match="moedist::npu_moe_distribute_combine_v2 has no derivative"):
+        y.float().sum().backward()
+    with pytest.raises(RuntimeError, match="moedist::npu_moe_distribute_dispatch_v2 has no derivative"):
+        d[6].sum().backward()  # expand_scales, from expert_scales
+    assert wv.grad is None
+    with torch.no_grad():  # no graph: outputs that do not require grad
+        y1 = moedist.npu_moe_distribute_combine_v2(d0[0] * 2, ids, d0[2], d0[4], wv, name, 1, 0, 4)
+    assert not y1.requires_grad and torch.equal(y1, y0)
+
+
 @pytest.mark.timeout(60)
 def test_eager_path_errors_are_the_checked_paths():
     """What the eager path does not take (here a float64 x, a list, a meta tensor) raises what it raised before."""
@@ -215,3 +238,23 @@ def test_python_bench_driver_prints_one_row_per_configuration():
         entry = json.loads(r[8])
         for k in ("dispatch_us", "combine_us", "round_us"):
             assert 0 < entry[k]["p10"] <= entry[k]["median"] <= entry[k]["p90"], entry
+
+
+@pytest.mark.timeout(300)
+def test_python_calls_script_times_every_path():
+    """bench/python_calls.py (the per-call figures of docs/perf.md): every path it times runs, the torch.library
+    operators called with their full argument lists included."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "python_calls.py")
+    out = subprocess.run([sys.executable, script, "--tokens", "2", "--hidden", "64", "--experts", "4", "--topk", "2",
+                          "--iters", "5", "--warmup", "1", "--backend", "aot_eager"],
+                         capture_output=True, text=True, timeout=280)
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    for k in ("dispatch_eager_us", "dispatch_operator_us", "combine_eager_us", "combine_operator_us", "layer_eager_us",
+              "layer_compiled_aot_eager_us"):
+        assert 0 < res[k]["p10"] <= res[k]["median"], (k, res)
