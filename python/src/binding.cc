@@ -475,6 +475,34 @@ py::object combine_v2_eager(const py::args& args) {
   return py::reinterpret_steal<py::object>(to_torch(std::move(out)));
 }
 
+// The C++ op alone, for bench/python_calls.py: reads the eager path's arguments once, then calls the op
+// `iters` times with the GIL released (outputs dropped, as a caller's are when it is done with them) and
+// returns each call's nanoseconds. A call from Python minus these is what Python adds, measured in the
+// same process, on the same arguments and communicator. The group must be one no other rank calls on
+// (a 1-rank group): the op runs `iters` times here alone.
+template <typename Args, typename Read, typename Op>
+py::list timed_calls(int64_t iters, const py::args& args, Py_ssize_t n, Read read, Op op, const char* name) {
+  if (g_torch == nullptr) throw moedist::Error(std::string("moedist._C.") + name + ": set_torch was not called");
+  if (iters < 1) throw moedist::InvalidArgument(std::string("moedist._C.") + name + ": iters=" + std::to_string(iters) + " (must be >= 1)");
+  Args a;
+  if (static_cast<Py_ssize_t>(args.size()) != n || !read(&PyTuple_GET_ITEM(args.ptr(), 0), a)) {
+    PyErr_Clear();
+    throw moedist::InvalidArgument(std::string("moedist._C.") + name + ": the arguments are not ones the eager path takes");
+  }
+  std::vector<int64_t> ns(static_cast<size_t>(iters));
+  {
+    py::gil_scoped_release nogil;
+    for (auto& v : ns) {
+      const auto t0 = std::chrono::steady_clock::now();
+      op(a);
+      v = std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count();
+    }
+  }
+  py::list out;
+  for (int64_t v : ns) out.append(v);
+  return out;
+}
+
 void set_torch(const py::handle& tensor_type, const py::sequence& dtypes, const py::handle& strided,
                const py::handle& from_dlpack) {
   if (dtypes.size() != 7) throw moedist::InvalidArgument("moedist._C.set_torch: 7 dtypes expected (moedist::DType order)");
@@ -589,6 +617,21 @@ PYBIND11_MODULE(_C, m) {
         "torch tensors, or None when an argument is not one the eager path takes (the caller then takes the checked path)");
   m.def("combine_v2_eager", &combine_v2_eager,
         "combine_v2 with the public function's 30 arguments in order: a torch tensor, or None (see dispatch_v2_eager)");
+  m.def(
+      "dispatch_v2_timed",
+      [](int64_t iters, const py::args& args) {
+        return timed_calls<moedist::DispatchArgs>(iters, args, kDispatchArgs, eager_dispatch_args,
+                                                  [](const moedist::DispatchArgs& a) { (void)moedist::dispatch_v2(a); }, "dispatch_v2_timed");
+      },
+      "dispatch_v2_timed(iters, *args): dispatch_v2_eager's arguments; the C++ op alone, iters times: a list of "
+      "nanoseconds per call (bench/python_calls.py; on a group no other rank calls on)");
+  m.def(
+      "combine_v2_timed",
+      [](int64_t iters, const py::args& args) {
+        return timed_calls<moedist::CombineArgs>(iters, args, kCombineArgs, eager_combine_args,
+                                                 [](const moedist::CombineArgs& a) { (void)moedist::combine_v2(a); }, "combine_v2_timed");
+      },
+      "combine_v2_timed(iters, *args): as dispatch_v2_timed, for combine_v2_eager's arguments");
   m.def(
       "reject_dispatch_v2",
       [](const py::dict& args, const std::string& message) {

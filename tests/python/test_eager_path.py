@@ -251,10 +251,11 @@ def test_python_calls_script_times_every_path():
 
     script = os.path.join(os.path.dirname(__file__), "..", "..", "bench", "python_calls.py")
     out = subprocess.run([sys.executable, script, "--tokens", "2", "--hidden", "64", "--experts", "4", "--topk", "2",
-                          "--iters", "5", "--warmup", "1", "--backend", "aot_eager"],
+                          "--iters", "10", "--rounds", "2", "--warmup", "1", "--backend", "aot_eager"],
                          capture_output=True, text=True, timeout=280)
     assert out.returncode == 0, out.stderr
     res = json.loads(out.stdout.strip().splitlines()[-1])
-    for k in ("dispatch_eager_us", "dispatch_operator_us", "combine_eager_us", "combine_operator_us", "layer_eager_us",
-              "layer_compiled_aot_eager_us"):
+    for k in ("dispatch_cpp_us", "dispatch_eager_us", "dispatch_operator_us", "combine_cpp_us", "combine_eager_us",
+              "combine_operator_us", "layer_eager_us", "layer_compiled_aot_eager_us"):
         assert 0 < res[k]["p10"] <= res[k]["median"], (k, res)
+    assert res["dispatch_added_us"] == round(res["dispatch_eager_us"]["median"] - res["dispatch_cpp_us"]["median"], 2)
