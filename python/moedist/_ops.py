@@ -187,7 +187,7 @@ def _checked(op: str, args: dict) -> None:
 # Registered with torch.library.Library rather than the torch.library.custom_op decorator: to torch they
 # are the same operators (schema, kernel, fake kernel for FakeTensorMode and torch.compile, an autograd
 # kernel), but a call through torch.ops, and every call from a compiled graph, skips custom_op's own
-# Python layers, which cost about 50 us a call (docs/perf.md, "The Python package").
+# Python layers, which cost 25-40 us a call (docs/perf.md, "The Python package").
 _lib = torch.library.Library("moedist", "DEF")
 _grad_enabled = torch.is_grad_enabled
 _any_requires_grad = torch._C._any_requires_grad
