@@ -297,6 +297,13 @@ struct TorchRefs {
   PyObject* strided = nullptr;             // torch.strided
   PyObject* from_dlpack = nullptr;         // torch._C._from_dlpack
   PyObject *s_is_cpu, *s_layout, *s_requires_grad, *s_dtype, *s_shape, *s_stride, *s_data_ptr;
+  // torch.Tensor's own descriptors of those attributes (getset descriptors of torch._C.TensorBase for the
+  // five properties, method descriptors for stride and data_ptr), looked up once: the eager path takes only
+  // exact torch.Tensor objects, so calling these is what the attribute access would do, without the lookup
+  // through the type's bases on every read. nullptr where one is not of the expected kind (then the
+  // attribute is read by name).
+  PyObject* d_props[5] = {};  // is_cpu, layout, requires_grad, dtype, shape
+  PyObject *d_stride = nullptr, *d_data_ptr = nullptr;
 };
 TorchRefs* g_torch = nullptr;  // set once by set_torch (never freed: torch outlives every call)
 
@@ -308,21 +315,27 @@ bool eager_view(PyObject* o, moedist::TensorView& out) {
   }
   const TorchRefs& T = *g_torch;
   if (Py_TYPE(o) != reinterpret_cast<PyTypeObject*>(T.tensor_type)) return false;
-  auto attr = [&](PyObject* name) { return py::reinterpret_steal<py::object>(PyObject_GetAttr(o, name)); };
-  py::object is_cpu = attr(T.s_is_cpu);
+  auto attr = [&](int i, PyObject* name) {
+    PyObject* d = T.d_props[i];
+    return py::reinterpret_steal<py::object>(d ? Py_TYPE(d)->tp_descr_get(d, o, T.tensor_type) : PyObject_GetAttr(o, name));
+  };
+  auto call = [&](PyObject* d, PyObject* name) {
+    return py::reinterpret_steal<py::object>(d ? PyObject_Vectorcall(d, &o, 1, nullptr) : PyObject_CallMethodNoArgs(o, name));
+  };
+  py::object is_cpu = attr(0, T.s_is_cpu);
   if (is_cpu.ptr() != Py_True) return false;  // meta, an accelerator, or an error (cleared below)
-  py::object layout = attr(T.s_layout);
+  py::object layout = attr(1, T.s_layout);
   if (layout.ptr() != T.strided) return false;
-  py::object rg = attr(T.s_requires_grad);
+  py::object rg = attr(2, T.s_requires_grad);
   if (rg.ptr() != Py_False) return false;
-  py::object dt = attr(T.s_dtype);
+  py::object dt = attr(3, T.s_dtype);
   int code = -1;
   for (int i = 0; i < 7; ++i)
     if (dt.ptr() == T.dtypes[i]) code = i;
   if (code < 0) return false;
-  py::object shape = attr(T.s_shape);
-  py::object strides = py::reinterpret_steal<py::object>(PyObject_CallMethodNoArgs(o, T.s_stride));
-  py::object ptr = py::reinterpret_steal<py::object>(PyObject_CallMethodNoArgs(o, T.s_data_ptr));
+  py::object shape = attr(4, T.s_shape);
+  py::object strides = call(T.d_stride, T.s_stride);
+  py::object ptr = call(T.d_data_ptr, T.s_data_ptr);
   if (!shape || !strides || !ptr || !PyTuple_Check(shape.ptr()) || !PyTuple_Check(strides.ptr())) return false;
   const Py_ssize_t nd = PyTuple_GET_SIZE(shape.ptr());
   if (PyTuple_GET_SIZE(strides.ptr()) != nd) return false;
@@ -519,6 +532,20 @@ void set_torch(const py::handle& tensor_type, const py::sequence& dtypes, const 
   t->s_shape = PyUnicode_InternFromString("shape");
   t->s_stride = PyUnicode_InternFromString("stride");
   t->s_data_ptr = PyUnicode_InternFromString("data_ptr");
+  // The descriptors: what torch.Tensor's type lookup finds for each name (a getset descriptor, a data
+  // descriptor that no instance attribute can shadow; a method descriptor callable with the tensor first).
+  // (A descriptor read from the class is the descriptor itself.) Kept for good, like the rest.
+  auto lookup = [&](PyObject* name, PyTypeObject* kind) -> PyObject* {
+    PyObject* d = PyObject_GetAttr(t->tensor_type, name);
+    if (d == nullptr) PyErr_Clear();
+    if (d != nullptr && Py_TYPE(d) == kind) return d;
+    Py_XDECREF(d);
+    return nullptr;
+  };
+  PyObject* props[5] = {t->s_is_cpu, t->s_layout, t->s_requires_grad, t->s_dtype, t->s_shape};
+  for (int i = 0; i < 5; ++i) t->d_props[i] = lookup(props[i], &PyGetSetDescr_Type);
+  t->d_stride = lookup(t->s_stride, &PyMethodDescr_Type);
+  t->d_data_ptr = lookup(t->s_data_ptr, &PyMethodDescr_Type);
   if (g_torch == nullptr) g_torch = t;  // once per process: the objects are kept for good
 }
 
