@@ -1,4 +1,4 @@
-"""The two operators as torch custom operators, and the public functions with the Ascend signatures.
+"""The two operators as torch.library operators, and the public functions with the Ascend signatures.
 
 torch.ops.moedist.npu_moe_distribute_dispatch_v2 / npu_moe_distribute_combine_v2 are registered with
 torch.library (a schema inferred from the kernel's annotations, the kernel for every backend, a fake
@@ -7,7 +7,7 @@ from the integer arguments and input shapes (moedist._shapes), so torch.compile 
 a model that calls them into one graph, as torchair does on Ascend.
 The public functions moedist.npu_moe_distribute_dispatch_v2 / _combine_v2 take exactly the arguments of
 torch_npu's functions (names, order, keyword-only marker, defaults); called eagerly with plain CPU tensors
-they call the C++ core directly (see "The eager path" below), otherwise the custom operators.
+they call the C++ core directly (see "The eager path" below), otherwise the torch.library operators.
 """
 from __future__ import annotations
 
