@@ -95,5 +95,8 @@ void hierarchy_combine(const CombineCtx& c, uint16_t* out);
 void add_special_term(const CombineCtx& c, int64_t t, int64_t id, float w, float* acc);
 // acc += shared_expert_x[t] when given.
 void add_shared_x(const CombineCtx& c, int64_t t, float* acc);
+// shared_expert_x as BS contiguous rows of H (in `storage` when it has to be gathered); nullptr when it
+// is not given or its view cannot be read as (BS, H) rows (add_shared_x then reads it element by element).
+const uint16_t* shared_x_rows(const CombineCtx& c, std::vector<uint16_t>& storage);
 
 }  // namespace moedist::ops

@@ -167,6 +167,17 @@ void add_special_term(const CombineCtx& cc, int64_t t, int64_t id, float w, floa
   }
 }
 
+const uint16_t* shared_x_rows(const CombineCtx& cc, std::vector<uint16_t>& storage) {
+  const TensorView& sxv = cc.args.shared_expert_x;
+  if (!sxv.defined()) return nullptr;
+  const TensorView flat = sxv.dim() == 3 ? TensorView(sxv.data, sxv.dtype, {cc.cfg.BS, cc.cfg.H},
+                                                      {sxv.stride(1), sxv.stride(2)})
+                                         : sxv;
+  // a (a, b, H) view with a*b == BS is a (BS, H) view when its first two dims are contiguous
+  if (sxv.dim() == 2 || sxv.stride(0) == sxv.stride(1) * sxv.size(1)) return core::contiguous_rows(flat, storage);
+  return nullptr;
+}
+
 void add_shared_x(const CombineCtx& cc, int64_t t, float* acc) {
   const TensorView& sx = cc.args.shared_expert_x;
   if (!sx.defined()) return;
@@ -249,14 +260,7 @@ void fullmesh_combine_reduce(const CombineCtx& cc, CombineSplit& s, uint16_t* ou
   const TensorView& ox = cc.args.ori_x;
   const uint16_t* ori = ox.defined() ? core::contiguous_rows(ox, ori_storage) : nullptr;
   const TensorView& sxv = cc.args.shared_expert_x;
-  const uint16_t* sx = nullptr;
-  if (sxv.defined()) {
-    const TensorView flat = sxv.dim() == 3 ? TensorView(sxv.data, sxv.dtype, {c.BS, H},
-                                                        {sxv.stride(1), sxv.stride(2)})
-                                           : sxv;
-    // a (a, b, H) view with a*b == BS is a (BS, H) view when its first two dims are contiguous
-    if (sxv.dim() == 2 || sxv.stride(0) == sxv.stride(1) * sxv.size(1)) sx = core::contiguous_rows(flat, sx_storage);
-  }
+  const uint16_t* sx = shared_x_rows(cc, sx_storage);
   for (int64_t t = 0; t < c.BS; ++t) {
     if (!c.token_on[static_cast<size_t>(t)]) continue;
     auto slot_values = [&](int64_t kk) -> const unsigned char* {

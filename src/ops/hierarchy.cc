@@ -17,6 +17,7 @@
 #include <cstring>
 
 #include "core/half.h"
+#include "core/kernels.h"
 #include "ops/algorithms.h"
 #include "ops/collective.h"
 
@@ -199,6 +200,12 @@ void hierarchy_combine(const CombineCtx& cc, uint16_t* out) {
   const size_t row = static_cast<size_t>(H) * 2;
   const size_t slot = row + 4;  // y, then its weight
   const std::vector<int64_t> my_sources = sv.sources_of(me);
+  auto reduce = [&](uint16_t* dst, const std::vector<core::RowTerm>& terms) {
+    if (dt == DType::kBFloat16)
+      core::reduce_terms_bf16(dst, terms.data(), static_cast<int>(terms.size()), H);
+    else
+      core::reduce_terms_fp16(dst, terms.data(), static_cast<int>(terms.size()), H);
+  };
   auto src_index = [&](int64_t r) {
     return static_cast<size_t>(std::lower_bound(my_sources.begin(), my_sources.end(), r) - my_sources.begin());
   };
@@ -253,46 +260,71 @@ void hierarchy_combine(const CombineCtx& cc, uint16_t* out) {
   s2.recv = {RecvRegion{parts, mine * row}, RecvRegion{have, mine}};
   s2.run("combine_v2", cc.label, nullptr, [&](PutWriter& w) {
     const int64_t srv = sv.of(me);
-    std::vector<float> acc(static_cast<size_t>(H));
+    std::vector<core::RowTerm> terms;
     for (int64_t src : my_sources) {
       const size_t si = src_index(src);
       const int64_t bs = bs_of(s1, src);
       for (int64_t t = 0; t < bs; ++t) {
-        bool any = false;
-        std::fill(acc.begin(), acc.end(), 0.f);
+        // y * w for the present slots in slot order, summed in fp32 and rounded to the dtype
+        terms.clear();
         for (int64_t kk = 0; kk < SL; ++kk) {
           const size_t at = (si * static_cast<size_t>(c.max_bs) + static_cast<size_t>(t)) * static_cast<size_t>(SL) + static_cast<size_t>(kk);
           if (!present[at]) continue;
-          any = true;
           const unsigned char* p = stage + at * slot;
-          const uint16_t* y = reinterpret_cast<const uint16_t*>(p);
           float wgt;
           std::memcpy(&wgt, p + row, 4);
-          for (int64_t h = 0; h < H; ++h) {
-            const float prod = core::half_to_float(dt, y[h]) * wgt;
-            acc[static_cast<size_t>(h)] = acc[static_cast<size_t>(h)] + prod;
-          }
+          terms.push_back({reinterpret_cast<const uint16_t*>(p), wgt, true});
         }
-        if (!any) continue;
+        if (terms.empty()) continue;
         const size_t at = static_cast<size_t>(t * sv.n + srv);
         auto* dst = static_cast<uint16_t*>(w.dest(c.phys(src), 0, at * row, row));
-        for (int64_t h = 0; h < H; ++h) dst[h] = core::float_to_half(dt, acc[static_cast<size_t>(h)]);
+        reduce(dst, terms);
         *static_cast<uint8_t*>(w.dest(c.phys(src), 1, at, 1)) = 1;
       }
     }
   });
 
   // Source: partials in server order, then copy/const experts in k order, then shared_expert_x.
+  // Tokens whose terms are all rows (no const expert; shared_expert_x in rows) take the chunked
+  // kernel, the others the general loop; both round the same way.
+  std::vector<uint16_t> ori_storage, sx_storage;
+  const TensorView& ox = cc.args.ori_x;
+  const uint16_t* ori = ox.defined() ? core::contiguous_rows(ox, ori_storage) : nullptr;
+  const uint16_t* sx = shared_x_rows(cc, sx_storage);
+  const bool sx_rows = !cc.args.shared_expert_x.defined() || sx;
   std::vector<float> acc(static_cast<size_t>(H));
+  std::vector<core::RowTerm> terms;
   for (int64_t t = 0; t < c.BS; ++t) {
     if (!c.token_on[static_cast<size_t>(t)]) continue;
-    std::fill(acc.begin(), acc.end(), 0.f);
-    float* a = acc.data();
+    uint16_t* o = out + t * H;
+    terms.clear();
     for (int64_t s = 0; s < sv.n; ++s) {
       const size_t at = static_cast<size_t>(t * sv.n + s);
-      if (!have[at]) continue;
-      const uint16_t* p = parts + at * static_cast<size_t>(H);
-      for (int64_t h = 0; h < H; ++h) a[h] = a[h] + core::half_to_float(dt, p[h]);
+      if (have[at]) terms.push_back({parts + at * static_cast<size_t>(H), 1.f, false});
+    }
+    const size_t n_parts = terms.size();
+    bool simple = sx_rows;
+    for (int64_t k = 0; k < K && simple; ++k) {
+      if (!c.entry_on[static_cast<size_t>(t * K + k)]) continue;
+      const int64_t id = c.ids[static_cast<size_t>(t * K + k)];
+      const core::ExpertKind kind = c.classify(id);
+      if (kind == core::ExpertKind::kCopy)
+        terms.push_back({ori + t * H, core::at2<float>(cc.args.expert_scales, t, k), true});
+      else if (kind == core::ExpertKind::kConst)
+        simple = false;
+    }
+    if (simple) {
+      if (sx) terms.push_back({sx + t * H, 1.f, false});
+      reduce(o, terms);
+      continue;
+    }
+    std::fill(acc.begin(), acc.end(), 0.f);
+    float* a = acc.data();
+    for (size_t i = 0; i < n_parts; ++i) {
+      if (dt == DType::kBFloat16)
+        core::add_bf16(a, terms[i].row, H);
+      else
+        core::add_fp16(a, terms[i].row, H);
     }
     for (int64_t k = 0; k < K; ++k) {
       if (!c.entry_on[static_cast<size_t>(t * K + k)]) continue;
@@ -302,8 +334,10 @@ void hierarchy_combine(const CombineCtx& cc, uint16_t* out) {
         add_special_term(cc, t, id, core::at2<float>(cc.args.expert_scales, t, k), a);
     }
     add_shared_x(cc, t, a);
-    uint16_t* o = out + t * H;
-    for (int64_t h = 0; h < H; ++h) o[h] = core::float_to_half(dt, a[h]);
+    if (dt == DType::kBFloat16)
+      core::store_bf16(o, a, H);
+    else
+      for (int64_t h = 0; h < H; ++h) o[h] = core::float_to_fp16(a[h]);
   }
 }
 
