@@ -198,7 +198,6 @@ void hierarchy_combine(const CombineCtx& cc, uint16_t* out) {
   const DType dt = c.dtype;
   const Servers sv(W, cc.ep->ranks_per_server());
   const size_t row = static_cast<size_t>(H) * 2;
-  const size_t slot = row + 4;  // y, then its weight
   const std::vector<int64_t> my_sources = sv.sources_of(me);
   auto reduce = [&](uint16_t* dst, const std::vector<core::RowTerm>& terms) {
     if (dt == DType::kBFloat16)
@@ -219,10 +218,12 @@ void hierarchy_combine(const CombineCtx& cc, uint16_t* out) {
   s1.extra_uniform = {{"comm_quant_mode", 0}, {"ranks per server", sv.P}};
   put_pod<int64_t>(s1.payload, c.BS);
   const size_t nslots = my_sources.size() * static_cast<size_t>(c.max_bs * SL);
-  auto* stage = static_cast<unsigned char*>(cc.ep->scratch(6, std::max<size_t>(nslots * slot, 1)));
+  // The rows (whole rows apart, so the sums read them aligned), their weights, and which slots came.
+  auto* stage = static_cast<unsigned char*>(cc.ep->scratch(6, std::max<size_t>(nslots * row, 1)));
+  auto* weights = static_cast<float*>(cc.ep->scratch(10, std::max<size_t>(nslots * 4, 1)));
   auto* present = static_cast<uint8_t*>(cc.ep->scratch(7, std::max<size_t>(nslots, 1)));
   std::memset(present, 0, nslots);  // before wave 1: peers write only after it
-  s1.recv = {RecvRegion{stage, nslots * slot}, RecvRegion{present, nslots}};
+  s1.recv = {RecvRegion{stage, nslots * row}, RecvRegion{present, nslots}, RecvRegion{weights, nslots * 4}};
   auto bs_of = [&](const Step& st, int64_t r) {
     int64_t v;
     std::memcpy(&v, st.payload_of(st.index_of(c.phys(r))), sizeof(v));
@@ -240,10 +241,9 @@ void hierarchy_combine(const CombineCtx& cc, uint16_t* out) {
       for (int64_t r = 0; r < src; ++r)
         if (sv.relay(r, sv.of(me)) == relay) ++idx;
       const size_t at = (static_cast<size_t>(idx * c.max_bs + tok) * static_cast<size_t>(SL) + static_cast<size_t>(kk));
-      auto* dst = static_cast<unsigned char*>(w.dest(c.phys(relay), 0, at * slot, slot));
-      std::memcpy(dst, cc.expand_x + i * H, row);
+      std::memcpy(w.dest(c.phys(relay), 0, at * row, row), cc.expand_x + i * H, row);
       const float wgt = core::at1<float>(cc.args.expand_scales, i);
-      std::memcpy(dst + row, &wgt, 4);
+      std::memcpy(w.dest(c.phys(relay), 2, at * 4, 4), &wgt, 4);
       *static_cast<uint8_t*>(w.dest(c.phys(relay), 1, at, 1)) = 1;
     }
   });
@@ -270,10 +270,7 @@ void hierarchy_combine(const CombineCtx& cc, uint16_t* out) {
         for (int64_t kk = 0; kk < SL; ++kk) {
           const size_t at = (si * static_cast<size_t>(c.max_bs) + static_cast<size_t>(t)) * static_cast<size_t>(SL) + static_cast<size_t>(kk);
           if (!present[at]) continue;
-          const unsigned char* p = stage + at * slot;
-          float wgt;
-          std::memcpy(&wgt, p + row, 4);
-          terms.push_back({reinterpret_cast<const uint16_t*>(p), wgt, true});
+          terms.push_back({reinterpret_cast<const uint16_t*>(stage + at * row), weights[at], true});
         }
         if (terms.empty()) continue;
         const size_t at = static_cast<size_t>(t * sv.n + srv);
