@@ -137,6 +137,12 @@ void MessageEngine::send(int peer, const void* p, size_t bytes, int tag) {
   if (host_of_[static_cast<size_t>(peer)] != host_of_[static_cast<size_t>(rank_)]) add(bytes_inter_, bytes);
 }
 
+namespace {
+// The longest nap of a rank that has waited 2 ms: long waits are for slow links or peers, and a rank
+// that polls its sockets every 20 us spends a core's worth of CPU among 8 ranks on 2 cores.
+constexpr int kMaxNapUs = 200;
+}  // namespace
+
 template <typename Step, typename Missing>
 void MessageEngine::poll(Step step, Missing missing) {
   using Clock = std::chrono::steady_clock;
@@ -144,6 +150,7 @@ void MessageEngine::poll(Step step, Missing missing) {
   const auto deadline = start + timeout_;
   auto next_check = start + std::chrono::milliseconds(20);
   waiting_ = false;
+  int nap_us = 20;
   for (int i = 0;; ++i) {
     if (step()) return;
     if (i == 0) {
@@ -162,11 +169,14 @@ void MessageEngine::poll(Step step, Missing missing) {
       const auto [ranks, what] = missing();
       timed_out(ranks, what);
     }
-    // More ranks than cores must still progress: yield, then sleep a little.
-    if (now - start < std::chrono::milliseconds(2))
+    // More ranks than cores must still progress: yield, then sleep a little, longer as the wait goes on
+    // (20 us doubling to kMaxNapUs).
+    if (now - start < std::chrono::milliseconds(2)) {
       sched_yield();
-    else
-      std::this_thread::sleep_for(std::chrono::microseconds(20));
+    } else {
+      std::this_thread::sleep_for(std::chrono::microseconds(nap_us));
+      nap_us = std::min(nap_us * 2, kMaxNapUs);
+    }
   }
 }
 
