@@ -250,7 +250,7 @@ if wait_bg python-deps; then
     bash scripts/python-setup.sh 2>&1 | tee -a "$log"; rc=${PIPESTATUS[0]}
   fi
   if [ "$rc" -eq 0 ]; then
-    "$(cat build-py/python)" -m pytest tests/python -q 2>&1 | tee -a "$log"
+    COLUMNS=250 "$(cat build-py/python)" -m pytest tests/python -q -rfE 2>&1 | tee -a "$log"
     rc=${PIPESTATUS[0]}
     last=$(grep -E '[0-9]+ (passed|failed|skipped|errors?)' "$log" | tail -n 1)
     count() { grep -oE "[0-9]+ $1\b" <<<"$last" | grep -oE '^[0-9]+' || echo 0; }
@@ -322,6 +322,17 @@ for i in "${!names[@]}"; do
   tp=$((tp + passed[i])) tf=$((tf + failed[i])) ts=$((ts + skipped[i]))
 done
 [ ${#bg_done[@]} -gt 0 ] && echo "built in the background, while the suites ran: $(IFS=,; echo "${bg_done[*]}" | sed 's/,/, /g')"
+# What failed, by name, where the end of the output shows it: pytest's summary lines (FAILED/ERROR, with
+# the exception's first line) and ctest's list of failed tests, from each failed suite's log.
+for i in "${!names[@]}"; do
+  [ "${states[$i]}" = failed ] || continue
+  log=$logs/${names[$i]}.log
+  [ -e "$log" ] || continue
+  echo "-- failed in ${names[$i]} (the details: build-logs/${names[$i]}.log):"
+  { grep -E '^(FAILED|ERROR) ' "$log"
+    sed -n '/^The following tests FAILED:/,/^$/p' "$log" | grep -vE '^(The following tests FAILED:)?$'
+  } | sort -u | cut -c1-400 | head -n 20
+done
 printf 'total time %dm%02ds\n' $((SECONDS / 60)) $((SECONDS % 60))
 echo "$tp passed, $tf failed, $ts skipped"
 [ "$tf" -eq 0 ]

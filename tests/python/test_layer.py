@@ -4,6 +4,7 @@ ProcessGroup arguments and the messages for wrong arguments. Ranks are threads o
 checked bit for bit against _hf_models.emulate_moe, plain torch with moedist's rounding."""
 import itertools
 import threading
+import time
 
 import pytest
 import torch
@@ -221,14 +222,20 @@ def test_token_counts_that_differ_between_ranks():
     for msg in run_ranks(world, unbounded):
         assert msg is not None and "BS" in msg and "max_tokens_per_rank" in msg, msg
 
-    def too_many(r, name):
+    def too_many(r, name):  # rank 1 is over the bound: it raises, and its peer fails at once naming it
         buf = moedist.EpBuffer(name, E, rank=r, world_size=world, max_tokens_per_rank=4)
-        if r == 1:  # checked before any communication: the other rank is not called either
-            with pytest.raises(ValueError, match="5 tokens .*max_tokens_per_rank=4"):
-                buf.dispatch(xs[r], ids[r], ws[r])
-        return True
+        start = time.monotonic()
+        try:
+            buf.dispatch(xs[r], ids[r], ws[r])
+            raised, msg = None, ""
+        except Exception as e:  # noqa: BLE001
+            raised, msg = e, str(e)
+        return raised, msg, time.monotonic() - start
 
-    assert all(run_ranks(world, too_many))
+    res = run_ranks(world, too_many)
+    assert isinstance(res[1][0], ValueError) and "5 tokens (more than max_tokens_per_rank=4)" in res[1][1], res
+    assert isinstance(res[0][0], RuntimeError) and "rank 1" in res[0][1], res
+    assert all(waited < 10 for _, _, waited in res), res  # not the group's 20 s deadline
 
 
 @pytest.mark.timeout(120)
