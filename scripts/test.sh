@@ -77,69 +77,8 @@ record() {  # suite state passed failed skipped seconds
 }
 section() { echo; echo "== $* =="; }
 
-# ctest_counts LOG -> "passed failed skipped" from ctest's output
-ctest_counts() {
-  local line total fail skip
-  line=$(grep -E '^[0-9]+% tests passed, [0-9]+ tests? failed out of [0-9]+' "$1" | tail -n 1)
-  if [ -z "$line" ]; then
-    # "No tests were found" or ctest did not get that far
-    echo "0 1 0"
-    return
-  fi
-  fail=$(sed -E 's/.* ([0-9]+) tests? failed out of.*/\1/' <<<"$line")
-  total=$(sed -E 's/.* out of ([0-9]+).*/\1/' <<<"$line")
-  # a skipped test shows as "***Skipped" (and again in the "(Skipped)" list at the end)
-  skip=$(grep -cE '\*\*\*Skipped' "$1")
-  echo "$((total - fail - skip)) $fail $skip"
-}
-
-# failed_ctests LOG -> the names in ctest's list of failed tests, one a line
-failed_ctests() {
-  sed -n '/^The following tests FAILED:/,/^$/p' "$1" | sed -nE 's/^[[:space:]]*[0-9]+ - (.*) \([^()]*\)$/\1/p'
-}
-# pytest_failed LOG -> the tests that pytest's summary lines name as failed (FAILED) or in error (ERROR)
-pytest_failed() { grep -E '^(FAILED|ERROR) ' "$1" | sed -E 's/^(FAILED|ERROR) ([^ ]+).*/\2/'; }
-# pytest_counts LOG -> "passed failed skipped" from pytest's last line of counts
-pytest_counts() {
-  local last
-  last=$(grep -E '[0-9]+ (passed|failed|skipped|errors?)' "$1" | tail -n 1)
-  n() { grep -oE "[0-9]+ $1\b" <<<"$last" | grep -oE '^[0-9]+' || echo 0; }
-  echo "$(n passed) $(($(n failed) + $(n error) + $(n errors))) $(n skipped)"
-}
-# A test that failed is run once more, alone (ctest --rerun-failed, pytest --last-failed): a test that
-# then passes counts as passed and is named in the summary as flaky; one that fails again counts as
-# failed. (The machines that run this have 2 cores shared with other work, and some tests wait on real
-# signals, deadlines and processes; a second failure is what makes a suite fail.)
-flaky=() failures=()
-# note SUITE ARRAY NAMES...: adds "SUITE: NAME" to the array flaky or failures for each name
-note() { local suite=$1 arr=$2 n; shift 2; for n in "$@"; do [ -n "$n" ] && eval "$arr+=(\"\$suite: \$n\")"; done; }
-
-# run_ctest SUITE DIR START [ctest arguments...]: runs ctest in DIR (the failed tests once more), records
-# the suite. $ctest_jobs tests at once (default: one per core).
-run_ctest() {
-  local suite=$1 dir=$2 start=$3
-  shift 3
-  local log=$logs/$suite.log rc=0 first=$logs/.$suite.first.log again=$logs/.$suite.again.log p f s p2 f2 s2 got
-  (cd "$dir" && ctest --output-on-failure -j"${ctest_jobs:-$jobs}" --timeout 300 "$@") 2>&1 | tee "$first" || rc=$?
-  cat "$first" >>"$log"
-  read -r p f s <<<"$(ctest_counts "$first")"
-  [ "$rc" -ne 0 ] && [ "$f" -eq 0 ] && f=1  # ctest failed without a failed test (e.g. a crash of ctest)
-  local last=$first
-  if [ "$f" -gt 0 ] && [ -n "$(failed_ctests "$first")" ]; then
-    echo "-- $suite: the failed tests once more, one at a time"
-    rc=0
-    (cd "$dir" && ctest --output-on-failure --rerun-failed --timeout 300) 2>&1 | tee "$again" || rc=$?
-    cat "$again" >>"$log"
-    read -r p2 f2 s2 <<<"$(ctest_counts "$again")"
-    [ "$rc" -ne 0 ] && [ "$f2" -eq 0 ] && f2=1
-    mapfile -t got < <(comm -23 <(failed_ctests "$first" | sort) <(failed_ctests "$again" | sort))
-    note "$suite" flaky "${got[@]}"
-    p=$((p + p2)) f=$f2 s=$((s + s2)) last=$again
-  fi
-  mapfile -t got < <(failed_ctests "$last")
-  note "$suite" failures "${got[@]}"
-  record "$suite" "$([ "$f" -eq 0 ] && echo passed || echo failed)" "$p" "$f" "$s" $((SECONDS - start))
-}
+# ctest_counts, run_ctest, pytest_twice, ...: the part that runs tests and counts them, with its reruns
+source scripts/test-lib.sh
 
 # build SUITE DIR TYPE START [cmake arguments...]: configures and builds; on failure records the suite as
 # failed (one failure) and returns 1.
@@ -288,48 +227,17 @@ if wait_bg python-deps; then
     bash scripts/python-setup.sh 2>&1 | tee -a "$log"; rc=${PIPESTATUS[0]}
   fi
   if [ "$rc" -eq 0 ]; then
-    py=$(cat build-py/python) first=$logs/.pytest.first.log again=$logs/.pytest.again.log
-    COLUMNS=250 "$py" -m pytest tests/python -q -rfE 2>&1 | tee "$first"
-    rc=${PIPESTATUS[0]}
-    cat "$first" >>"$log"
-    read -r p f s <<<"$(pytest_counts "$first")"
-    last=$first
-    if [ "$rc" -eq 1 ]; then  # 1: some tests failed (2-5: interrupted, usage error, internal error, none collected)
-      echo "-- pytest: the failed tests once more (--last-failed)"
-      COLUMNS=250 "$py" -m pytest tests/python -q -rfE --last-failed 2>&1 | tee "$again"
-      rc=${PIPESTATUS[0]}
-      cat "$again" >>"$log"
-      read -r p2 f2 s2 <<<"$(pytest_counts "$again")"
-      mapfile -t got < <(comm -23 <(pytest_failed "$first" | sort) <(pytest_failed "$again" | sort))
-      note pytest flaky "${got[@]}"
-      p=$((p + p2)) f=$f2 s=$((s + s2)) last=$again
-    fi
-    [ "$rc" -ne 0 ] && [ "$f" -eq 0 ] && f=1
-    mapfile -t got < <(pytest_failed "$last")
-    note pytest failures "${got[@]}"
+    pytest_twice pytest "$(cat build-py/python)" "$log" tests/python
     if [ $release_ok = 1 ]; then  # the installed package across hosts under torchrun (ctest -L python)
       pylog=$logs/pytest-ctest.log
       : >"$pylog"
-      crc=0
-      (cd build && MOEDIST_PYTHON="$(cat ../build-py/python)" ctest --output-on-failure --timeout 300 -L python) 2>&1 | tee -a "$pylog" || crc=$?
+      pp=$p pf=$f ps=$s
+      MOEDIST_PYTHON="$(cat build-py/python)" ctest_jobs=1 ctest_twice pytest build "$pylog" -L python
       cat "$pylog" >>"$log"
       if ! grep -q "No tests were found" "$pylog"; then  # none where the build leaves them out (MOEDIST_TEST_NETNS=OFF)
-        read -r cp cf cs <<<"$(ctest_counts "$pylog")"
-        [ "$crc" -ne 0 ] && [ "$cf" -eq 0 ] && cf=1
-        if [ "$cf" -gt 0 ] && [ -n "$(failed_ctests "$pylog")" ]; then
-          echo "-- pytest: the failed tests of ctest -L python once more"
-          again=$logs/.pytest-ctest.again.log crc=0
-          (cd build && MOEDIST_PYTHON="$(cat ../build-py/python)" ctest --output-on-failure --timeout 300 --rerun-failed) 2>&1 | tee "$again" || crc=$?
-          cat "$again" >>"$log"
-          read -r cp2 cf2 cs2 <<<"$(ctest_counts "$again")"
-          [ "$crc" -ne 0 ] && [ "$cf2" -eq 0 ] && cf2=1
-          mapfile -t got < <(comm -23 <(failed_ctests "$pylog" | sort) <(failed_ctests "$again" | sort))
-          note pytest flaky "${got[@]}"
-          cp=$((cp + cp2)) cf=$cf2 cs=$((cs + cs2)) pylog=$again
-        fi
-        mapfile -t got < <(failed_ctests "$pylog")
-        note pytest failures "${got[@]}"
-        p=$((p + cp)) f=$((f + cf)) s=$((s + cs))
+        p=$((pp + p)) f=$((pf + f)) s=$((ps + s))
+      else
+        p=$pp f=$pf s=$ps
       fi
     fi
     record pytest "$([ "$f" -eq 0 ] && echo passed || echo failed)" "$p" "$f" "$s" $((SECONDS - start))
