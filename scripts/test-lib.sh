@@ -8,7 +8,10 @@
 # test that failed in the end is added to the array `failures`. Both hold "SUITE: TEST" lines, which
 # test.sh's summary prints. (The machines that run the suites have 2 cores shared with other work, and
 # some tests wait on real signals, deadlines and processes; it takes a second failure to fail a suite.)
+# A sanitizer's report (ctest prints a failed test's output) is a finding, never noise: a suite with one
+# runs nothing a second time.
 flaky=() failures=()
+sanitizer_report='WARNING: ThreadSanitizer:|ERROR: (AddressSanitizer|LeakSanitizer):|: runtime error: '
 
 # ctest_counts LOG -> "passed failed skipped" from ctest's output
 ctest_counts() {
@@ -62,7 +65,9 @@ ctest_twice() {
   read -r p f s <<<"$(ctest_counts "$first")"
   [ "$rc" -ne 0 ] && [ "$f" -eq 0 ] && f=1  # ctest failed without a failed test (e.g. a crash of ctest)
   local last=$first
-  if [ "$f" -gt 0 ] && [ -n "$(failed_ctests "$first")" ]; then
+  if [ "$f" -gt 0 ] && grep -qE "$sanitizer_report" "$first"; then
+    echo "-- $suite: a sanitizer reported an error (above): a finding, whatever a second run would do; no second run"
+  elif [ "$f" -gt 0 ] && [ -n "$(failed_ctests "$first")" ]; then
     echo "-- $suite: the failed tests once more, one at a time"
     rc=0
     (cd "$dir" && ctest --output-on-failure --rerun-failed --timeout 300) 2>&1 | tee "$again" || rc=$?

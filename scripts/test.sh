@@ -49,9 +49,9 @@
 # compiling the library again) is built while the release suite runs. A
 # suite's time in the summary is from its start to its end, including any wait for its background
 # build; the summary also says how long each background step took, and the total is the wall time.
-# A test that fails is run once more, alone (ctest --rerun-failed; pytest --last-failed): one that then
-# passes counts as passed and the summary names it as flaky; one that fails again counts as failed, and
-# the summary names it. Each suite's full output is in build-logs/<suite>.log (a sanitizer suite's log:
+# A test that fails is run once more, alone (ctest --rerun-failed; pytest --last-failed; not after a
+# sanitizer's report, which is a finding): one that then passes counts as passed and the summary names
+# it as flaky; one that fails again counts as failed, and the summary names it. Each suite's full output is in build-logs/<suite>.log (a sanitizer suite's log:
 # its build, then its ctest; the extension's build: python-setup.log, copied into pytest.log). The exit
 # code is 1 when any suite failed.
 set -uo pipefail

@@ -2,8 +2,8 @@
 # scripts/test-lib.sh, the part of scripts/test.sh that runs tests and counts them, on small projects made
 # here: four tests, one that passes, one that fails the first time only, one that always fails, one that
 # skips. Checks what the suite is recorded with (2 passed, 1 failed, 1 skipped), that the test failing once
-# is named as flaky and the one failing always as failed, and that a run without failures runs nothing
-# twice.
+# is named as flaky and the one failing always as failed, that a run without failures runs nothing
+# twice, and that a failure with a sanitizer's report is not run again.
 #   usage: tests/test-lib-test.sh ctest            ctest_twice / run_ctest on a CMake project
 #          tests/test-lib-test.sh pytest [PYTHON]  pytest_twice (PYTHON: $MOEDIST_PYTHON, else the project's
 #                                                  build-py/python; exits 77, skipped, where none has pytest)
@@ -54,6 +54,21 @@ CMAKE
     expect "recorded without failures" "${names[*]} ${states[*]} ${passed[*]} ${failed[*]} ${skipped[*]}" "clean passed 2 0 1"
     expect "nothing named" "${flaky[*]}|${failures[*]}" "|"
     expect "no rerun" "$([ -e "$logs/.clean.ctest2.log" ] && echo ran || echo none)" none
+    # A sanitizer's report is a finding: the test that failed once with one is not run again.
+    rm -f "$work/once"
+    cat >proj/CMakeLists.txt <<CMAKE
+cmake_minimum_required(VERSION 3.16)
+project(reruns NONE)
+enable_testing()
+add_test(NAME passes COMMAND true)
+add_test(NAME races_once COMMAND sh -c "[ -e $work/once ] || { touch $work/once; echo 'WARNING: ThreadSanitizer: data race (pid=1)'; exit 66; }")
+CMAKE
+    cmake -S proj -B proj/build >/dev/null || exit 1
+    names=() states=() passed=() failed=() skipped=() flaky=() failures=()
+    run_ctest tsan proj/build "$SECONDS" >"$work/out3.log" 2>&1
+    expect "recorded with a sanitizer's report" "${names[*]} ${states[*]} ${passed[*]} ${failed[*]} ${skipped[*]}" "tsan failed 1 1 0"
+    expect "named as failed, not flaky" "${flaky[*]}|${failures[*]}" "|tsan: races_once"
+    expect "not run again" "$([ -e "$logs/.tsan.ctest2.log" ] && echo ran || echo none)" none
     ;;
   pytest)
     py=${2:-${MOEDIST_PYTHON:-}}
