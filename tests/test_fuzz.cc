@@ -15,6 +15,7 @@
 // must then fail cleanly); MOEDIST_FUZZ_MIXED_OPS=0 leaves them out.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <climits>
@@ -315,6 +316,16 @@ TensorView corrupt_i32(Rng& g, Arena& ar, const TensorView& v, std::string& log,
   return ar.view(DType::kInt32, c, v.shape);
 }
 
+// elastic_info: a random or almost valid table for ep_world_size ranks (for at most 4096: another change
+// may have made ep_world_size huge, e.g. 2^40).
+TensorView random_elastic_info(Rng& g, Arena& ar, int64_t ep_world_size, std::string& log) {
+  std::vector<int32_t> e(static_cast<size_t>(4 + 2 * std::clamp<int64_t>(ep_world_size, 0, 4096)));
+  for (auto& v : e) v = static_cast<int32_t>(pick(g, -1, 4));
+  e[0] = chance(g, 0.8) ? 1 : 0;
+  log += " elastic_info:random";
+  return ar.view(DType::kInt32, e, {static_cast<int64_t>(e.size())});
+}
+
 // One random change of a dispatch call's arguments.
 void mutate_dispatch(Rng& g, Arena& ar, DispatchArgs& a, std::string& log) {
   switch (pick(g, 0, 15)) {
@@ -323,15 +334,7 @@ void mutate_dispatch(Rng& g, Arena& ar, DispatchArgs& a, std::string& log) {
     case 2: a.expert_scales = mutate_view(g, ar, a.expert_scales, log, "expert_scales"); break;
     case 3: a.scales = mutate_view(g, ar, a.scales, log, "scales"); break;
     case 4: a.x_active_mask = mutate_view(g, ar, a.x_active_mask, log, "x_active_mask"); break;
-    case 5: {
-      // elastic_info: random or almost valid tables
-      std::vector<int32_t> e(static_cast<size_t>(4 + 2 * std::max<int64_t>(a.ep_world_size, 0)));
-      for (auto& v : e) v = static_cast<int32_t>(pick(g, -1, 4));
-      e[0] = chance(g, 0.8) ? 1 : 0;
-      a.elastic_info = ar.view(DType::kInt32, e, {static_cast<int64_t>(e.size())});
-      log += " elastic_info:random";
-      break;
-    }
+    case 5: a.elastic_info = random_elastic_info(g, ar, a.ep_world_size, log); break;
     case 6: a.moe_expert_num = random_count(g); log += " moe_expert_num=" + std::to_string(a.moe_expert_num); break;
     case 7: a.ep_world_size = random_count(g); log += " ep_world_size=" + std::to_string(a.ep_world_size); break;
     case 8: {
@@ -398,7 +401,7 @@ void mutate_combine(Rng& g, Arena& ar, CombineArgs& a, std::string& log) {
     case 4: a.expand_x = mutate_view(g, ar, a.expand_x, log, "expand_x"); break;
     case 5: a.expert_ids = mutate_view(g, ar, a.expert_ids, log, "expert_ids"); break;
     case 6: {  // other ids than dispatch had (valid-looking)
-      if (a.expert_ids.dtype != DType::kInt32 || a.expert_ids.data == nullptr || a.expert_ids.numel() <= 0) break;
+      if (a.expert_ids.dtype != DType::kInt32 || a.expert_ids.data == nullptr || a.expert_ids.numel() <= 0 || !a.expert_ids.strides.empty()) break;
       std::vector<int32_t> ids(static_cast<size_t>(a.expert_ids.numel()));
       std::memcpy(ids.data(), a.expert_ids.data, ids.size() * 4);
       const size_t at = static_cast<size_t>(pick(g, 0, static_cast<int64_t>(ids.size()) - 1));
@@ -580,6 +583,17 @@ TEST(FuzzHarness, CorruptingAViewOfNegativeLengthPassesItOn) {
   EXPECT_EQ(out.data, v.data);
   EXPECT_EQ(out.shape, v.shape);
   EXPECT_EQ(log, "");
+}
+
+// ... and a random elastic_info for an ep_world_size that another change made 2^40 is a table of 4096
+// ranks (it threw std::bad_alloc: seed 4242, case 5944).
+TEST(FuzzHarness, ARandomElasticInfoForAHugeWorldSizeIsBounded) {
+  Rng g(7);
+  Arena ar;
+  std::string log;
+  EXPECT_EQ(random_elastic_info(g, ar, int64_t{1} << 40, log).shape, std::vector<int64_t>{4 + 2 * 4096});
+  EXPECT_EQ(random_elastic_info(g, ar, -5, log).shape, std::vector<int64_t>{4});
+  EXPECT_EQ(random_elastic_info(g, ar, 3, log).shape, std::vector<int64_t>{10});
 }
 
 TEST(Fuzz, RandomArgumentsGiveResultsOrTypedErrors) {
