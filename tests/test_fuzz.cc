@@ -8,7 +8,8 @@
 // error, please report"), another exception type, or a hang (a case that does not end within its
 // deadline fails the run).
 // Reproducible: MOEDIST_FUZZ_SEED (default fixed) and MOEDIST_FUZZ_CASES choose the cases; a failure
-// prints the seed, the case index and its mutations; MOEDIST_FUZZ_CASE=i runs case i alone.
+// prints the seed, the case index and its mutations; MOEDIST_FUZZ_CASE=i runs case i alone. An exception
+// of the harness itself fails its case the same way, and the later cases still run.
 // MOEDIST_FUZZ_TIMEOUT_MS sets the groups' deadline (default 500 ms; a few ms makes calls time out
 // at every stage of an exchange).
 // A third of the cases have one rank call combine_v2 while its peers call dispatch_v2 (every rank
