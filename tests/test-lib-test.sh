@@ -31,42 +31,36 @@ expect() {  # WHAT GOT WANTED
 
 case $kind in
   ctest)
-    mkdir proj
-    cat >proj/CMakeLists.txt <<CMAKE
-cmake_minimum_required(VERSION 3.16)
-project(reruns NONE)
-enable_testing()
-add_test(NAME passes COMMAND true)
-add_test(NAME fails_once COMMAND sh -c "[ -e $work/once ] || { touch $work/once; exit 1; }")
+    # project LINES: a CMake project (proj/, built in proj/build) with these tests, from a clean slate
+    project() {
+      mkdir -p proj
+      printf 'cmake_minimum_required(VERSION 3.16)\nproject(reruns NONE)\nenable_testing()\n%s\n' "$1" >proj/CMakeLists.txt
+      cmake -S proj -B proj/build >/dev/null || exit 1
+      rm -f "$work/once"
+      names=() states=() passed=() failed=() skipped=() flaky=() failures=()
+    }
+    recorded() { echo "${names[*]} ${states[*]} ${passed[*]} ${failed[*]} ${skipped[*]}"; }
+    project "add_test(NAME passes COMMAND true)
+add_test(NAME fails_once COMMAND sh -c \"[ -e $work/once ] || { touch $work/once; exit 1; }\")
 add_test(NAME always_fails COMMAND false)
-add_test(NAME skips COMMAND sh -c "exit 77")
-set_tests_properties(skips PROPERTIES SKIP_RETURN_CODE 77)
-CMAKE
-    cmake -S proj -B proj/build >/dev/null || exit 1
+add_test(NAME skips COMMAND sh -c \"exit 77\")
+set_tests_properties(skips PROPERTIES SKIP_RETURN_CODE 77)"
     run_ctest demo proj/build "$SECONDS" >"$work/out.log" 2>&1
-    expect "recorded" "${names[*]} ${states[*]} ${passed[*]} ${failed[*]} ${skipped[*]}" "demo failed 2 1 1"
+    expect "recorded" "$(recorded)" "demo failed 2 1 1"
     expect "flaky" "${flaky[*]}" "demo: fails_once"
     expect "failures" "${failures[*]}" "demo: always_fails"
     expect "the rerun ran only the failed tests" "$(grep -c 'Test *#' "$logs/.demo.ctest2.log")" 2
     # Without failures: one run, nothing named.
     names=() states=() passed=() failed=() skipped=() flaky=() failures=()
     run_ctest clean proj/build "$SECONDS" -E 'always_fails' >"$work/out2.log" 2>&1
-    expect "recorded without failures" "${names[*]} ${states[*]} ${passed[*]} ${failed[*]} ${skipped[*]}" "clean passed 2 0 1"
+    expect "recorded without failures" "$(recorded)" "clean passed 2 0 1"
     expect "nothing named" "${flaky[*]}|${failures[*]}" "|"
     expect "no rerun" "$([ -e "$logs/.clean.ctest2.log" ] && echo ran || echo none)" none
     # A sanitizer's report is a finding: the test that failed once with one is not run again.
-    rm -f "$work/once"
-    cat >proj/CMakeLists.txt <<CMAKE
-cmake_minimum_required(VERSION 3.16)
-project(reruns NONE)
-enable_testing()
-add_test(NAME passes COMMAND true)
-add_test(NAME races_once COMMAND sh -c "[ -e $work/once ] || { touch $work/once; echo 'WARNING: ThreadSanitizer: data race (pid=1)'; exit 66; }")
-CMAKE
-    cmake -S proj -B proj/build >/dev/null || exit 1
-    names=() states=() passed=() failed=() skipped=() flaky=() failures=()
+    project "add_test(NAME passes COMMAND true)
+add_test(NAME races_once COMMAND sh -c \"[ -e $work/once ] || { touch $work/once; echo 'WARNING: ThreadSanitizer: data race (pid=1)'; exit 66; }\")"
     run_ctest tsan proj/build "$SECONDS" >"$work/out3.log" 2>&1
-    expect "recorded with a sanitizer's report" "${names[*]} ${states[*]} ${passed[*]} ${failed[*]} ${skipped[*]}" "tsan failed 1 1 0"
+    expect "recorded with a sanitizer's report" "$(recorded)" "tsan failed 1 1 0"
     expect "named as failed, not flaky" "${flaky[*]}|${failures[*]}" "|tsan: races_once"
     expect "not run again" "$([ -e "$logs/.tsan.ctest2.log" ] && echo ran || echo none)" none
     ;;
